@@ -1,0 +1,27 @@
+"""elasticpg: a fault-tolerant, elastic collective-communication backend for PyTorch.
+
+`import elasticpg` registers the torch.distributed backend "elasticpg".
+"""
+
+from __future__ import annotations
+
+from .api import get_active_ranks, get_current_epoch, get_failed_ranks_hint, get_local_success
+from .errors import (
+                  CollectiveMismatchError,
+                  ElasticPGError,
+                  GroupStateError,
+                  OperationTimeoutError,
+                  PeerFailedError,
+)
+from .options import Options
+from .torch_binding.process_group import BACKEND_NAME, ElasticProcessGroup
+from .torch_binding.registration import register_backend
+
+register_backend(BACKEND_NAME)
+
+__all__ = [
+    "BACKEND_NAME", "CollectiveMismatchError", "ElasticPGError", "ElasticProcessGroup",
+    "GroupStateError", "OperationTimeoutError", "Options", "PeerFailedError",
+    "get_active_ranks", "get_current_epoch", "get_failed_ranks_hint", "get_local_success",
+    "register_backend",
+]

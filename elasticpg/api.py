@@ -1,0 +1,64 @@
+"""Public functions of SPEC section 3 that act on a group handle or a Work."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .group.runtime import GroupRuntime
+from .torch_binding.process_group import ElasticProcessGroup
+from .torch_binding.work import ElasticWork
+
+
+def runtime_of(group: object | None) -> GroupRuntime:
+    """The runtime behind a ProcessGroup, `group._get_backend(device)`, or None (WORLD)."""
+    pg = group if group is not None else dist.group.WORLD
+    if pg is None:
+        raise RuntimeError("no default process group: call dist.init_process_group first")
+    if not isinstance(pg, ElasticProcessGroup):
+        try:
+            pg = pg._get_backend(torch.device("cpu"))
+        except Exception:
+            pass
+    if not isinstance(pg, ElasticProcessGroup):
+        raise TypeError(f"{type(group).__name__} is not an elasticpg process group")
+    return pg.runtime
+
+
+def get_active_ranks(group: object | None = None) -> torch.Tensor:
+    """The committed active mask: int32 tensor of length max_group_size (1 = active)."""
+    return runtime_of(group).active_mask()
+
+
+def get_current_epoch(group: object | None = None) -> int:
+    """The epoch of the view this process has applied."""
+    return runtime_of(group).view.epoch
+
+
+def _work(work: object) -> ElasticWork:
+    if not isinstance(work, ElasticWork):
+        raise TypeError(f"expected a Work returned by an elasticpg operation, got "
+                        f"{type(work).__name__}")
+    return work
+
+
+def get_local_success(work: object) -> bool:
+    """Did every transfer this rank attempted in that operation succeed?"""
+    w = _work(work)
+    w.wait()
+    return w.local_success
+
+
+def get_failed_ranks_hint(work: object, size: int | None = None) -> torch.Tensor:
+    """int32 mask of the ranks this rank saw fail in that operation."""
+    w = _work(work)
+    try:
+        w.wait()
+    except Exception:
+        pass
+    n = size if size is not None else max([*w.failed_ranks, -1]) + 1
+    mask = torch.zeros(n, dtype=torch.int32)
+    for r in w.failed_ranks:
+        if r < n:
+            mask[r] = 1
+    return mask

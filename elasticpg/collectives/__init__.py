@@ -1,0 +1,1 @@
+"""Collective algorithms over an abstract per-operation context (no sockets here)."""

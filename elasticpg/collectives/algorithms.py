@@ -1,0 +1,145 @@
+"""The collectives, as direct exchanges over an OpContext.
+
+Every rank sends its own contribution straight to the ranks that need it and reduces what it
+receives in ascending rank order. That makes every result bit-identical across ranks, and makes
+failure exclusion exact: a rank's result depends only on raw contributions it received itself,
+never on partial sums that may already contain a dead rank's data.
+
+Tensors arriving here are contiguous CPU tensors, already validated by the binding layer.
+Outputs are indexed by slot: `slot_of[i]` is where participant i's data goes in a list output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..core.reduction import Reduce, reduce_into
+from .context import OpContext
+
+
+def _reduce_ordered(ctx: OpContext, out: torch.Tensor, parts: dict[int, torch.Tensor],
+                    op: Reduce) -> None:
+    """out = reduction of `parts` in ascending rank order. `out` may be parts[me]."""
+    if out.numel() == 0:
+        return
+    order = sorted(parts)
+    ordered = [parts[r] for r in order]
+    first = ordered[0]
+    if first.data_ptr() == out.data_ptr():
+        reduce_into(out, ordered, op)
+    elif out.data_ptr() in {p.data_ptr() for p in ordered}:
+        acc = first.reshape(-1)  # a received buffer: ours to overwrite
+        reduce_into(acc, ordered, op)
+        out.reshape(-1).copy_(acc)
+    else:
+        reduce_into(out, ordered, op)
+
+
+def allreduce(ctx: OpContext, t: torch.Tensor, op: Reduce) -> None:
+    for p in ctx.peers:
+        ctx.send(p, 0, t)
+    parts = {ctx.me: t}
+    for p in ctx.peers:
+        x = ctx.recv(p, 0, t.dtype, t.numel())
+        if x is not None:
+            parts[p] = x
+    _reduce_ordered(ctx, t, parts, op)
+
+
+def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:
+    if ctx.me == root:
+        for p in ctx.peers:
+            ctx.send(p, 0, t)
+        return
+    x = ctx.recv(root, 0, t.dtype, t.numel())
+    if x is not None:
+        t.reshape(-1).copy_(x)
+
+
+def reduce(ctx: OpContext, t: torch.Tensor, root: int, op: Reduce) -> None:
+    if ctx.me != root:
+        ctx.send(root, 0, t)
+        return
+    parts = {ctx.me: t}
+    for p in ctx.peers:
+        x = ctx.recv(p, 0, t.dtype, t.numel())
+        if x is not None:
+            parts[p] = x
+    _reduce_ordered(ctx, t, parts, op)
+
+
+def allgather(ctx: OpContext, outs: Sequence[torch.Tensor], t: torch.Tensor,
+              slot_of: Sequence[int]) -> None:
+    """outs[slot_of[i]] = participant i's t."""
+    for p in ctx.peers:
+        ctx.send(p, 0, t)
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    outs[idx[ctx.me]].reshape(-1).copy_(t.reshape(-1))
+    for p in ctx.peers:
+        x = ctx.recv(p, 0, t.dtype, t.numel())
+        if x is not None:
+            outs[idx[p]].reshape(-1).copy_(x)
+
+
+def gather(ctx: OpContext, outs: Sequence[torch.Tensor], t: torch.Tensor, root: int,
+           slot_of: Sequence[int]) -> None:
+    if ctx.me != root:
+        ctx.send(root, 0, t)
+        return
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    outs[idx[ctx.me]].reshape(-1).copy_(t.reshape(-1))
+    for p in ctx.peers:
+        x = ctx.recv(p, 0, t.dtype, t.numel())
+        if x is not None:
+            outs[idx[p]].reshape(-1).copy_(x)
+
+
+def scatter(ctx: OpContext, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int,
+            slot_of: Sequence[int]) -> None:
+    if ctx.me == root:
+        idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+        for p in ctx.peers:
+            ctx.send(p, 0, ins[idx[p]])
+        out.reshape(-1).copy_(ins[idx[ctx.me]].reshape(-1))
+        return
+    x = ctx.recv(root, 0, out.dtype, out.numel())
+    if x is not None:
+        out.reshape(-1).copy_(x)
+
+
+def reduce_scatter(ctx: OpContext, out: torch.Tensor, ins: Sequence[torch.Tensor], op: Reduce,
+                   slot_of: Sequence[int]) -> None:
+    """out = reduction over participants of their ins[slot of me]."""
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    for p in ctx.peers:
+        ctx.send(p, 0, ins[idx[p]])
+    parts = {ctx.me: ins[idx[ctx.me]]}
+    for p in ctx.peers:
+        x = ctx.recv(p, 0, out.dtype, out.numel())
+        if x is not None:
+            parts[p] = x
+    _reduce_ordered(ctx, out, parts, op)
+
+
+def alltoall(ctx: OpContext, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor],
+             slot_of: Sequence[int]) -> None:
+    """outs[slot of p] = what p sent me; ins[slot of p] goes to p. Sizes may differ per pair."""
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    for p in ctx.peers:
+        ctx.send(p, 0, ins[idx[p]])
+    mine = idx[ctx.me]
+    outs[mine].reshape(-1).copy_(ins[mine].reshape(-1))
+    for p in ctx.peers:
+        o = outs[idx[p]]
+        x = ctx.recv(p, 0, o.dtype, o.numel(), msg_numel=o.numel())
+        if x is not None:
+            o.reshape(-1).copy_(x)
+
+
+def barrier(ctx: OpContext) -> None:
+    for p in ctx.peers:
+        ctx.send(p, 0)
+    for p in ctx.peers:
+        ctx.recv(p, 0, torch.uint8, 0)

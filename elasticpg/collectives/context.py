@@ -1,0 +1,125 @@
+"""One collective's view of the world: who takes part, what each message must look like, and
+which peers failed during it.
+
+The exclusion rule (SPEC section 4): a peer's contribution counts at this rank iff this rank
+received it whole. A peer that fails mid-operation is recorded in `failed`, its contribution
+is skipped, and the operation completes over the rest with local_success=False.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..core.dtypes import dtype_name
+from ..core.framing import Header, MsgType, OpKind
+from ..core.schedules import peer_order
+from ..errors import CollectiveMismatchError, PeerFailedError
+from ..transport.mailbox import Mailbox
+from ..transport.tcp import tensor_bytes
+
+
+class Link(Protocol):
+    """What the context needs from the group runtime to move one frame."""
+
+    mailbox: Mailbox
+
+    def send_frame(self, peer: int, header: Header, payload: memoryview | bytes,
+                   deadline: float) -> None: ...
+
+    def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    """What every participant must agree on."""
+
+    kind: OpKind
+    dtype: int = 0
+    numel: int = 0  # per-rank element count, meaning depends on the kind
+    root: int = -1
+    redop: int = 0
+
+
+@dataclass
+class OpContext:
+    link: Link
+    me: int
+    participants: tuple[int, ...]
+    seq: int
+    epoch: int
+    spec: OpSpec
+    deadline: float
+    failed: set[int] = field(default_factory=set)
+
+    @property
+    def peers(self) -> list[int]:
+        return peer_order(self.me, self.participants)
+
+    def header(self, step: int, nbytes: int, numel: int | None = None) -> Header:
+        s = self.spec
+        return Header(MsgType.COLL, self.me, nbytes, s.kind, s.dtype, s.redop, self.epoch,
+                      self.seq, step, s.numel if numel is None else numel, s.root)
+
+    def send(self, peer: int, step: int, tensor: torch.Tensor | None = None) -> bool:
+        """Send `tensor` (or an empty frame) to `peer`; False if the peer failed."""
+        if peer in self.failed:
+            return False
+        payload = tensor_bytes(tensor) if tensor is not None else b""
+        numel = tensor.numel() if tensor is not None else None
+        if self.spec.kind not in (OpKind.ALLTOALL, OpKind.ALLTOALL_SINGLE):
+            numel = None  # the op-level count identifies the call; per-message counts vary only here
+        try:
+            self.link.send_frame(peer, self.header(step, len(payload), numel), payload,
+                                 self.deadline)
+        except PeerFailedError:
+            self.failed.add(peer)
+            return False
+        return True
+
+    def recv(self, peer: int, step: int, dtype: torch.dtype, numel: int,
+             msg_numel: int | None = None) -> torch.Tensor | None:
+        """The tensor `peer` sent for this step, or None if the peer failed first.
+
+        Raises CollectiveMismatchError (after telling the other participants) when the frame
+        belongs to a different call: other op, dtype, count, root or reduce op.
+        """
+        if peer in self.failed:
+            return None
+        try:
+            header, payload = self.link.mailbox.take_coll(peer, self.seq, step, self.deadline)
+        except PeerFailedError:
+            self.failed.add(peer)
+            return None
+        expect_numel = self.spec.numel if msg_numel is None else msg_numel
+        problem = self._compare(header, expect_numel, numel * dtype.itemsize)
+        if problem:
+            reason = (f"collective #{self.seq} mismatch between rank {self.me} and rank {peer}: "
+                      f"{problem}")
+            self.link.report_mismatch(self.seq, [p for p in self.participants if p != self.me],
+                                      reason)
+            raise CollectiveMismatchError(reason)
+        return payload.view(dtype) if numel else payload[:0].view(dtype)
+
+    def _compare(self, h: Header, expect_numel: int, expect_nbytes: int) -> str:
+        s = self.spec
+        mine = f"rank {self.me}"
+        if h.kind != s.kind:
+            return f"rank {h.src} called {h.kind.name}, {mine} called {s.kind.name}"
+        if h.dtype != s.dtype:
+            return (f"rank {h.src} used dtype {dtype_name(h.dtype)}, {mine} used "
+                    f"{dtype_name(s.dtype)}")
+        if h.root != s.root:
+            return f"rank {h.src} used root {h.root}, {mine} used root {s.root}"
+        if h.redop != s.redop:
+            return f"rank {h.src} used reduce op #{h.redop}, {mine} used #{s.redop}"
+        if h.numel != expect_numel or h.nbytes != expect_nbytes:
+            return (f"rank {h.src} sent {h.numel} elements ({h.nbytes} bytes), {mine} expected "
+                    f"{expect_numel} ({expect_nbytes} bytes)")
+        return ""
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()

@@ -1,0 +1,71 @@
+"""The group's keys in a c10d Store.
+
+Only set/get/add/compare_set/wait/check are used, so any c10d store works. torch hands each
+backend a store already prefixed with the group name, so keys here are group-local.
+
+  secret              per-group random secret (first compare_set wins)
+  ep/<rank>           "host:port:incarnation" of that rank's data-plane listener
+  inc/<rank>          counter: how many processes have registered for that slot
+  view/<epoch>        an encoded View; written once, by compare_set, so one decision per epoch
+  view/latest         the highest decided epoch (monotonic, written after view/<epoch>)
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from ..core.membership import View
+from ..errors import OperationTimeoutError
+
+
+class StorePlane:
+    def __init__(self, store: dist.Store, timeout: float) -> None:
+        self.store = store
+        self.timeout = timeout
+
+    def _wait(self, key: str, timeout: float | None = None) -> bytes:
+        t = self.timeout if timeout is None else timeout
+        try:
+            self.store.wait([key], timedelta(seconds=max(t, 0.001)))
+        except Exception as exc:  # c10d raises DistStoreError/RuntimeError on timeout
+            raise OperationTimeoutError(f"store key {key!r} did not appear within {t:.1f}s: "
+                                        f"{exc}") from None
+        return self.store.get(key)
+
+    def secret(self) -> bytes:
+        mine = os.urandom(32).hex()
+        return bytes.fromhex(self.store.compare_set("secret", "", mine).decode())
+
+    def register(self, rank: int) -> int:
+        """Count this process as the next incarnation of slot `rank`."""
+        return int(self.store.add(f"inc/{rank}", 1))
+
+    def publish_endpoint(self, rank: int, host: str, port: int, incarnation: int) -> None:
+        self.store.set(f"ep/{rank}", f"{host}:{port}:{incarnation}")
+
+    def endpoint(self, rank: int, timeout: float | None = None) -> tuple[str, int, int]:
+        host, port, inc = self._wait(f"ep/{rank}", timeout).decode().rsplit(":", 2)
+        return host, int(port), int(inc)
+
+    def has_endpoint(self, rank: int) -> bool:
+        return self.store.check([f"ep/{rank}"])
+
+    # ---- views ------------------------------------------------------------------------------
+    def propose_view(self, view: View) -> View:
+        """Try to decide `view` as epoch view.epoch; return whichever view won that epoch."""
+        won = self.store.compare_set(f"view/{view.epoch}", "", view.encode().decode())
+        decided = View.decode(won)
+        if decided == view:
+            self.store.add("view/latest", 0)  # make sure the counter exists
+            while int(self.store.add("view/latest", 0)) < view.epoch:
+                self.store.add("view/latest", 1)
+        return decided
+
+    def latest_epoch(self) -> int:
+        return int(self.store.add("view/latest", 0))
+
+    def view(self, epoch: int, timeout: float | None = None) -> View:
+        return View.decode(self._wait(f"view/{epoch}", timeout))

@@ -1,0 +1,85 @@
+"""Wire framing: one fixed-size header in front of every data-plane payload.
+
+Every message says what operation it belongs to (kind, sequence number, epoch, step) and what it
+carries (dtype, element count, root, reduce op). The receiver compares that against the
+operation it is running itself, so mismatched calls across ranks become a clear exception instead
+of a hang or garbage (gloo silently accepts a mismatched shape; we must not).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+MAGIC = 0xE1A5
+
+
+class MsgType(enum.IntEnum):
+    COLL = 1  # a step of a collective, keyed by (epoch, seq, step)
+    P2P = 2  # a point-to-point message, matched by (src, tag) in FIFO order
+    ABORT = 3  # "collective seq N failed here, because ...": payload is a UTF-8 reason
+    HEARTBEAT = 4  # liveness probe; carries nothing
+    GOODBYE = 5  # orderly close: the peer is leaving, not crashing
+
+
+class OpKind(enum.IntEnum):
+    NONE = 0
+    BROADCAST = 1
+    ALLREDUCE = 2
+    REDUCE = 3
+    ALLGATHER = 4
+    ALLGATHER_INTO_TENSOR = 5
+    REDUCE_SCATTER = 6
+    REDUCE_SCATTER_TENSOR = 7
+    ALLTOALL = 8
+    ALLTOALL_SINGLE = 9
+    GATHER = 10
+    SCATTER = 11
+    BARRIER = 12
+    SEND = 13
+
+
+# magic, type, kind, dtype, redop, src, epoch, seq, step, numel, root, tag, nbytes
+_HEADER = struct.Struct("<HBBBBiIQIQiqQ")
+HEADER_SIZE = _HEADER.size
+
+
+class FramingError(ValueError):
+    """The bytes on the wire are not an elasticpg frame (corruption or a foreign peer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    type: MsgType
+    src: int
+    nbytes: int
+    kind: OpKind = OpKind.NONE
+    dtype: int = 0
+    redop: int = 0
+    epoch: int = 0
+    seq: int = 0
+    step: int = 0
+    numel: int = 0
+    root: int = -1
+    tag: int = 0
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(
+            MAGIC, self.type, self.kind, self.dtype, self.redop, self.src, self.epoch,
+            self.seq, self.step, self.numel, self.root, self.tag, self.nbytes,
+        )
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview) -> Header:
+        if len(buf) != HEADER_SIZE:
+            raise FramingError(f"header must be {HEADER_SIZE} bytes, got {len(buf)}")
+        (magic, typ, kind, dtype, redop, src, epoch, seq, step, numel, root, tag,
+         nbytes) = _HEADER.unpack(buf)
+        if magic != MAGIC:
+            raise FramingError(f"bad magic 0x{magic:04x}")
+        try:
+            mtype, okind = MsgType(typ), OpKind(kind)
+        except ValueError as exc:
+            raise FramingError(str(exc)) from None
+        return cls(mtype, src, nbytes, okind, dtype, redop, epoch, seq, step, numel, root, tag)

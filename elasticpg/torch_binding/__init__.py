@@ -1,0 +1,1 @@
+"""The PyTorch binding: a ProcessGroup subclass, its Work objects, and backend registration."""

@@ -1,0 +1,416 @@
+"""ElasticProcessGroup: the torch.distributed.ProcessGroup that `init_process_group("elasticpg")`
+returns. torch's Python layer calls these methods by name (SPEC section 2, platform notes).
+
+Each method validates its arguments at the caller (clear exceptions, never a hang), stages CUDA
+tensors through host memory, asks the runtime for an OpContext and runs the algorithm.
+Collectives and sends run on the calling thread and return a completed Work; receives are truly
+asynchronous and complete when their frame arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..collectives import algorithms as alg
+from ..collectives.context import OpContext, OpSpec
+from ..core.dtypes import dtype_code
+from ..core.framing import Header, MsgType, OpKind
+from ..core.membership import ExecMode
+from ..core.reduction import Reduce, check_supported, from_torch
+from ..core.schedules import even_splits, split_offsets
+from ..errors import ElasticPGError, GroupStateError, PeerFailedError
+from ..group.runtime import GroupRuntime
+from ..options import Options
+from ..transport.tcp import tensor_bytes
+from .work import ElasticWork
+
+BACKEND_NAME = "elasticpg"
+
+
+class _Staging:
+    """Host copies of CUDA tensors (correct, not fast); CPU tensors pass through untouched."""
+
+    def __init__(self) -> None:
+        self.copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def host(self, t: torch.Tensor, name: str, output: bool) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on {t.device}; elasticpg supports cpu and cuda")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+        if t.is_sparse:
+            raise ValueError(f"{name}: sparse tensors are not supported")
+        dtype_code(t.dtype)  # raises TypeError for an unsupported dtype
+        if t.device.type == "cpu":
+            return t
+        h = t.detach().cpu()
+        if output:
+            self.copy_back.append((h, t))
+        return h
+
+    def finish(self) -> None:
+        for h, t in self.copy_back:
+            t.copy_(h)
+
+
+def _one(tensors: Sequence[torch.Tensor] | torch.Tensor, what: str) -> torch.Tensor:
+    if isinstance(tensors, torch.Tensor):
+        return tensors
+    if len(tensors) != 1:
+        raise ValueError(f"{what}: expected exactly one tensor per process, got {len(tensors)}")
+    return tensors[0]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, what: str, numel: int | None = None) -> None:
+    if a.dtype != b.dtype:
+        raise ValueError(f"{what}: dtype {b.dtype} differs from {a.dtype}")
+    if numel is not None and b.numel() != numel:
+        raise ValueError(f"{what}: has {b.numel()} elements, expected {numel}")
+
+
+class ElasticProcessGroup(dist.ProcessGroup):
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta,
+                 group_id: str = "", options: Options | None = None) -> None:
+        super().__init__(rank, size)
+        self.runtime = GroupRuntime(store, rank, size, group_id or "default",
+                                    timeout.total_seconds(), options or Options())
+        self._coalesced: list[ElasticWork] | None = None
+
+    # ---- identity -----------------------------------------------------------------------------
+    def getBackendName(self) -> str:  # noqa: N802 (torch's name)
+        return BACKEND_NAME
+
+    def name(self) -> str:
+        return BACKEND_NAME
+
+    def _get_backend(self, device: torch.device) -> ElasticProcessGroup:
+        return self
+
+    def shutdown(self) -> None:
+        self.runtime.destroy()
+
+    def abort(self) -> None:
+        self.runtime.destroy()
+
+    def _set_sequence_number_for_group(self) -> None:
+        pass
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    def _collective(self, spec: OpSpec, staging: _Staging, outputs: Sequence[torch.Tensor],
+                    body: Callable[[OpContext], None]) -> ElasticWork:
+        ctx = self.runtime.run_op(spec, body)
+        staging.finish()
+        return self._track(ElasticWork.completed(outputs, failed=sorted(ctx.failed)))
+
+    def _track(self, work: ElasticWork) -> ElasticWork:
+        if self._coalesced is not None:
+            self._coalesced.append(work)
+        return work
+
+    def _slots_for(self, n: int, what: str) -> list[int]:
+        """Map participant i to an index into a list of length n (slot- or active-indexed)."""
+        parts = self.runtime.participants()
+        if n == self.runtime.slots or (self.runtime.mode == ExecMode.ISOLATED
+                                      and n == self.size()):
+            return list(parts)
+        if n == len(parts):
+            return list(range(n))
+        raise ValueError(f"{what}: list has {n} entries; expected one per slot "
+                         f"({self.runtime.slots}) or per active rank ({len(parts)})")
+
+    def _chunks_for(self, numel: int, chunk: int, what: str) -> tuple[int, list[int]]:
+        """For a flat buffer of `numel` = k * chunk: (k, participant i -> chunk index)."""
+        parts = self.runtime.participants()
+        for k in (len(parts), self.runtime.slots, self.size()):
+            if numel == k * chunk:
+                slot_indexed = k != len(parts)
+                return k, (list(parts) if slot_indexed else list(range(len(parts))))
+        raise ValueError(f"{what}: buffer has {numel} elements; expected {len(parts)} x {chunk} "
+                         f"(one chunk per active rank)")
+
+    @staticmethod
+    def _redop(opts: object, dtype: torch.dtype) -> Reduce:
+        op = from_torch(opts.reduceOp)
+        check_supported(op, dtype)
+        return op
+
+    def _root(self, root: int) -> int:
+        if not self.runtime.view.is_active(root) and root not in self.runtime.participants():
+            raise ValueError(f"root rank {root} is not an active member of this group")
+        return root
+
+    # ---- collectives --------------------------------------------------------------------------
+    def allreduce(self, tensors, opts=None) -> ElasticWork:
+        opts = opts if opts is not None else dist.AllreduceOptions()
+        st = _Staging()
+        t = st.host(_one(tensors, "allreduce"), "tensor", output=True)
+        op = self._redop(opts, t.dtype)
+        spec = OpSpec(OpKind.ALLREDUCE, dtype_code(t.dtype), t.numel(), -1, op)
+        return self._collective(spec, st, [t], lambda ctx: alg.allreduce(ctx, t, op))
+
+    def allreduce_coalesced(self, tensors, opts=None) -> ElasticWork:
+        opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
+        for t in tensors:
+            self.allreduce([t], opts).wait()
+        return ElasticWork.completed(tensors)
+
+    def broadcast(self, tensors, opts=None) -> ElasticWork:
+        opts = opts if opts is not None else dist.BroadcastOptions()
+        st = _Staging()
+        t = st.host(_one(tensors, "broadcast"), "tensor", output=True)
+        root = self._root(opts.rootRank)
+        spec = OpSpec(OpKind.BROADCAST, dtype_code(t.dtype), t.numel(), root)
+        if self.runtime.mode == ExecMode.ISOLATED:
+            spec = OpSpec(OpKind.BROADCAST, dtype_code(t.dtype), t.numel(), self.rank())
+            root = self.rank()
+        return self._collective(spec, st, [t], lambda ctx: alg.broadcast(ctx, t, root))
+
+    def reduce(self, tensors, opts=None) -> ElasticWork:
+        opts = opts if opts is not None else dist.ReduceOptions()
+        st = _Staging()
+        t = st.host(_one(tensors, "reduce"), "tensor", output=True)
+        root = self._isolated_root(self._root(opts.rootRank))
+        op = self._redop(opts, t.dtype)
+        spec = OpSpec(OpKind.REDUCE, dtype_code(t.dtype), t.numel(), root, op)
+        return self._collective(spec, st, [t], lambda ctx: alg.reduce(ctx, t, root, op))
+
+    def _isolated_root(self, root: int) -> int:
+        return self.rank() if self.runtime.mode == ExecMode.ISOLATED else root
+
+    def allgather(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
+        st = _Staging()
+        t = st.host(_one(input_tensors, "allgather input"), "input", output=False)
+        outs_dev = _one(output_tensors, "allgather output lists")
+        outs = [st.host(o, f"output[{i}]", output=True) for i, o in enumerate(outs_dev)]
+        for i, o in enumerate(outs):
+            _same(t, o, f"all_gather output[{i}]", t.numel())
+        slot_of = self._slots_for(len(outs), "all_gather")
+        spec = OpSpec(OpKind.ALLGATHER, dtype_code(t.dtype), t.numel())
+        return self._collective(spec, st, [outs_dev],
+                                lambda ctx: alg.allgather(ctx, outs, t, slot_of))
+
+    def all_gather_single(self, output, input, opts=None) -> ElasticWork:  # noqa: A002
+        st = _Staging()
+        t = st.host(input, "input", output=False)
+        out = st.host(output, "output", output=True)
+        _same(t, out, "all_gather_into_tensor output")
+        k, slot_of = self._chunks_for(out.numel(), t.numel(), "all_gather_into_tensor")
+        outs = list(out.reshape(-1).chunk(k)) if t.numel() else [out.reshape(-1)[:0]] * k
+        spec = OpSpec(OpKind.ALLGATHER_INTO_TENSOR, dtype_code(t.dtype), t.numel())
+        return self._collective(spec, st, [output],
+                                lambda ctx: alg.allgather(ctx, outs, t, slot_of))
+
+    _allgather_base = all_gather_single
+
+    def allgather_coalesced(self, output_lists, input_tensors, opts=None) -> ElasticWork:
+        for outs, t in zip(output_lists, input_tensors, strict=True):
+            self.allgather([outs], [t], opts).wait()
+        return ElasticWork.completed(output_lists)
+
+    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None) -> ElasticWork:
+        for o, t in zip(outputs, inputs, strict=True):
+            self.all_gather_single(o, t, opts).wait()
+        return ElasticWork.completed(outputs)
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
+        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        st = _Staging()
+        out = st.host(_one(output_tensors, "reduce_scatter output"), "output", output=True)
+        ins = [st.host(x, f"input[{i}]", output=False)
+               for i, x in enumerate(_one(input_tensors, "reduce_scatter input lists"))]
+        for i, x in enumerate(ins):
+            _same(out, x, f"reduce_scatter input[{i}]", out.numel())
+        op = self._redop(opts, out.dtype)
+        slot_of = self._slots_for(len(ins), "reduce_scatter")
+        spec = OpSpec(OpKind.REDUCE_SCATTER, dtype_code(out.dtype), out.numel(), -1, op)
+        return self._collective(spec, st, [out],
+                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of))
+
+    def reduce_scatter_single(self, output, input, opts=None) -> ElasticWork:  # noqa: A002
+        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        st = _Staging()
+        out = st.host(output, "output", output=True)
+        t = st.host(input, "input", output=False)
+        _same(out, t, "reduce_scatter_tensor input")
+        op = self._redop(opts, out.dtype)
+        k, slot_of = self._chunks_for(t.numel(), out.numel(), "reduce_scatter_tensor")
+        ins = list(t.reshape(-1).chunk(k)) if out.numel() else [t.reshape(-1)[:0]] * k
+        spec = OpSpec(OpKind.REDUCE_SCATTER_TENSOR, dtype_code(out.dtype), out.numel(), -1, op)
+        return self._collective(spec, st, [output],
+                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of))
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None) -> ElasticWork:
+        for o, t in zip(outputs, inputs, strict=True):
+            self.reduce_scatter_single(o, t, opts).wait()
+        return ElasticWork.completed(outputs)
+
+    def alltoall(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
+        st = _Staging()
+        outs = [st.host(o, f"output[{i}]", output=True) for i, o in enumerate(output_tensors)]
+        ins = [st.host(x, f"input[{i}]", output=False) for i, x in enumerate(input_tensors)]
+        if len(outs) != len(ins):
+            raise ValueError(f"all_to_all: {len(outs)} outputs but {len(ins)} inputs")
+        if not outs:
+            raise ValueError("all_to_all: empty tensor lists")
+        for i, x in enumerate(outs + ins):
+            _same(outs[0], x, f"all_to_all tensor {i}")
+        slot_of = self._slots_for(len(outs), "all_to_all")
+        spec = OpSpec(OpKind.ALLTOALL, dtype_code(outs[0].dtype), 0)
+        return self._collective(spec, st, output_tensors,
+                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of))
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,  # noqa: A002
+                          opts=None) -> ElasticWork:
+        st = _Staging()
+        out = st.host(output, "output", output=True)
+        t = st.host(input, "input", output=False)
+        _same(out, t, "all_to_all_single output")
+        n = len(self.runtime.participants())
+        outs = self._split_rows(out, list(output_split_sizes), n, "output")
+        ins = self._split_rows(t, list(input_split_sizes), n, "input")
+        if len(outs) != len(ins):
+            raise ValueError("all_to_all_single: output and input splits have different lengths")
+        slot_of = self._slots_for(len(outs), "all_to_all_single splits")
+        spec = OpSpec(OpKind.ALLTOALL_SINGLE, dtype_code(t.dtype), 0)
+        return self._collective(spec, st, [output],
+                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of))
+
+    alltoall_base = all_to_all_single
+
+    @staticmethod
+    def _split_rows(t: torch.Tensor, splits: list[int], n: int, what: str) -> list[torch.Tensor]:
+        rows = t.shape[0] if t.dim() else 1
+        row = t.numel() // rows if rows else 0
+        flat = t.reshape(-1)
+        if not splits:
+            if rows % n:
+                raise ValueError(f"all_to_all_single: {what} has {rows} rows, not divisible by "
+                                 f"{n} ranks; pass split sizes")
+            return [flat[o * row:(o + c) * row] for o, c in even_splits(rows, n)]
+        if sum(splits) != rows:
+            raise ValueError(f"all_to_all_single: {what} split sizes {splits} sum to "
+                             f"{sum(splits)}, but the tensor has {rows} rows")
+        return [flat[o * row:(o + c) * row] for o, c in split_offsets(splits)]
+
+    def gather(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
+        opts = opts if opts is not None else dist.GatherOptions()
+        st = _Staging()
+        t = st.host(_one(input_tensors, "gather input"), "input", output=False)
+        root = self._isolated_root(self._root(opts.rootRank))
+        outs: list[torch.Tensor] = []
+        slot_of: list[int] = []
+        if self.rank() == root:
+            outs_dev = _one(output_tensors, "gather output lists")
+            outs = [st.host(o, f"output[{i}]", output=True) for i, o in enumerate(outs_dev)]
+            for i, o in enumerate(outs):
+                _same(t, o, f"gather output[{i}]", t.numel())
+            slot_of = self._slots_for(len(outs), "gather")
+        elif output_tensors and any(len(x) for x in output_tensors):
+            raise ValueError("gather: only the root passes a gather_list")
+        spec = OpSpec(OpKind.GATHER, dtype_code(t.dtype), t.numel(), root)
+        return self._collective(spec, st, output_tensors,
+                                lambda ctx: alg.gather(ctx, outs, t, root, slot_of))
+
+    def scatter(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
+        opts = opts if opts is not None else dist.ScatterOptions()
+        st = _Staging()
+        out = st.host(_one(output_tensors, "scatter output"), "output", output=True)
+        root = self._isolated_root(self._root(opts.rootRank))
+        ins: list[torch.Tensor] = []
+        slot_of: list[int] = []
+        if self.rank() == root:
+            ins = [st.host(x, f"input[{i}]", output=False)
+                   for i, x in enumerate(_one(input_tensors, "scatter input lists"))]
+            for i, x in enumerate(ins):
+                _same(out, x, f"scatter input[{i}]", out.numel())
+            slot_of = self._slots_for(len(ins), "scatter")
+        elif input_tensors and any(len(x) for x in input_tensors):
+            raise ValueError("scatter: only the root passes a scatter_list")
+        spec = OpSpec(OpKind.SCATTER, dtype_code(out.dtype), out.numel(), root)
+        return self._collective(spec, st, [out],
+                                lambda ctx: alg.scatter(ctx, out, ins, root, slot_of))
+
+    def barrier(self, opts=None) -> ElasticWork:
+        return self._collective(OpSpec(OpKind.BARRIER), _Staging(), [], alg.barrier)
+
+    # ---- point to point -----------------------------------------------------------------------
+    def _p2p_peer(self, peer: int, what: str) -> None:
+        rt = self.runtime
+        rt.check_usable()
+        if rt.mode == ExecMode.ISOLATED:
+            raise GroupStateError(f"{what}: this rank is isolated (not yet joined): "
+                                  f"point-to-point needs the live group")
+        if not 0 <= peer < rt.slots:
+            raise ValueError(f"{what}: rank {peer} is outside the group (0..{rt.slots - 1})")
+        if not rt.view.is_active(peer):
+            raise GroupStateError(f"{what}: rank {peer} is not active in this group")
+
+    def send(self, tensors, dstRank: int, tag: int) -> ElasticWork:  # noqa: N803
+        st = _Staging()
+        t = st.host(_one(tensors, "send"), "tensor", output=False)
+        self._p2p_peer(dstRank, "send")
+        payload = tensor_bytes(t)
+        header = Header(MsgType.P2P, self.rank(), len(payload), OpKind.SEND,
+                        dtype_code(t.dtype), numel=t.numel(), tag=tag)
+        work = ElasticWork([t], 0.0)
+        try:
+            self.runtime.send_frame(dstRank, header, payload, self.runtime.p2p_deadline())
+        except PeerFailedError as exc:
+            work.finish(exc, failed=exc.ranks)
+        else:
+            work.finish()
+        return self._track(work)
+
+    def recv(self, tensors, srcRank: int, tag: int) -> ElasticWork:  # noqa: N803
+        self._p2p_peer(srcRank, "recv")
+        return self._post_recv(tensors, srcRank, tag)
+
+    def recv_anysource(self, tensors, tag: int) -> ElasticWork:
+        self.runtime.check_usable()
+        if self.runtime.mode == ExecMode.ISOLATED:
+            raise GroupStateError("recv: this rank is isolated (not yet joined)")
+        return self._post_recv(tensors, None, tag)
+
+    def _post_recv(self, tensors, src: int | None, tag: int) -> ElasticWork:
+        st = _Staging()
+        t = st.host(_one(tensors, "recv"), "tensor", output=True)
+        mailbox = self.runtime.mailbox
+        work = ElasticWork([_one(tensors, "recv")], self.runtime.timeout,
+                           on_timeout=lambda: mailbox.cancel_p2p(on_done))
+        work.add_finalizer(st.finish)
+
+        def on_done(frame, error) -> None:
+            if error is not None:
+                work.finish(error, failed=getattr(error, "ranks", ()))
+                return
+            header, payload = frame
+            if header.dtype != dtype_code(t.dtype) or header.numel != t.numel():
+                work.finish(ElasticPGError(
+                    f"recv from rank {header.src} (tag {tag}): got {header.numel} elements of "
+                    f"dtype code {header.dtype}, expected {t.numel()} of {t.dtype}"))
+                return
+            if t.numel():
+                t.reshape(-1).copy_(payload.view(t.dtype))
+            work.src = header.src
+            work.finish()
+
+        mailbox.post_p2p(src, tag, on_done)
+        return self._track(work)
+
+    # ---- coalescing (torch's _coalescing_manager) ---------------------------------------------
+    def _start_coalescing(self, device: torch.device) -> None:
+        self._coalesced = []
+
+    def _end_coalescing(self, device: torch.device) -> ElasticWork:
+        works, self._coalesced = self._coalesced or [], None
+        for w in works:
+            w.wait()
+        return ElasticWork.completed([], failed=[r for w in works for r in w.failed_ranks])

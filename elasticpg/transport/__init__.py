@@ -1,0 +1,1 @@
+"""Data plane: moving framed bytes between ranks. Algorithms never see sockets."""

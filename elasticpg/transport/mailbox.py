@@ -1,0 +1,178 @@
+"""Matching incoming frames to the operations that wait for them.
+
+Collective frames are keyed by (src, seq, step): any number may arrive early and wait here.
+Point-to-point frames are matched MPI-style: an arriving frame completes the oldest posted
+receive for its (src, tag) (or for any source with that tag); unmatched frames queue in arrival
+order. Failures and aborts wake every waiter they concern, so no wait outlives its cause.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.framing import Header
+from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
+
+Frame = tuple[Header, torch.Tensor]
+
+
+@dataclass(eq=False)
+class PostedRecv:
+    """A receive posted before its frame arrived. `on_done(frame, error)` runs exactly once."""
+
+    src: int | None  # None: any source
+    tag: int
+    on_done: Callable[[Frame | None, BaseException | None], None]
+    order: int = field(default=0)
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._coll: dict[tuple[int, int, int], Frame] = {}
+        self._p2p: dict[tuple[int, int], deque[Frame]] = {}
+        self._p2p_arrival = itertools.count()
+        self._p2p_order: dict[int, int] = {}  # id(frame tensor) -> arrival order, for ANY_SOURCE
+        self._posted: list[PostedRecv] = []
+        self._post_order = itertools.count()
+        self._failed: dict[int, str] = {}
+        self._aborted: dict[int, str] = {}
+        self._closed: str | None = None
+
+    # ---- producers (reader threads) -------------------------------------------------------
+    def deliver_coll(self, header: Header, payload: torch.Tensor) -> None:
+        with self._cv:
+            self._coll[(header.src, header.seq, header.step)] = (header, payload)
+            self._cv.notify_all()
+
+    def deliver_p2p(self, header: Header, payload: torch.Tensor) -> None:
+        with self._cv:
+            for i, p in enumerate(self._posted):
+                if p.tag == header.tag and p.src in (None, header.src):
+                    del self._posted[i]
+                    break
+            else:
+                self._p2p_order[id(payload)] = next(self._p2p_arrival)
+                self._p2p.setdefault((header.src, header.tag), deque()).append((header, payload))
+                return
+        p.on_done((header, payload), None)
+
+    def fail_peer(self, rank: int, reason: str) -> None:
+        """Mark a peer failed: waiters on it raise PeerFailedError."""
+        with self._cv:
+            self._failed.setdefault(rank, reason)
+            hit = [p for p in self._posted if p.src == rank]
+            self._posted = [p for p in self._posted if p.src != rank]
+            self._cv.notify_all()
+        for p in hit:
+            p.on_done(None, PeerFailedError([rank], reason))
+
+    def revive_peer(self, rank: int) -> None:
+        """A new incarnation of `rank` connected: forget the old one's failure and leftovers."""
+        with self._cv:
+            self._failed.pop(rank, None)
+            for key in [k for k in self._coll if k[0] == rank]:
+                del self._coll[key]
+
+    def abort(self, seq: int, reason: str) -> None:
+        with self._cv:
+            self._aborted.setdefault(seq, reason)
+            self._cv.notify_all()
+
+    def close(self, reason: str) -> None:
+        with self._cv:
+            self._closed = reason
+            posted, self._posted = self._posted, []
+            self._cv.notify_all()
+        for p in posted:
+            p.on_done(None, OperationTimeoutError(f"receive cancelled: {reason}"))
+
+    # ---- consumers ------------------------------------------------------------------------
+    def failed(self) -> dict[int, str]:
+        with self._cv:
+            return dict(self._failed)
+
+    def is_failed(self, rank: int) -> bool:
+        return rank in self._failed
+
+    def take_coll(self, src: int, seq: int, step: int, deadline: float) -> Frame:
+        """Wait for the frame (src, seq, step); raise if src fails, seq aborts or time runs out."""
+        key = (src, seq, step)
+        with self._cv:
+            while True:
+                frame = self._coll.pop(key, None)
+                if frame is not None:
+                    return frame
+                if seq in self._aborted:
+                    raise CollectiveMismatchError(self._aborted[seq])
+                if src in self._failed:
+                    raise PeerFailedError([src], self._failed[src])
+                if self._closed is not None:
+                    raise OperationTimeoutError(f"group closed: {self._closed}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OperationTimeoutError(
+                        f"timed out waiting for rank {src} in collective #{seq} (step {step})")
+                self._cv.wait(left)
+
+    def check_aborted(self, seq: int) -> None:
+        with self._cv:
+            if seq in self._aborted:
+                raise CollectiveMismatchError(self._aborted[seq])
+
+    def forget_seq(self, seq: int) -> None:
+        """Drop frames of a finished (or failed) collective that will never be taken."""
+        with self._cv:
+            for key in [k for k in self._coll if k[1] == seq]:
+                del self._coll[key]
+            self._aborted.pop(seq, None)
+
+    def post_p2p(self, src: int | None, tag: int,
+                 on_done: Callable[[Frame | None, BaseException | None], None]) -> None:
+        """Post a receive: completes at once from a queued frame, else when one arrives."""
+        with self._cv:
+            frame = self._pop_queued(src, tag)
+            error: BaseException | None = None
+            if frame is None:
+                if src is not None and src in self._failed:
+                    error = PeerFailedError([src], self._failed[src])
+                elif self._closed is not None:
+                    error = OperationTimeoutError(f"group closed: {self._closed}")
+                else:
+                    self._posted.append(PostedRecv(src, tag, on_done, next(self._post_order)))
+                    return
+        on_done(frame, error)
+
+    def cancel_p2p(self, on_done: Callable) -> bool:
+        with self._cv:
+            for i, p in enumerate(self._posted):
+                if p.on_done is on_done:
+                    del self._posted[i]
+                    return True
+        return False
+
+    def _pop_queued(self, src: int | None, tag: int) -> Frame | None:
+        if src is not None:
+            q = self._p2p.get((src, tag))
+            if not q:
+                return None
+            frame = q.popleft()
+        else:
+            best = None
+            for (s, t), q in self._p2p.items():
+                if t == tag and q:
+                    order = self._p2p_order[id(q[0][1])]
+                    if best is None or order < best[0]:
+                        best = (order, q)
+            if best is None:
+                return None
+            frame = best[1].popleft()
+        self._p2p_order.pop(id(frame[1]), None)
+        return frame

@@ -1,0 +1,250 @@
+"""Authenticated TCP links between the ranks of one group.
+
+Each process listens on one port per group. A link is one-directional: the sender connects,
+proves it knows the group secret (HMAC over a fresh challenge), and from then on only sends; the
+acceptor runs one reader thread per incoming link that hands complete frames to `on_frame`.
+When a link's socket closes or errors, `on_lost(rank, reason)` fires at once: a crashed peer is
+noticed as soon as the kernel closes its sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..core.framing import HEADER_SIZE, FramingError, Header, MsgType
+
+_HELLO = struct.Struct("<4siQ")  # magic, src rank, incarnation
+_HELLO_MAGIC = b"EPG1"
+_NONCE = 16
+_MAC = 32
+_SOCK_BUF = 4 << 20
+_SMALL = 1 << 16  # below this, header and payload go out in one buffer
+
+
+class HandshakeError(ConnectionError):
+    pass
+
+
+def _mac(secret: bytes, scope: bytes, nonce: bytes, src: int, incarnation: int) -> bytes:
+    msg = scope + b"|" + nonce + _HELLO.pack(_HELLO_MAGIC, src, incarnation)
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    """Fill `view` from `sock`; False on a clean EOF before any byte."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0:
+                return False
+            raise ConnectionError(f"connection closed mid-frame ({got}/{n} bytes)")
+        got += k
+    return True
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, also bfloat16/float8)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
+
+
+class TcpTransport:
+    """Listener + outgoing links of one rank in one group."""
+
+    def __init__(self, rank: int, secret: bytes, scope: str, host: str,
+                 on_frame: Callable[[Header, torch.Tensor], None],
+                 on_lost: Callable[[int, str], None],
+                 on_connected: Callable[[int, int], None] | None = None,
+                 incarnation: int = 0) -> None:
+        self.rank = rank
+        self.incarnation = incarnation
+        self._secret = secret
+        self._scope = scope.encode()
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._on_connected = on_connected
+        self._lock = threading.Lock()
+        self._out: dict[int, socket.socket] = {}
+        self._out_locks: dict[int, threading.Lock] = {}
+        self._in: dict[int, socket.socket] = {}
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+        self._listener = socket.create_server((host, 0), backlog=128)
+        self.endpoint = (host, self._listener.getsockname()[1])
+        self._spawn(self._accept_loop, f"elasticpg-accept-r{rank}")
+
+    def _spawn(self, fn: Callable, name: str, *args) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    # ---- incoming ---------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # listener closed
+            self._spawn(self._serve, f"elasticpg-link-r{self.rank}", sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        src = -1
+        try:
+            sock.settimeout(10.0)
+            nonce = os.urandom(_NONCE)
+            sock.sendall(nonce)
+            hello = bytearray(_HELLO.size + _MAC)
+            if not recv_exact(sock, memoryview(hello)):
+                raise HandshakeError("peer closed during handshake")
+            magic, src, inc = _HELLO.unpack(hello[: _HELLO.size])
+            if magic != _HELLO_MAGIC or not hmac.compare_digest(
+                    bytes(hello[_HELLO.size:]), _mac(self._secret, self._scope, nonce, src, inc)):
+                raise HandshakeError("bad credentials")
+            sock.sendall(b"\x01")
+            sock.settimeout(None)
+            _tune(sock)
+        except (OSError, HandshakeError):
+            sock.close()
+            return
+        with self._lock:
+            if self._closing:
+                sock.close()
+                return
+            old = self._in.pop(src, None)
+            self._in[src] = sock
+        if old is not None:
+            old.close()
+        if self._on_connected is not None:
+            self._on_connected(src, inc)
+        self._read_loop(sock, src)
+
+    def _read_loop(self, sock: socket.socket, src: int) -> None:
+        hbuf = bytearray(HEADER_SIZE)
+        hview = memoryview(hbuf)
+        reason = "connection closed"
+        try:
+            while True:
+                if not recv_exact(sock, hview):
+                    break
+                header = Header.unpack(hbuf)
+                if header.src != src:
+                    raise FramingError(f"link from rank {src} carried a frame from {header.src}")
+                payload = torch.empty(header.nbytes, dtype=torch.uint8)
+                if header.nbytes and not recv_exact(sock, memoryview(payload.numpy())):
+                    raise ConnectionError("connection closed mid-frame")
+                if header.type == MsgType.GOODBYE:
+                    reason = "peer left the group"
+                    break
+                self._on_frame(header, payload)
+        except (OSError, FramingError, ConnectionError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            current = self._in.get(src) is sock
+            if current:
+                del self._in[src]
+            closing = self._closing
+        sock.close()
+        if current and not closing:
+            self._on_lost(src, reason)
+
+    # ---- outgoing ---------------------------------------------------------------------------
+    def connect(self, peer: int, host: str, port: int, timeout: float) -> None:
+        """Open and authenticate the link to `peer` (replacing an older one)."""
+        deadline = time.monotonic() + timeout
+        sock = socket.create_connection((host, port), timeout=max(0.01, timeout))
+        try:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            nonce = bytearray(_NONCE)
+            if not recv_exact(sock, memoryview(nonce)):
+                raise HandshakeError(f"rank {peer} closed the connection during handshake")
+            hello = _HELLO.pack(_HELLO_MAGIC, self.rank, self.incarnation)
+            sock.sendall(hello + _mac(self._secret, self._scope, bytes(nonce), self.rank,
+                                      self.incarnation))
+            ok = bytearray(1)
+            if not recv_exact(sock, memoryview(ok)) or ok[0] != 1:
+                raise HandshakeError(f"rank {peer} refused our credentials")
+            sock.settimeout(None)
+            _tune(sock)
+        except BaseException:
+            sock.close()
+            raise
+        with self._lock:
+            old = self._out.pop(peer, None)
+            self._out[peer] = sock
+            self._out_locks.setdefault(peer, threading.Lock())
+        if old is not None:
+            old.close()
+
+    def connected(self, peer: int) -> bool:
+        return peer in self._out
+
+    def send(self, peer: int, header: Header, payload: memoryview | bytes = b"") -> None:
+        """Send one frame; raises ConnectionError when the link is gone."""
+        sock = self._out.get(peer)
+        if sock is None:
+            raise ConnectionError(f"no link to rank {peer}")
+        hdr = header.pack()
+        with self._out_locks[peer]:
+            if len(payload) < _SMALL:
+                sock.sendall(hdr + bytes(payload) if payload else hdr)
+            else:
+                sock.sendall(hdr)
+                sock.sendall(payload)
+
+    def drop(self, peer: int) -> None:
+        """Forget the outgoing link to `peer` (it failed or was replaced)."""
+        with self._lock:
+            sock = self._out.pop(peer, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self, goodbye: bool = False) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            out, self._out = dict(self._out), {}
+            inc, self._in = dict(self._in), {}
+        for peer, sock in out.items():
+            if goodbye:
+                try:
+                    sock.settimeout(0.5)
+                    sock.sendall(Header(MsgType.GOODBYE, self.rank, 0).pack())
+                except OSError:
+                    pass
+            sock.close()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
+        self._listener.close()
+        for sock in inc.values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        me = threading.current_thread()
+        for t in list(self._threads):
+            if t is not me:
+                t.join(timeout=5.0)
