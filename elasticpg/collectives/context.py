@@ -71,7 +71,7 @@ class OpContext:
         payload = tensor_bytes(tensor) if tensor is not None else b""
         numel = tensor.numel() if tensor is not None else None
         if self.spec.kind not in (OpKind.ALLTOALL, OpKind.ALLTOALL_SINGLE):
-            numel = None  # the op-level count identifies the call; per-message counts vary only here
+            numel = None  # the op-level count identifies the call (per message only for all_to_all)
         try:
             self.link.send_frame(peer, self.header(step, len(payload), numel), payload,
                                  self.deadline)

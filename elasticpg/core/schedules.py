@@ -51,4 +51,5 @@ def position(rank: int, ranks: Sequence[int]) -> int:
     try:
         return list(ranks).index(rank)
     except ValueError:
-        raise ValueError(f"rank {rank} is not among the participating ranks {list(ranks)}") from None
+        raise ValueError(f"rank {rank} is not among the participating ranks "
+                         f"{list(ranks)}") from None

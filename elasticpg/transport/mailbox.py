@@ -166,7 +166,7 @@ class Mailbox:
             frame = q.popleft()
         else:
             best = None
-            for (s, t), q in self._p2p.items():
+            for (_src, t), q in self._p2p.items():
                 if t == tag and q:
                     order = self._p2p_order[id(q[0][1])]
                     if best is None or order < best[0]:

@@ -225,7 +225,7 @@ class TcpTransport:
             self._closing = True
             out, self._out = dict(self._out), {}
             inc, self._in = dict(self._in), {}
-        for peer, sock in out.items():
+        for sock in out.values():
             if goodbye:
                 try:
                     sock.settimeout(0.5)
