@@ -85,6 +85,8 @@ class ElasticWork(dist._Work):
     def source_rank(self) -> int:
         return self.src
 
+    _source_rank = source_rank  # what torch's recv() calls for ANY_SOURCE
+
     def synchronize(self) -> None:
         self.wait()
 
