@@ -59,6 +59,9 @@ def _reset_distributed() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+    # a failed init_process_group leaves torch's group counter bumped, which would give this
+    # worker different group names (store prefixes) than its peers in the next job
+    dist.distributed_c10d._world.group_count = 0
 
 
 class RankPool:

@@ -87,24 +87,36 @@ class OpContext:
         Raises CollectiveMismatchError (after telling the other participants) when the frame
         belongs to a different call: other op, dtype, count, root or reduce op.
         """
-        if peer in self.failed:
-            return None
         try:
-            header, payload = self.link.mailbox.take_coll(peer, self.seq, step, self.deadline)
+            header, payload = self.link.mailbox.take_coll(peer, self.seq, step, self.deadline,
+                                                          vet=self._vet)
         except PeerFailedError:
             self.failed.add(peer)
             return None
+        except CollectiveMismatchError as exc:
+            self._mismatch(str(exc))
         expect_numel = self.spec.numel if msg_numel is None else msg_numel
         problem = self._compare(header, expect_numel, numel * dtype.itemsize)
         if problem:
-            reason = (f"collective #{self.seq} mismatch between rank {self.me} and rank {peer}: "
-                      f"{problem}")
-            self.link.report_mismatch(self.seq, [p for p in self.participants if p != self.me],
-                                      reason)
-            raise CollectiveMismatchError(reason)
+            self._mismatch(problem)
         return payload.view(dtype) if numel else payload[:0].view(dtype)
 
-    def _compare(self, h: Header, expect_numel: int, expect_nbytes: int) -> str:
+    def _vet(self, h: Header) -> str:
+        """Check a frame of this collective from any rank (counts only where they are per-op)."""
+        per_message = self.spec.kind in (OpKind.ALLTOALL, OpKind.ALLTOALL_SINGLE)
+        return self._compare(h, h.numel if per_message else self.spec.numel,
+                             h.nbytes if per_message else None)
+
+    def _mismatch(self, problem: str) -> None:
+        if problem.startswith("collective #"):
+            reason = problem  # already phrased by a peer's ABORT
+        else:
+            reason = f"collective #{self.seq} mismatch seen by rank {self.me}: {problem}"
+        self.link.report_mismatch(self.seq, [p for p in self.participants if p != self.me],
+                                  reason)
+        raise CollectiveMismatchError(reason)
+
+    def _compare(self, h: Header, expect_numel: int, expect_nbytes: int | None) -> str:
         s = self.spec
         mine = f"rank {self.me}"
         if h.kind != s.kind:
@@ -116,7 +128,7 @@ class OpContext:
             return f"rank {h.src} used root {h.root}, {mine} used root {s.root}"
         if h.redop != s.redop:
             return f"rank {h.src} used reduce op #{h.redop}, {mine} used #{s.redop}"
-        if h.numel != expect_numel or h.nbytes != expect_nbytes:
+        if h.numel != expect_numel or (expect_nbytes is not None and h.nbytes != expect_nbytes):
             return (f"rank {h.src} sent {h.numel} elements ({h.nbytes} bytes), {mine} expected "
                     f"{expect_numel} ({expect_nbytes} bytes)")
         return ""

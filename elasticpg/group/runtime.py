@@ -136,7 +136,11 @@ class GroupRuntime:
         try:
             self.transport.send(peer, header, payload)
         except OSError as exc:
-            self.fail_peer(peer, f"send failed: {exc}")
+            # Declare the peer failed only once its incoming link has closed too, so every
+            # frame it sent before going away (an ABORT, its last contribution) is seen first.
+            self.transport.drop(peer)
+            if not self.transport.has_incoming(peer):
+                self.fail_peer(peer, f"send failed: {exc}")
             raise PeerFailedError([peer], f"send failed: {exc}") from None
 
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None:
@@ -180,6 +184,8 @@ class GroupRuntime:
         ctx = self.new_op(spec)
         try:
             body(ctx)
+            if self._poison is not None:  # a peer reported a mismatch while we ran
+                raise CollectiveMismatchError(self._poison)
         except CollectiveMismatchError as exc:
             self._poison = self._poison or str(exc)
             raise

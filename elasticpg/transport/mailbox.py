@@ -102,16 +102,27 @@ class Mailbox:
     def is_failed(self, rank: int) -> bool:
         return rank in self._failed
 
-    def take_coll(self, src: int, seq: int, step: int, deadline: float) -> Frame:
-        """Wait for the frame (src, seq, step); raise if src fails, seq aborts or time runs out."""
+    def take_coll(self, src: int, seq: int, step: int, deadline: float,
+                  vet: Callable[[Header], str] | None = None) -> Frame:
+        """Wait for the frame (src, seq, step); raise if src fails, seq aborts or time runs out.
+
+        While waiting, `vet` sees every other frame of the same collective: a frame from a rank
+        we do not expect to hear from can still prove the ranks made different calls (e.g. two
+        roots), which turns a would-be timeout into a mismatch error.
+        """
         key = (src, seq, step)
         with self._cv:
             while True:
                 frame = self._coll.pop(key, None)
                 if frame is not None:
                     return frame
-                if seq in self._aborted:
-                    raise CollectiveMismatchError(self._aborted[seq])
+                if vet is not None:
+                    for (_s, q, _t), (h, _p) in self._coll.items():
+                        problem = vet(h) if q == seq else ""
+                        if problem:
+                            raise CollectiveMismatchError(problem)
+                if self._aborted:  # a mismatch poisons the group: every collective wait ends
+                    raise CollectiveMismatchError(next(iter(self._aborted.values())))
                 if src in self._failed:
                     raise PeerFailedError([src], self._failed[src])
                 if self._closed is not None:
@@ -122,17 +133,11 @@ class Mailbox:
                         f"timed out waiting for rank {src} in collective #{seq} (step {step})")
                 self._cv.wait(left)
 
-    def check_aborted(self, seq: int) -> None:
-        with self._cv:
-            if seq in self._aborted:
-                raise CollectiveMismatchError(self._aborted[seq])
-
     def forget_seq(self, seq: int) -> None:
         """Drop frames of a finished (or failed) collective that will never be taken."""
         with self._cv:
             for key in [k for k in self._coll if k[1] == seq]:
                 del self._coll[key]
-            self._aborted.pop(seq, None)
 
     def post_p2p(self, src: int | None, tag: int,
                  on_done: Callable[[Frame | None, BaseException | None], None]) -> None:

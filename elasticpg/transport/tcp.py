@@ -198,6 +198,9 @@ class TcpTransport:
     def connected(self, peer: int) -> bool:
         return peer in self._out
 
+    def has_incoming(self, peer: int) -> bool:
+        return peer in self._in
+
     def send(self, peer: int, header: Header, payload: memoryview | bytes = b"") -> None:
         """Send one frame; raises ConnectionError when the link is gone."""
         sock = self._out.get(peer)
@@ -216,6 +219,10 @@ class TcpTransport:
         with self._lock:
             sock = self._out.pop(peer, None)
         if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on this socket
+            except OSError:
+                pass
             sock.close()
 
     def close(self, goodbye: bool = False) -> None:

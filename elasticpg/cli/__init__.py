@@ -1,0 +1,1 @@
+"""Command-line tools for elasticpg (``elasticpg-bench``: side-by-side benchmark against gloo)."""
