@@ -118,8 +118,9 @@ class RankPool:
                     if time.monotonic() > deadline:
                         self.restart()
                         missing = sorted(set(range(world)) - set(results))
-                        raise TimeoutError(f"ranks {missing} did not finish {fn.__name__} "
-                                           f"within {timeout}s; partial results: {results}")
+                        raise TimeoutError(
+                            f"ranks {missing} did not finish {fn.__name__} within {timeout}s; "
+                            f"partial results: {results}") from None
                     continue
                 if job_id == self._job:
                     results[slot] = RankResult(status, value)

@@ -126,7 +126,7 @@ def job_data_movement_every_dtype(rank: int, world: int, port: int) -> list[str]
         check(f"all_gather_into_tensor {dtype}", flat,
               torch.cat([_input(r, dtype, 5) for r in range(world)]))
         # all_to_all (list): rank r sends block (r, j) to rank j
-        def block(src: int, dst: int) -> torch.Tensor:
+        def block(src: int, dst: int, dtype: torch.dtype = dtype) -> torch.Tensor:
             return _input(src * world + dst, dtype, 3)
         ins = [block(rank, j) for j in range(world)]
         outs = [torch.zeros(3, dtype=dtype) for _ in range(world)]
@@ -140,7 +140,7 @@ def job_data_movement_every_dtype(rank: int, world: int, port: int) -> list[str]
         check(f"all_to_all_single even {dtype}", out, torch.cat([block(j, rank)
                                                                  for j in range(world)]))
         # uneven: rank r sends (j + 1) rows to rank j; receives (r + 1) rows from each
-        def rows(src: int, dst: int) -> torch.Tensor:
+        def rows(src: int, dst: int, dtype: torch.dtype = dtype) -> torch.Tensor:
             return _input(10 * src + dst, dtype, (dst + 1) * 2).reshape(dst + 1, 2)
         send = torch.cat([rows(rank, j) for j in range(world)])
         recv = torch.zeros(world * (rank + 1), 2, dtype=dtype)
@@ -225,7 +225,8 @@ def job_async_and_futures(rank: int, world: int, port: int) -> list[str]:
     dist.barrier(async_op=True).wait()
     ts = [torch.full((2,), float(rank)), torch.full((3,), 1.0)]
     dist.all_reduce_coalesced(ts)
-    if not (torch.equal(ts[0], torch.full((2,), 6.0)) and torch.equal(ts[1], torch.full((3,), 4.0))):
+    if not (torch.equal(ts[0], torch.full((2,), 6.0))
+            and torch.equal(ts[1], torch.full((3,), 4.0))):
         bad.append(f"all_reduce_coalesced gave {ts}")
     # zero-element and 0-dim tensors
     z = torch.empty(0)
