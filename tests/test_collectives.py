@@ -328,6 +328,14 @@ def job_subgroups(rank: int, world: int, port: int) -> list[str]:
     dist.broadcast(b, src=2 if rank % 2 == 0 else 3, group=mine)
     if b.item() != (2.0 if rank % 2 == 0 else 3.0):
         bad.append(f"subgroup broadcast {b.item()}")
+    # subgroups have names and can be destroyed on their own; the others keep working
+    if not mine.group_name or mine.group_name == dist.group.WORLD.group_name:
+        bad.append(f"group names {mine.group_name!r} {dist.group.WORLD.group_name!r}")
+    dist.destroy_process_group(mine)
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)
+    if t.item() != 4.0:
+        bad.append(f"world all_reduce after destroying a subgroup: {t.item()}")
     # a gloo subgroup beside elasticpg ones in the same process
     g = dist.new_group([0, 1, 2, 3], backend="gloo")
     t = torch.tensor([1.0])

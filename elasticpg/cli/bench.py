@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{meta['platform']}, {cpus} CPUs, {threads} intra-op thread(s)/rank{oversub}\n"
               f"# sizes {human_bytes(sizes[0])} .. {human_bytes(sizes[-1])} (x{args.factor}); "
               f"~{args.target_seconds:g} s of timed calls per backend and point, "
-              f"{args.min_iters}..{args.max_iters} iters in {args.rounds} interleaved rounds, "
+              f"{args.min_iters}..{args.max_iters} iters in {args.rounds} interleaved round(s), "
               f"best round reported; gloo and elasticpg in the same processes; times are max "
               f"over ranks\n"
               f"# ratio = elasticpg time / gloo time (lower is better), speedup = gloo / "

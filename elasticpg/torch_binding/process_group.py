@@ -92,6 +92,22 @@ class ElasticProcessGroup(dist.ProcessGroup):
     def _get_backend(self, device: torch.device) -> ElasticProcessGroup:
         return self
 
+    # torch stores names on the backend it registers; for a Python group it registers none,
+    # so the names live here (destroy_process_group(subgroup) needs group_name)
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    @property
+    def group_name(self) -> str:
+        return getattr(self, "_group_name", self.runtime.group_id)
+
+    def _set_group_desc(self, desc: str) -> None:
+        self._group_desc = desc
+
+    @property
+    def group_desc(self) -> str:
+        return getattr(self, "_group_desc", "")
+
     def shutdown(self) -> None:
         self.runtime.destroy()
 

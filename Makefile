@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - set up .venv and run the main example
+#   make test   - set up .venv and run lint + the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned: an open range could pull a multi-GB CUDA build
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python examples/quickstart.py
+
+lint: setup
+	$(BIN)/ruff check elasticpg tests examples
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/elasticpg-bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis
