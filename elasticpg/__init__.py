@@ -21,7 +21,8 @@ register_backend(BACKEND_NAME)
 
 __all__ = [
     "BACKEND_NAME", "CollectiveMismatchError", "ElasticPGError", "ElasticProcessGroup",
-    "GroupStateError", "OperationTimeoutError", "Options", "PeerFailedError",
+    "GroupStateError", "OperationTimeoutError", "Options", "PeerFailedError", "ProposalResult",
+    "ProposalStatus", "SyncAfterFailureResult", "SyncAfterFailureStatus", "deactivate_ranks",
     "get_active_ranks", "get_current_epoch", "get_failed_ranks_hint", "get_local_success",
-    "register_backend",
+    "register_backend", "sync_after_failure",
 ]

@@ -1,6 +1,16 @@
-"""Public functions of SPEC section 3 that act on a group handle or a Work."""
+"""Public functions of SPEC section 3 that act on a group handle or a Work.
+
+Which calls are collective: `activate_ranks`/`recover_ranks`, `deactivate_ranks` are made by
+every active member at the same point of its operation sequence (like a collective; members may
+pass different rank lists, the union is applied). `sync_after_failure`, `get_peer_state`,
+`get_active_ranks`, `get_current_epoch` and the per-Work queries are local to one rank.
+`join_group` is called by the joining rank alone.
+"""
 
 from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -62,3 +72,53 @@ def get_failed_ranks_hint(work: object, size: int | None = None) -> torch.Tensor
         if r < n:
             mask[r] = 1
     return mask
+
+
+class ProposalStatus(enum.Enum):
+    Applied = "Applied"
+    AppliedWithDroppedRanks = "AppliedWithDroppedRanks"
+    Rejected = "Rejected"
+
+
+class SyncAfterFailureStatus(enum.Enum):
+    Reconciled = "Reconciled"
+    NoPending = "NoPending"
+    Rejected = "Rejected"
+
+
+@dataclass
+class ProposalResult:
+    status: ProposalStatus
+    new_epoch: int
+    dropped_ranks: list[int] = field(default_factory=list)
+    reject_reason: str = ""
+
+
+@dataclass
+class SyncAfterFailureResult:
+    status: SyncAfterFailureStatus
+    new_epoch: int
+    reject_reason: str = ""
+
+
+def _ranks(ranks: object) -> list[int]:
+    if isinstance(ranks, torch.Tensor):
+        return [int(r) for r in ranks.flatten().tolist()]
+    if isinstance(ranks, int):
+        return [ranks]
+    return [int(r) for r in ranks]  # type: ignore[union-attr]
+
+
+def deactivate_ranks(group: object | None, ranks: object) -> ProposalResult:
+    """Collective: remove `ranks` from the group (scale-down, graceful leave, framework-managed
+    failure handling). A rank may name itself; its next collective then raises."""
+    rt = runtime_of(group)
+    view = rt.deactivate(_ranks(ranks))
+    return ProposalResult(ProposalStatus.Applied, view.epoch)
+
+
+def sync_after_failure(group: object | None = None) -> SyncAfterFailureResult:
+    """Local: report failures this rank saw, wait for the decision, apply the latest view."""
+    status, view = runtime_of(group).sync_after_failure()
+    reason = "this rank was removed from the group" if status == "Rejected" else ""
+    return SyncAfterFailureResult(SyncAfterFailureStatus(status), view.epoch, reason)

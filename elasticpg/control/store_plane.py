@@ -56,16 +56,24 @@ class StorePlane:
     # ---- views ------------------------------------------------------------------------------
     def propose_view(self, view: View) -> View:
         """Try to decide `view` as epoch view.epoch; return whichever view won that epoch."""
-        won = self.store.compare_set(f"view/{view.epoch}", "", view.encode().decode())
-        decided = View.decode(won)
-        if decided == view:
-            self.store.add("view/latest", 0)  # make sure the counter exists
-            while int(self.store.add("view/latest", 0)) < view.epoch:
-                self.store.add("view/latest", 1)
-        return decided
+        won = View.decode(self.store.compare_set(f"view/{view.epoch}", "",
+                                                 view.encode().decode()))
+        self._raise_latest(won.epoch)
+        return won
+
+    def _raise_latest(self, epoch: int) -> None:
+        """view/latest only grows: compare-and-set it up to `epoch`."""
+        cur = ""
+        while True:
+            got = self.store.compare_set("view/latest", cur, str(epoch)).decode()
+            if got == str(epoch) or (got and int(got) >= epoch):
+                return
+            cur = got
 
     def latest_epoch(self) -> int:
-        return int(self.store.add("view/latest", 0))
+        if not self.store.check(["view/latest"]):
+            return 0
+        return int(self.store.get("view/latest"))
 
     def view(self, epoch: int, timeout: float | None = None) -> View:
         return View.decode(self._wait(f"view/{epoch}", timeout))

@@ -21,6 +21,7 @@ class MsgType(enum.IntEnum):
     ABORT = 3  # "collective seq N failed here, because ...": payload is a UTF-8 reason
     HEARTBEAT = 4  # liveness probe; carries nothing
     GOODBYE = 5  # orderly close: the peer is leaving, not crashing
+    VIEW = 6  # "a new view was decided": `epoch` is its epoch; fetch it from the store
 
 
 class OpKind(enum.IntEnum):
@@ -38,6 +39,7 @@ class OpKind(enum.IntEnum):
     SCATTER = 11
     BARRIER = 12
     SEND = 13
+    MEMBERSHIP = 14  # the exchange inside activate_ranks / deactivate_ranks
 
 
 # magic, type, kind, dtype, redop, src, epoch, seq, step, numel, root, tag, nbytes

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from ..collectives.context import OpContext, OpSpec
 from ..control.store_plane import StorePlane
-from ..core.framing import Header, MsgType
+from ..core.dtypes import dtype_code
+from ..core.framing import Header, MsgType, OpKind
 from ..core.membership import ExecMode, View
 from ..errors import (
     CollectiveMismatchError,
@@ -28,6 +29,9 @@ from ..errors import (
 from ..options import Options
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import TcpTransport
+from .views import ViewKeeper
+
+DEFAULT_FAILURE_TIMEOUT = 3.0  # seconds; a hung peer is declared failed after this much silence
 
 
 def default_host() -> str:
@@ -49,13 +53,19 @@ class GroupRuntime:
         self.plane = StorePlane(store, self.timeout)
         self.mailbox = Mailbox()
         self.mode = ExecMode.ISOLATED if options.is_extension else ExecMode.NORMAL
-        self.view = View.initial(self.slots, range(world_size))
+        self.failure_timeout = options.failure_timeout or min(self.timeout,
+                                                              DEFAULT_FAILURE_TIMEOUT)
+        self.heartbeat_interval = options.heartbeat_interval or self.failure_timeout / 6
+        self.auto_deactivate = options.auto_deactivate_on_failure
+        self.auto_sync = options.auto_sync_on_failure
         self._seq = 0
         self._poison: str | None = None
         self._destroyed = False
+        self._dirty = False  # a failure or a foreign view decision awaits the next op boundary
         self._link_locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
-        self._on_failure: list[Callable[[int, str], None]] = []
+        self.views = ViewKeeper(self.plane, rank, View.initial(self.slots, range(world_size)),
+                                on_applied=self._view_applied, announce=self._announce_view)
 
         secret = self.plane.secret()
         self.incarnation = self.plane.register(rank)
@@ -66,11 +76,19 @@ class GroupRuntime:
         host, port = self.transport.endpoint
         self.plane.publish_endpoint(rank, host, port, self.incarnation)
         self._mirror_mask()
+        self._threads = [threading.Thread(target=self._liveness_loop, daemon=True,
+                                          name=f"elasticpg-liveness-r{rank}")]
         if self.mode == ExecMode.NORMAL:
             # Open our outgoing links now, so that every peer holds a socket from us and sees
             # at once when this process dies, even before the first collective.
-            threading.Thread(target=self._connect_all, name=f"elasticpg-connect-r{rank}",
-                             daemon=True).start()
+            self._threads.append(threading.Thread(target=self._connect_all, daemon=True,
+                                                  name=f"elasticpg-connect-r{rank}"))
+        for t in self._threads:
+            t.start()
+
+    @property
+    def view(self) -> View:
+        return self.views.applied
 
     # ---- data-plane callbacks (reader threads) ------------------------------------------------
     def _on_frame(self, header: Header, payload: torch.Tensor) -> None:
@@ -78,6 +96,9 @@ class GroupRuntime:
             self.mailbox.deliver_coll(header, payload)
         elif header.type == MsgType.P2P:
             self.mailbox.deliver_p2p(header, payload)
+        elif header.type == MsgType.VIEW:
+            if header.epoch > self.view.epoch:
+                self._dirty = True
         elif header.type == MsgType.ABORT:
             reason = bytes(payload.numpy()).decode(errors="replace")
             self._poison = self._poison or reason
@@ -90,12 +111,87 @@ class GroupRuntime:
         self.mailbox.revive_peer(peer)
 
     def fail_peer(self, peer: int, reason: str) -> None:
-        if self._destroyed:
+        """Record that `peer` is gone; membership reacts at the next operation boundary."""
+        if self._destroyed or self.mailbox.is_failed(peer):
             return
         self.transport.drop(peer)
         self.mailbox.fail_peer(peer, reason)
-        for cb in list(self._on_failure):
-            cb(peer, reason)
+        if self.view.is_active(peer):
+            self._dirty = True
+            if self.auto_deactivate and not self.auto_sync:
+                # mode (b): decide in the background, apply in sync_after_failure
+                threading.Thread(target=self._decide_quietly, args=([peer],), daemon=True,
+                                 name=f"elasticpg-decide-r{self.rank}").start()
+
+    def _decide_quietly(self, failed: list[int]) -> None:
+        try:
+            self.views.exclude(failed, self._seq, apply=False)
+        except Exception:  # noqa: BLE001 - the store may be gone at shutdown
+            pass
+
+    def _peer_closed(self, peer: int, reason: str) -> None:
+        """A link to `peer` broke from our side. Wait for its incoming link to close too, so
+        every frame it sent before going away is delivered first; fail it now if it has none."""
+        self.transport.drop(peer)
+        if not self.transport.has_incoming(peer):
+            self.fail_peer(peer, reason)
+
+    def _liveness_loop(self) -> None:
+        """Heartbeats out, silence and closed links in: the bound on noticing a hung peer."""
+        bound, tick = self.failure_timeout, self.heartbeat_interval
+        last = time.monotonic()
+        while not self._destroyed:
+            for peer in self.transport.closed_outgoing(tick):
+                self._peer_closed(peer, "connection closed")
+            if self._destroyed:
+                return
+            now = time.monotonic()
+            if now - last > bound / 2:
+                # we were stalled ourselves (SIGSTOP, overload): nobody's silence is evidence
+                self.transport.forgive_silence()
+            last = now
+            for peer in self.transport.heartbeat(tick, bound):
+                self._peer_closed(peer, "stopped reading (heartbeat not accepted)")
+            for peer in self.transport.silent(bound):
+                self.fail_peer(peer, f"no heartbeat for more than {bound:.2f}s (hung?)")
+
+    # ---- views ----------------------------------------------------------------------------------
+    def _view_applied(self, old: View, new: View) -> None:
+        for r in range(self.slots):
+            was, now = old.is_active(r), new.is_active(r)
+            if was and not now and r != self.rank:
+                self.mailbox.fail_peer(r, f"deactivated in epoch {new.epoch}")
+            elif now and not was and r != self.rank:
+                self.mailbox.revive_peer(r)
+        self._mirror_mask()
+
+    def _announce_view(self, view: View) -> None:
+        for peer in range(self.slots):
+            if peer != self.rank and self.transport.connected(peer):
+                try:
+                    self.transport.send(peer, Header(MsgType.VIEW, self.rank, 0,
+                                                     epoch=view.epoch))
+                except OSError:
+                    pass
+
+    def _settle(self) -> None:
+        """At an operation boundary: bring membership up to date according to the mode."""
+        self._dirty = False
+        try:
+            if self.auto_deactivate and self.auto_sync:
+                known = [r for r in self.mailbox.failed() if self.view.is_active(r)]
+                if known:
+                    self.views.exclude(known, self._seq)
+                else:
+                    self.views.catch_up()
+            else:
+                # modes (b) and (c) apply failure views only when asked, but a view that
+                # removes this rank is applied at once so that it gets a clear error
+                if any(not v.is_active(self.rank) for v in self.views.decided(self.view.epoch)):
+                    self.views.catch_up()
+        except (OperationTimeoutError, RuntimeError) as exc:
+            self._dirty = True
+            raise GroupStateError(f"cannot reach the store to settle membership: {exc}") from exc
 
     # ---- links --------------------------------------------------------------------------------
     def _connect_all(self) -> None:
@@ -171,6 +267,8 @@ class GroupRuntime:
         return (self.rank,) if self.mode == ExecMode.ISOLATED else self.view.active
 
     def new_op(self, spec: OpSpec) -> OpContext:
+        if self._dirty and self.mode == ExecMode.NORMAL:
+            self._settle()
         self.check_usable()
         seq = self._seq
         self._seq += 1
@@ -186,12 +284,68 @@ class GroupRuntime:
             body(ctx)
             if self._poison is not None:  # a peer reported a mismatch while we ran
                 raise CollectiveMismatchError(self._poison)
+            if ctx.failed and self.auto_deactivate and self.auto_sync:
+                # mode (a): the failed operation returns only once the hole is in the view
+                self.views.exclude(ctx.failed, self._seq)
         except CollectiveMismatchError as exc:
             self._poison = self._poison or str(exc)
             raise
         finally:
             self.finish_op(ctx)
         return ctx
+
+    # ---- membership calls ---------------------------------------------------------------------
+    def agree_on_ranks(self, ranks: list[int], kind_code: int) -> set[int]:
+        """A collective exchange of requested rank sets among the active members; the union.
+
+        Members that called with different sets still agree: everyone computes the union of
+        what it received. A member that fails during the exchange simply contributes nothing.
+        """
+        bad = [r for r in ranks if not 0 <= r < self.slots]
+        if bad:
+            raise ValueError(f"ranks {bad} outside the group's slots 0..{self.slots - 1}")
+        mask = torch.zeros(self.slots, dtype=torch.int32)
+        mask[list(ranks)] = 1
+        spec = OpSpec(OpKind.MEMBERSHIP, dtype_code(torch.int32), self.slots, -1, kind_code)
+        union = mask.clone()
+
+        def exchange(ctx: OpContext) -> None:
+            for p in ctx.peers:
+                ctx.send(p, 0, mask)
+            for p in ctx.peers:
+                got = ctx.recv(p, 0, torch.int32, self.slots)
+                if got is not None:
+                    union.bitwise_or_(got)
+
+        self.run_op(spec, exchange)
+        return {int(r) for r in union.nonzero().flatten()}
+
+    def deactivate(self, ranks: list[int]) -> View:
+        """Collective: remove `ranks` (planned scale-down, graceful leave, framework decision)."""
+        agreed = self.agree_on_ranks(ranks, kind_code=0)
+        start = self._seq
+
+        def make(base: View) -> View | None:
+            todo = [r for r in agreed if base.is_active(r)]
+            return base.after_deactivation(todo, start) if todo else None
+
+        self.views.decide(make)
+        return self.view
+
+    def sync_after_failure(self) -> tuple[str, View]:
+        """Report failures seen here, wait for the decision, apply the latest view."""
+        if self._destroyed:
+            raise GroupStateError(f"group {self.group_id!r} was destroyed")
+        before = self.view.epoch
+        known = [r for r in self.mailbox.failed() if self.view.is_active(r)]
+        if known and self.auto_deactivate:
+            self.views.exclude(known, self._seq)
+        else:
+            self.views.catch_up()
+        self._dirty = False
+        if not self.view.is_active(self.rank):
+            return "Rejected", self.view
+        return ("Reconciled" if self.view.epoch != before else "NoPending"), self.view
 
     def p2p_deadline(self) -> float:
         return time.monotonic() + self.timeout
@@ -210,3 +364,6 @@ class GroupRuntime:
         self._destroyed = True
         self.mailbox.close("group destroyed")
         self.transport.close(goodbye=True)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import select
 import socket
 import struct
 import threading
@@ -85,6 +86,8 @@ class TcpTransport:
         self._out: dict[int, socket.socket] = {}
         self._out_locks: dict[int, threading.Lock] = {}
         self._in: dict[int, socket.socket] = {}
+        self._last_heard: dict[int, float] = {}  # per incoming link: when a frame last arrived
+        self._last_sent: dict[int, float] = {}  # per outgoing link: when we last wrote to it
         self._threads: list[threading.Thread] = []
         self._closing = False
         self._listener = socket.create_server((host, 0), backlog=128)
@@ -132,6 +135,7 @@ class TcpTransport:
                 return
             old = self._in.pop(src, None)
             self._in[src] = sock
+            self._last_heard[src] = time.monotonic()
         if old is not None:
             old.close()
         if self._on_connected is not None:
@@ -146,12 +150,16 @@ class TcpTransport:
             while True:
                 if not recv_exact(sock, hview):
                     break
+                self._last_heard[src] = time.monotonic()
                 header = Header.unpack(hbuf)
                 if header.src != src:
                     raise FramingError(f"link from rank {src} carried a frame from {header.src}")
+                if header.type == MsgType.HEARTBEAT:
+                    continue
                 payload = torch.empty(header.nbytes, dtype=torch.uint8)
                 if header.nbytes and not recv_exact(sock, memoryview(payload.numpy())):
                     raise ConnectionError("connection closed mid-frame")
+                self._last_heard[src] = time.monotonic()
                 if header.type == MsgType.GOODBYE:
                     reason = "peer left the group"
                     break
@@ -213,6 +221,80 @@ class TcpTransport:
             else:
                 sock.sendall(hdr)
                 sock.sendall(payload)
+            self._last_sent[peer] = time.monotonic()
+
+    # ---- liveness -------------------------------------------------------------------------------
+    def heartbeat(self, idle: float, bound: float) -> list[int]:
+        """Send a heartbeat on every outgoing link idle for `idle` seconds.
+
+        A link busy with another send is skipped (its data is proof of life). Returns the peers
+        whose heartbeat could not be written within `bound` (they stopped reading).
+        """
+        now = time.monotonic()
+        stuck = []
+        for peer, sock in list(self._out.items()):
+            if now - self._last_sent.get(peer, 0.0) < idle:
+                continue
+            lock = self._out_locks[peer]
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                sock.settimeout(bound)
+                sock.sendall(Header(MsgType.HEARTBEAT, self.rank, 0).pack())
+                self._last_sent[peer] = now
+            except OSError:
+                stuck.append(peer)
+            finally:
+                try:
+                    sock.settimeout(None)
+                except OSError:
+                    pass
+                lock.release()
+        return stuck
+
+    def silent(self, bound: float) -> list[int]:
+        """Peers whose incoming link has carried nothing for more than `bound` seconds."""
+        now = time.monotonic()
+        return [p for p in list(self._in) if now - self._last_heard.get(p, now) > bound]
+
+    def forgive_silence(self) -> None:
+        """Restart every silence clock (after this process itself was stalled)."""
+        now = time.monotonic()
+        for p in list(self._in):
+            self._last_heard[p] = now
+
+    def closed_outgoing(self, wait: float) -> list[int]:
+        """Wait up to `wait` s for an outgoing link to close; return the peers that closed.
+
+        Peers never write on our outgoing links, so readability there means EOF or reset:
+        the peer is gone even if it never opened a link to us.
+        """
+        links = dict(self._out)
+        if not links:
+            time.sleep(wait)
+            return []
+        poller = select.poll()
+        by_fd = {}
+        for peer, sock in links.items():
+            try:
+                fd = sock.fileno()
+            except OSError:
+                continue
+            if fd >= 0:
+                by_fd[fd] = peer
+                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        gone = []
+        for fd, _ev in poller.poll(wait * 1000):
+            peer = by_fd[fd]
+            try:
+                data = links[peer].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data == b"":
+                gone.append(peer)
+        return gone
 
     def drop(self, peer: int) -> None:
         """Forget the outgoing link to `peer` (it failed or was replaced)."""
