@@ -5,13 +5,24 @@
 
 from __future__ import annotations
 
-from .api import get_active_ranks, get_current_epoch, get_failed_ranks_hint, get_local_success
+from .api import (
+    ProposalResult,
+    ProposalStatus,
+    SyncAfterFailureResult,
+    SyncAfterFailureStatus,
+    deactivate_ranks,
+    get_active_ranks,
+    get_current_epoch,
+    get_failed_ranks_hint,
+    get_local_success,
+    sync_after_failure,
+)
 from .errors import (
-                  CollectiveMismatchError,
-                  ElasticPGError,
-                  GroupStateError,
-                  OperationTimeoutError,
-                  PeerFailedError,
+    CollectiveMismatchError,
+    ElasticPGError,
+    GroupStateError,
+    OperationTimeoutError,
+    PeerFailedError,
 )
 from .options import Options
 from .torch_binding.process_group import BACKEND_NAME, ElasticProcessGroup

@@ -1,0 +1,256 @@
+"""SPEC scenarios 2, 5 (framework-managed part) and 6: real kills, real hangs, real severed links.
+
+Dead ranks are real processes that called os._exit or were SIGKILLed/SIGSTOPped; the pool
+replaces them before the next job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import elasticpg
+
+from .harness import init_group
+
+
+def _store() -> dist.Store:
+    return dist.distributed_c10d._get_default_store()
+
+
+def _opts(**kw) -> elasticpg.Options:
+    kw.setdefault("failure_timeout", 1.0)
+    return elasticpg.Options(**kw)
+
+
+def job_scenario2(rank: int, world: int, port: int) -> dict:
+    """Rank 1 exits right after init; the survivors' all_reduce of rank ids gives 0+2+3."""
+    init_group(rank, world, port, pg_options=_opts())
+    if rank == 1:
+        os._exit(0)
+    t = torch.tensor([float(rank)])
+    t0 = time.monotonic()
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    return {"sum": t.item(), "mask": elasticpg.get_active_ranks().tolist(),
+            "epoch": elasticpg.get_current_epoch(), "s": time.monotonic() - t0,
+            "then": _sum_again(rank)}
+
+
+def _sum_again(rank: int) -> float:
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def test_scenario2_survivors_complete_without_dead_rank(pool4):
+    res = pool4.run_raw(job_scenario2, timeout=60)
+    assert res[1].status == "dead"
+    for r in (0, 2, 3):
+        assert res[r].status == "ok", res[r].value
+        v = res[r].value
+        assert v["sum"] == 5.0 and v["then"] == 5.0, v
+        assert v["mask"] == [1, 0, 1, 1], v
+        assert v["epoch"] == 1, v
+        assert v["s"] < 10.0, v
+
+
+def job_hang(rank: int, world: int, port: int) -> dict:
+    """Rank 2 SIGSTOPs itself after a barrier: detected within failure_timeout; survivors go on."""
+    init_group(rank, world, port, pg_options=_opts(failure_timeout=1.0))
+    store = _store()
+    dist.barrier()
+    if rank == 2:
+        store.set("pid2", str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return {}  # not reached: rank 0 SIGKILLs us
+    store.wait(["pid2"], timedelta(seconds=10))
+    t = torch.tensor([float(rank)])
+    t0 = time.monotonic()
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    took = time.monotonic() - t0
+    out = {"sum": t.item(), "s": took, "ok": elasticpg.get_local_success(work),
+           "hint": elasticpg.get_failed_ranks_hint(work, 4).tolist(),
+           "mask": elasticpg.get_active_ranks().tolist(), "then": _sum_again(rank)}
+    dist.barrier()
+    if rank == 0:
+        os.kill(int(store.get("pid2")), signal.SIGKILL)
+    return out
+
+
+def test_scenario6_sigstopped_rank_detected_within_bound(pool4):
+    res = pool4.run_raw(job_hang, timeout=60)
+    assert res[2].status == "dead"
+    for r in (0, 1, 3):
+        v = res[r].value
+        assert res[r].status == "ok", v
+        assert v["sum"] == 4.0 and v["then"] == 4.0, v
+        assert v["mask"] == [1, 1, 0, 1], v
+        assert v["ok"] is False and v["hint"] == [0, 0, 1, 0], v
+        # failure_timeout is 1 s; allow generous slack for a loaded 2-core machine
+        assert v["s"] < 6.0, v
+
+
+def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float) -> dict:
+    init_group(rank, world, port, pg_options=_opts())
+    n = 4 << 20  # 16 MB of float32 per rank
+    t = torch.full((n,), float(rank + 1))
+    dist.barrier()
+    if rank == 3:
+        threading.Timer(delay, os._exit, (1,)).start()
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    if rank == 3:
+        time.sleep(5)  # the timer kills us; survive long enough for it to fire
+    ok = elasticpg.get_local_success(work)
+    uniq = torch.unique(t).tolist()
+    return {"ok": ok, "vals": uniq, "mask": elasticpg.get_active_ranks().tolist(),
+            "then": _sum_again(rank)}
+
+
+def test_rank_killed_inside_large_all_reduce(pool4):
+    for delay in (0.0, 0.02):
+        res = pool4.run_raw(job_die_mid_allreduce, delay, timeout=90)
+        for r in (0, 1, 2):
+            v = res[r].value
+            assert res[r].status == "ok", v
+            # explicit rule: a contribution counts iff received whole
+            assert v["vals"] in ([10.0], [6.0]), v
+            if v["ok"]:
+                assert v["vals"] == [10.0], v
+            assert v["mask"] == [1, 1, 1, 0], v
+            assert v["then"] == 3.0, v
+
+
+def job_p2p_peer_dies(rank: int, world: int, port: int) -> dict:
+    init_group(rank, world, port, pg_options=_opts())
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)
+    out = {}
+    if rank == 0:
+        try:  # large enough that it cannot all sit in socket buffers
+            for _ in range(20):
+                dist.send(torch.ones(8 << 20), 1)
+            out["send"] = "ok"
+        except elasticpg.PeerFailedError as exc:
+            out["send"] = f"PeerFailedError {exc.ranks}"
+    if rank == 2:
+        try:
+            dist.recv(torch.zeros(4), 1)
+            out["recv"] = "ok"
+        except elasticpg.PeerFailedError as exc:
+            out["recv"] = f"PeerFailedError {exc.ranks}"
+    out["sum"] = _sum_again(rank)
+    return out
+
+
+def test_p2p_with_dead_peer_fails_instead_of_hanging(pool4):
+    res = pool4.run_raw(job_p2p_peer_dies, world=3, timeout=60)
+    assert res[1].status == "dead"
+    assert res[0].value["send"] == "PeerFailedError [1]", res[0]
+    assert res[2].value["recv"] == "PeerFailedError [1]", res[2]
+    assert res[0].value["sum"] == res[2].value["sum"] == 2.0
+
+
+def job_severed(rank: int, world: int, port: int) -> dict:
+    """Both processes live, but rank 0 cuts its links with rank 1. Views must stay agreed."""
+    init_group(rank, world, port, pg_options=_opts())
+    dist.barrier()
+    rt = dist.group.WORLD.runtime
+    if rank == 0:
+        rt.fail_peer(1, "test severed the link")
+    outcome = "ok"
+    try:
+        _sum_again(rank)
+        _sum_again(rank)
+    except elasticpg.GroupStateError:
+        outcome = "GroupStateError"
+    dist.barrier() if outcome == "ok" else None
+    # let every rank settle on the latest decided view before comparing
+    elasticpg.sync_after_failure()
+    return {"outcome": outcome, "epoch": elasticpg.get_current_epoch(),
+            "mask": elasticpg.get_active_ranks().tolist()}
+
+
+def test_severed_link_between_live_ranks_keeps_views_agreed(pool4):
+    res = pool4.run(job_severed, timeout=60)
+    masks = {tuple(v["mask"]) for v in res}
+    epochs = {v["epoch"] for v in res}
+    assert len(masks) == 1 and len(epochs) == 1, res
+    mask = masks.pop()
+    assert sum(mask) == 3 and (mask[0] == 0 or mask[1] == 0), res
+    out = mask.index(0)
+    assert res[out]["outcome"] == "GroupStateError", res
+    assert all(v["outcome"] == "ok" for r, v in enumerate(res) if r != out), res
+
+
+def job_mode_b(rank: int, world: int, port: int) -> dict:
+    init_group(rank, world, port, pg_options=_opts(auto_sync_on_failure=False))
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)
+    t = torch.tensor([float(rank)])
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    before = elasticpg.get_active_ranks().tolist()
+    first = elasticpg.sync_after_failure()
+    second = elasticpg.sync_after_failure()
+    return {"sum": t.item(), "ok": elasticpg.get_local_success(work), "before": before,
+            "after": elasticpg.get_active_ranks().tolist(), "first": first.status.value,
+            "second": second.status.value, "then": _sum_again(rank)}
+
+
+def test_mode_b_returns_at_once_and_sync_applies(pool4):
+    res = pool4.run_raw(job_mode_b, timeout=60)
+    for r in (0, 2, 3):
+        v = res[r].value
+        assert res[r].status == "ok", v
+        assert v["sum"] == 5.0 and v["ok"] is False, v
+        assert v["before"] == [1, 1, 1, 1], v
+        assert v["after"] == [1, 0, 1, 1], v
+        assert v["first"] == "Reconciled" and v["second"] == "NoPending", v
+        assert v["then"] == 5.0, v
+
+
+def job_mode_c(rank: int, world: int, port: int) -> dict:
+    init_group(rank, world, port, pg_options=_opts(auto_deactivate_on_failure=False,
+                                                   auto_sync_on_failure=False))
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)
+    t = torch.tensor([float(rank)])
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    hint = elasticpg.get_failed_ranks_hint(work, 4)
+    unchanged = elasticpg.get_active_ranks().tolist()
+    # the framework reads the hints and removes the failed rank, collectively
+    elasticpg.deactivate_ranks(None, hint.nonzero().flatten().tolist())
+    out = {"sum": t.item(), "hint": hint.tolist(), "unchanged": unchanged,
+           "mask": elasticpg.get_active_ranks().tolist(), "epoch": elasticpg.get_current_epoch()}
+    # planned removal of a live rank: rank 3 is deactivated and gets a clear error
+    elasticpg.deactivate_ranks(None, [3])
+    try:
+        out["next"] = _sum_again(rank)
+    except elasticpg.GroupStateError:
+        out["next"] = "GroupStateError"
+    return out
+
+
+def test_mode_c_framework_managed_and_deactivated_live_rank(pool4):
+    res = pool4.run_raw(job_mode_c, timeout=60)
+    for r in (0, 2, 3):
+        v = res[r].value
+        assert res[r].status == "ok", v
+        assert v["sum"] == 5.0 and v["hint"] == [0, 1, 0, 0], v
+        assert v["unchanged"] == [1, 1, 1, 1], v
+        assert v["mask"] == [1, 0, 1, 1] and v["epoch"] == 1, v
+    assert res[0].value["next"] == res[2].value["next"] == 2.0
+    assert res[3].value["next"] == "GroupStateError"
