@@ -10,11 +10,17 @@ from .api import (
     ProposalStatus,
     SyncAfterFailureResult,
     SyncAfterFailureStatus,
+    activate_ranks,
     deactivate_ranks,
+    extend_group_size_to,
     get_active_ranks,
     get_current_epoch,
     get_failed_ranks_hint,
     get_local_success,
+    get_num_synced_ranks,
+    get_peer_state,
+    join_group,
+    recover_ranks,
     sync_after_failure,
 )
 from .errors import (
@@ -35,5 +41,6 @@ __all__ = [
     "GroupStateError", "OperationTimeoutError", "Options", "PeerFailedError", "ProposalResult",
     "ProposalStatus", "SyncAfterFailureResult", "SyncAfterFailureStatus", "deactivate_ranks",
     "get_active_ranks", "get_current_epoch", "get_failed_ranks_hint", "get_local_success",
-    "register_backend", "sync_after_failure",
+    "register_backend", "sync_after_failure", "activate_ranks", "recover_ranks",
+    "extend_group_size_to", "get_num_synced_ranks", "get_peer_state", "join_group",
 ]

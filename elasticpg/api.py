@@ -122,3 +122,47 @@ def sync_after_failure(group: object | None = None) -> SyncAfterFailureResult:
     status, view = runtime_of(group).sync_after_failure()
     reason = "this rank was removed from the group" if status == "Rejected" else ""
     return SyncAfterFailureResult(SyncAfterFailureStatus(status), view.epoch, reason)
+
+
+def get_peer_state(group: object | None, ranks: object) -> list[bool]:
+    """Local and cheap (no I/O): True per rank that is active, or ready to be activated as
+    agreed by every active member at the last all-to-all collective (so every member gets the
+    same answer at the same step of a serving loop)."""
+    return runtime_of(group).peer_state(_ranks(ranks))
+
+
+def activate_ranks(group: object | None, ranks: object) -> ProposalResult:
+    """Collective: admit the ready ones of `ranks`; from the next collective on they take part."""
+    rt = runtime_of(group)
+    requested = _ranks(ranks)
+    view, admitted, dropped = rt.activate(requested)
+    if not admitted and dropped:
+        return ProposalResult(ProposalStatus.Rejected, view.epoch, dropped,
+                              f"rank(s) {dropped} not ready: not registered, or not waiting "
+                              f"in join_group, or not yet seen ready by every active member")
+    status = ProposalStatus.AppliedWithDroppedRanks if dropped else ProposalStatus.Applied
+    return ProposalResult(status, view.epoch, dropped)
+
+
+recover_ranks = activate_ranks
+
+
+def join_group(group: object | None = None, timeout: float | None = None) -> int:
+    """Joiner side: quiesce, declare ready, block until the active members admit this rank;
+    returns the epoch of the view that activated it. Used by extension/replacement ranks after
+    warm-up and by live ranks that were deactivated (in-place rejoin)."""
+    return runtime_of(group).join(timeout).epoch
+
+
+def get_num_synced_ranks(group: object | None = None) -> int:
+    """Diagnostics: active ranks plus joiners every active member has seen ready."""
+    rt = runtime_of(group)
+    return len(rt.view.active) + bin(rt.agreed_ready).count("1")
+
+
+def extend_group_size_to(group: object | None, size: int) -> ProposalResult:
+    """Legacy scale-up (collective): activate every slot below `size`."""
+    rt = runtime_of(group)
+    if not 0 < size <= rt.slots:
+        raise ValueError(f"cannot extend to {size} ranks: the group has {rt.slots} slots")
+    return activate_ranks(group, [r for r in range(size) if not rt.view.is_active(r)])

@@ -1,4 +1,5 @@
-"""Shared fixtures: one pool of rank processes for the whole session."""
+"""Shared fixtures: one pool of rank processes for the whole session (5 workers: jobs run on 4
+ranks unless they ask for more, e.g. a replacement process beside 4 original ranks)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from .harness import RankPool
 
 
 @pytest.fixture(scope="session")
-def pool4():
-    pool = RankPool(4)
+def pool():
+    pool = RankPool(5, default_world=4)
     yield pool
     pool.close()

@@ -65,8 +65,9 @@ def _reset_distributed() -> None:
 
 
 class RankPool:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, default_world: int | None = None) -> None:
         self.size = size
+        self.default_world = default_world or size
         self._ctx = mp.get_context("spawn")
         self._outbox: mp.Queue = self._ctx.Queue()
         self._procs: list[Any] = [None] * size
@@ -96,7 +97,7 @@ class RankPool:
         """Run fn on ranks 0..world-1 (pool slots 0..world-1); one RankResult per rank."""
         import torch.distributed as dist
 
-        world = world or self.size
+        world = world or self.default_world
         assert world <= self.size, f"pool has {self.size} workers, job needs {world}"
         self._revive()
         self._job += 1

@@ -43,8 +43,8 @@ def job_mismatch(rank: int, world: int, port: int, case: str) -> tuple[str, str]
 
 
 @pytest.mark.parametrize("case", ["numel", "dtype", "op", "kind", "root"])
-def test_mismatched_calls_raise_on_every_rank(pool4, case):
-    results = pool4.run(job_mismatch, case, timeout=60)
+def test_mismatched_calls_raise_on_every_rank(pool, case):
+    results = pool.run(job_mismatch, case, timeout=60)
     for rank, (first, then) in enumerate(results):
         # every rank learns: either from the call itself, or (a rank whose part finished
         # before anyone could object, e.g. a broadcast root) from its next call
@@ -88,8 +88,8 @@ def job_local_errors(rank: int, world: int, port: int) -> dict[str, str]:
     return out
 
 
-def test_local_errors_are_clear_and_harmless(pool4):
-    results = pool4.run(job_local_errors)
+def test_local_errors_are_clear_and_harmless(pool):
+    results = pool.run(job_local_errors)
     for rank, out in enumerate(results):
         assert out["non_contiguous"] == "ValueError"
         assert out["bad_dst"] in ("ValueError",), out
@@ -118,8 +118,8 @@ def job_timeout(rank: int, world: int, port: int) -> str:
     return res
 
 
-def test_collective_wait_is_bounded(pool4):
-    res = pool4.run(job_timeout, world=2, timeout=30)
+def test_collective_wait_is_bounded(pool):
+    res = pool.run(job_timeout, world=2, timeout=30)
     assert res == ["OperationTimeoutError", "skipped"]
 
 
@@ -130,8 +130,8 @@ def job_bad_options(rank: int, world: int, port: int) -> str:
                                                 world_size=world, pg_options=opts))
 
 
-def test_invalid_mode_combination_rejected(pool4):
-    assert pool4.run(job_bad_options, world=1) == ["ValueError"]
+def test_invalid_mode_combination_rejected(pool):
+    assert pool.run(job_bad_options, world=1) == ["ValueError"]
 
 
 def job_forged_peer(rank: int, world: int, port: int) -> dict:
@@ -153,7 +153,7 @@ def job_forged_peer(rank: int, world: int, port: int) -> dict:
     return res
 
 
-def test_unauthenticated_connection_is_rejected(pool4):
-    res = pool4.run(job_forged_peer, world=2)
+def test_unauthenticated_connection_is_rejected(pool):
+    res = pool.run(job_forged_peer, world=2)
     assert res[0]["forged"] == b""
     assert res[0]["sum"] == res[1]["sum"] == 3.0

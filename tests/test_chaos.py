@@ -103,9 +103,9 @@ def _cmp(got: torch.Tensor, want: torch.Tensor) -> str:
     return "" if torch.equal(got, want) else f"max diff {(got - want).abs().max().item()}"
 
 
-def test_chaos_stream_with_random_kills(pool4):
+def test_chaos_stream_with_random_kills(pool):
     for seed in (11, 12, 13):
-        res = pool4.run_raw(job_chaos, seed, 24, timeout=120)
+        res = pool.run_raw(job_chaos, seed, 24, timeout=120)
         alive = [x.value for x in res if x.status == "ok"]
         errors = [x.value for x in res if x.status == "error"]
         assert not errors, errors

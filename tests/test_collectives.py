@@ -345,25 +345,25 @@ def job_subgroups(rank: int, world: int, port: int) -> list[str]:
     return bad
 
 
-def test_all_reduce_and_reduce_every_dtype_and_op(pool4):
-    assert pool4.run(job_all_reduce_every_dtype_and_op, timeout=120) == [[]] * W
+def test_all_reduce_and_reduce_every_dtype_and_op(pool):
+    assert pool.run(job_all_reduce_every_dtype_and_op, timeout=120) == [[]] * W
 
 
-def test_data_movement_every_dtype(pool4):
-    assert pool4.run(job_data_movement_every_dtype, timeout=120) == [[]] * W
+def test_data_movement_every_dtype(pool):
+    assert pool.run(job_data_movement_every_dtype, timeout=120) == [[]] * W
 
 
-def test_reduce_scatter_every_dtype(pool4):
-    assert pool4.run(job_reduce_scatter, timeout=120) == [[]] * W
+def test_reduce_scatter_every_dtype(pool):
+    assert pool.run(job_reduce_scatter, timeout=120) == [[]] * W
 
 
-def test_async_works_futures_and_sizes(pool4):
-    assert pool4.run(job_async_and_futures) == [[]] * W
+def test_async_works_futures_and_sizes(pool):
+    assert pool.run(job_async_and_futures) == [[]] * W
 
 
-def test_point_to_point(pool4):
-    assert pool4.run(job_p2p) == [[]] * W
+def test_point_to_point(pool):
+    assert pool.run(job_p2p) == [[]] * W
 
 
-def test_subgroups(pool4):
-    assert pool4.run(job_subgroups) == [[]] * W
+def test_subgroups(pool):
+    assert pool.run(job_subgroups) == [[]] * W

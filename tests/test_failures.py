@@ -49,8 +49,8 @@ def _sum_again(rank: int) -> float:
     return t.item()
 
 
-def test_scenario2_survivors_complete_without_dead_rank(pool4):
-    res = pool4.run_raw(job_scenario2, timeout=60)
+def test_scenario2_survivors_complete_without_dead_rank(pool):
+    res = pool.run_raw(job_scenario2, timeout=60)
     assert res[1].status == "dead"
     for r in (0, 2, 3):
         assert res[r].status == "ok", res[r].value
@@ -85,8 +85,8 @@ def job_hang(rank: int, world: int, port: int) -> dict:
     return out
 
 
-def test_scenario6_sigstopped_rank_detected_within_bound(pool4):
-    res = pool4.run_raw(job_hang, timeout=60)
+def test_scenario6_sigstopped_rank_detected_within_bound(pool):
+    res = pool.run_raw(job_hang, timeout=60)
     assert res[2].status == "dead"
     for r in (0, 1, 3):
         v = res[r].value
@@ -115,9 +115,9 @@ def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float) -> dic
             "then": _sum_again(rank)}
 
 
-def test_rank_killed_inside_large_all_reduce(pool4):
+def test_rank_killed_inside_large_all_reduce(pool):
     for delay in (0.0, 0.02):
-        res = pool4.run_raw(job_die_mid_allreduce, delay, timeout=90)
+        res = pool.run_raw(job_die_mid_allreduce, delay, timeout=90)
         for r in (0, 1, 2):
             v = res[r].value
             assert res[r].status == "ok", v
@@ -152,8 +152,8 @@ def job_p2p_peer_dies(rank: int, world: int, port: int) -> dict:
     return out
 
 
-def test_p2p_with_dead_peer_fails_instead_of_hanging(pool4):
-    res = pool4.run_raw(job_p2p_peer_dies, world=3, timeout=60)
+def test_p2p_with_dead_peer_fails_instead_of_hanging(pool):
+    res = pool.run_raw(job_p2p_peer_dies, world=3, timeout=60)
     assert res[1].status == "dead"
     assert res[0].value["send"] == "PeerFailedError [1]", res[0]
     assert res[2].value["recv"] == "PeerFailedError [1]", res[2]
@@ -180,8 +180,8 @@ def job_severed(rank: int, world: int, port: int) -> dict:
             "mask": elasticpg.get_active_ranks().tolist()}
 
 
-def test_severed_link_between_live_ranks_keeps_views_agreed(pool4):
-    res = pool4.run(job_severed, timeout=60)
+def test_severed_link_between_live_ranks_keeps_views_agreed(pool):
+    res = pool.run(job_severed, timeout=60)
     masks = {tuple(v["mask"]) for v in res}
     epochs = {v["epoch"] for v in res}
     assert len(masks) == 1 and len(epochs) == 1, res
@@ -208,8 +208,8 @@ def job_mode_b(rank: int, world: int, port: int) -> dict:
             "second": second.status.value, "then": _sum_again(rank)}
 
 
-def test_mode_b_returns_at_once_and_sync_applies(pool4):
-    res = pool4.run_raw(job_mode_b, timeout=60)
+def test_mode_b_returns_at_once_and_sync_applies(pool):
+    res = pool.run_raw(job_mode_b, timeout=60)
     for r in (0, 2, 3):
         v = res[r].value
         assert res[r].status == "ok", v
@@ -244,8 +244,8 @@ def job_mode_c(rank: int, world: int, port: int) -> dict:
     return out
 
 
-def test_mode_c_framework_managed_and_deactivated_live_rank(pool4):
-    res = pool4.run_raw(job_mode_c, timeout=60)
+def test_mode_c_framework_managed_and_deactivated_live_rank(pool):
+    res = pool.run_raw(job_mode_c, timeout=60)
     for r in (0, 2, 3):
         v = res[r].value
         assert res[r].status == "ok", v

@@ -57,5 +57,5 @@ def job_reinit(rank: int, world: int, port: int) -> list[float]:
     return sums
 
 
-def test_destroy_and_reinit_in_same_process(pool4):
-    assert pool4.run(job_reinit, world=3) == [[3.0, 6.0, 9.0]] * 3
+def test_destroy_and_reinit_in_same_process(pool):
+    assert pool.run(job_reinit, world=3) == [[3.0, 6.0, 9.0]] * 3

@@ -53,7 +53,9 @@ class OpContext:
     epoch: int
     spec: OpSpec
     deadline: float
+    ready: int = 0  # joiners this rank has seen ready, sent with every frame (see runtime)
     failed: set[int] = field(default_factory=set)
+    heard_ready: dict[int, int] = field(default_factory=dict)
 
     @property
     def peers(self) -> list[int]:
@@ -62,7 +64,8 @@ class OpContext:
     def header(self, step: int, nbytes: int, numel: int | None = None) -> Header:
         s = self.spec
         return Header(MsgType.COLL, self.me, nbytes, s.kind, s.dtype, s.redop, self.epoch,
-                      self.seq, step, s.numel if numel is None else numel, s.root)
+                      self.seq, step, s.numel if numel is None else numel, s.root,
+                      ready=self.ready)
 
     def send(self, peer: int, step: int, tensor: torch.Tensor | None = None) -> bool:
         """Send `tensor` (or an empty frame) to `peer`; False if the peer failed."""
@@ -99,6 +102,7 @@ class OpContext:
         problem = self._compare(header, expect_numel, numel * dtype.itemsize)
         if problem:
             self._mismatch(problem)
+        self.heard_ready[peer] = header.ready
         return payload.view(dtype) if numel else payload[:0].view(dtype)
 
     def _vet(self, h: Header) -> str:

@@ -22,6 +22,7 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 4  # liveness probe; carries nothing
     GOODBYE = 5  # orderly close: the peer is leaving, not crashing
     VIEW = 6  # "a new view was decided": `epoch` is its epoch; fetch it from the store
+    JOIN = 7  # a joiner (in join_group) is ready to be activated; `epoch`: its incarnation
 
 
 class OpKind(enum.IntEnum):
@@ -42,8 +43,8 @@ class OpKind(enum.IntEnum):
     MEMBERSHIP = 14  # the exchange inside activate_ranks / deactivate_ranks
 
 
-# magic, type, kind, dtype, redop, src, epoch, seq, step, numel, root, tag, nbytes
-_HEADER = struct.Struct("<HBBBBiIQIQiqQ")
+# magic, type, kind, dtype, redop, src, epoch, seq, step, numel, root, tag, nbytes, ready
+_HEADER = struct.Struct("<HBBBBiIQIQiqQQ")
 HEADER_SIZE = _HEADER.size
 
 
@@ -65,11 +66,12 @@ class Header:
     numel: int = 0
     root: int = -1
     tag: int = 0
+    ready: int = 0  # bitmask of joiners the sender has seen ready (piggybacked for agreement)
 
     def pack(self) -> bytes:
         return _HEADER.pack(
             MAGIC, self.type, self.kind, self.dtype, self.redop, self.src, self.epoch,
-            self.seq, self.step, self.numel, self.root, self.tag, self.nbytes,
+            self.seq, self.step, self.numel, self.root, self.tag, self.nbytes, self.ready,
         )
 
     @classmethod
@@ -77,11 +79,12 @@ class Header:
         if len(buf) != HEADER_SIZE:
             raise FramingError(f"header must be {HEADER_SIZE} bytes, got {len(buf)}")
         (magic, typ, kind, dtype, redop, src, epoch, seq, step, numel, root, tag,
-         nbytes) = _HEADER.unpack(buf)
+         nbytes, ready) = _HEADER.unpack(buf)
         if magic != MAGIC:
             raise FramingError(f"bad magic 0x{magic:04x}")
         try:
             mtype, okind = MsgType(typ), OpKind(kind)
         except ValueError as exc:
             raise FramingError(str(exc)) from None
-        return cls(mtype, src, nbytes, okind, dtype, redop, epoch, seq, step, numel, root, tag)
+        return cls(mtype, src, nbytes, okind, dtype, redop, epoch, seq, step, numel, root, tag,
+                   ready)

@@ -32,6 +32,10 @@ from ..transport.tcp import TcpTransport
 from .views import ViewKeeper
 
 DEFAULT_FAILURE_TIMEOUT = 3.0  # seconds; a hung peer is declared failed after this much silence
+# collectives in which every participant receives a frame from every other participant
+AGREEING_KINDS = frozenset({OpKind.ALLREDUCE, OpKind.ALLGATHER, OpKind.ALLGATHER_INTO_TENSOR,
+                            OpKind.REDUCE_SCATTER, OpKind.REDUCE_SCATTER_TENSOR, OpKind.ALLTOALL,
+                            OpKind.ALLTOALL_SINGLE, OpKind.BARRIER, OpKind.MEMBERSHIP})
 
 
 def default_host() -> str:
@@ -62,6 +66,10 @@ class GroupRuntime:
         self._poison: str | None = None
         self._destroyed = False
         self._dirty = False  # a failure or a foreign view decision awaits the next op boundary
+        self._local_ready = 0  # bitmask: joiners whose JOIN we got and whom we linked back to
+        self._joiner_inc: dict[int, int] = {}  # joiner slot -> incarnation that asked to join
+        self.agreed_ready = 0  # bitmask every active member agreed on (see _agree_ready)
+        self._joining = False
         self._link_locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
         self.views = ViewKeeper(self.plane, rank, View.initial(self.slots, range(world_size)),
@@ -75,6 +83,8 @@ class GroupRuntime:
             on_connected=self._on_connected, incarnation=self.incarnation)
         host, port = self.transport.endpoint
         self.plane.publish_endpoint(rank, host, port, self.incarnation)
+        if not options.is_extension:
+            self.plane.store.set("founders", str(world_size))
         self._mirror_mask()
         self._threads = [threading.Thread(target=self._liveness_loop, daemon=True,
                                           name=f"elasticpg-liveness-r{rank}")]
@@ -99,6 +109,9 @@ class GroupRuntime:
         elif header.type == MsgType.VIEW:
             if header.epoch > self.view.epoch:
                 self._dirty = True
+        elif header.type == MsgType.JOIN:
+            threading.Thread(target=self._link_back, args=(header.src, header.epoch),
+                             daemon=True, name=f"elasticpg-linkback-r{self.rank}").start()
         elif header.type == MsgType.ABORT:
             reason = bytes(payload.numpy()).decode(errors="replace")
             self._poison = self._poison or reason
@@ -114,7 +127,9 @@ class GroupRuntime:
         """Record that `peer` is gone; membership reacts at the next operation boundary."""
         if self._destroyed or self.mailbox.is_failed(peer):
             return
+        self._local_ready &= ~(1 << peer)
         self.transport.drop(peer)
+        self.transport.drop_incoming(peer)
         self.mailbox.fail_peer(peer, reason)
         if self.view.is_active(peer):
             self._dirty = True
@@ -155,6 +170,35 @@ class GroupRuntime:
             for peer in self.transport.silent(bound):
                 self.fail_peer(peer, f"no heartbeat for more than {bound:.2f}s (hung?)")
 
+    # ---- joiners (healthy side) ------------------------------------------------------------------
+    def _link_back(self, joiner: int, incarnation: int) -> None:
+        """A joiner announced itself: open our link to its new incarnation, then count it ready."""
+        if self.view.is_active(joiner) and joiner != self.rank:
+            return  # a stale JOIN; the slot is taken
+        self.transport.drop(joiner)
+        self.mailbox.revive_peer(joiner)
+        try:
+            self.ensure_link(joiner, time.monotonic() + self.timeout)
+        except (PeerFailedError, OperationTimeoutError):
+            return
+        self._joiner_inc[joiner] = incarnation
+        self._local_ready |= 1 << joiner
+
+    def _agree_ready(self, ctx: OpContext) -> None:
+        """After a collective in which every participant heard every other one, all of them
+        hold the same set of ready-mask values: their AND is the agreed readiness. That makes
+        get_peer_state return the same answer on every member at the same step."""
+        if ctx.failed or set(ctx.heard_ready) != set(ctx.peers):
+            return
+        agreed = ctx.ready
+        for m in ctx.heard_ready.values():
+            agreed &= m
+        active = sum(1 << r for r in self.view.active)
+        self.agreed_ready = agreed & ~active
+
+    def peer_state(self, ranks: list[int]) -> list[bool]:
+        return [self.view.is_active(r) or bool(self.agreed_ready >> r & 1) for r in ranks]
+
     # ---- views ----------------------------------------------------------------------------------
     def _view_applied(self, old: View, new: View) -> None:
         for r in range(self.slots):
@@ -163,6 +207,8 @@ class GroupRuntime:
                 self.mailbox.fail_peer(r, f"deactivated in epoch {new.epoch}")
             elif now and not was and r != self.rank:
                 self.mailbox.revive_peer(r)
+                self._local_ready &= ~(1 << r)
+                self.agreed_ready &= ~(1 << r)
         self._mirror_mask()
 
     def _announce_view(self, view: View) -> None:
@@ -273,7 +319,7 @@ class GroupRuntime:
         seq = self._seq
         self._seq += 1
         return OpContext(self, self.rank, self.participants(), seq, self.view.epoch, spec,
-                         time.monotonic() + self.timeout)
+                         time.monotonic() + self.timeout, ready=self._local_ready)
 
     def finish_op(self, ctx: OpContext) -> None:
         self.mailbox.forget_seq(ctx.seq)
@@ -284,6 +330,8 @@ class GroupRuntime:
             body(ctx)
             if self._poison is not None:  # a peer reported a mismatch while we ran
                 raise CollectiveMismatchError(self._poison)
+            if spec.kind in AGREEING_KINDS:
+                self._agree_ready(ctx)
             if ctx.failed and self.auto_deactivate and self.auto_sync:
                 # mode (a): the failed operation returns only once the hole is in the view
                 self.views.exclude(ctx.failed, self._seq)
@@ -331,6 +379,92 @@ class GroupRuntime:
 
         self.views.decide(make)
         return self.view
+
+    def activate(self, ranks: list[int]) -> tuple[View, list[int], list[int]]:
+        """Collective: admit the agreed-ready ones of `ranks`. Returns (view, admitted, dropped).
+
+        The MEMBERSHIP exchange itself refreshes the agreed readiness, so members that polled
+        get_peer_state on different steps still admit the same set, at the same sequence number.
+        """
+        agreed = self.agree_on_ranks(ranks, kind_code=1)
+        todo = sorted(r for r in agreed if not self.view.is_active(r))
+        admit = [r for r in todo if self.agreed_ready >> r & 1]
+        dropped = [r for r in todo if r not in admit]
+        if not admit:
+            return self.view, [], dropped
+        start = self._seq
+        incs = {r: self._joiner_inc.get(r, 0) for r in admit}
+
+        def make(base: View) -> View | None:
+            new, _ = base.after_activation([r for r in admit if not base.is_active(r)],
+                                           set(admit), start)
+            return new
+
+        self.views.decide(make)
+        admitted = [r for r in admit if self.view.is_active(r)]
+        for r in admitted:
+            self.plane.store.set(f"joined/{r}/{incs[r]}", str(self.view.epoch))
+        return self.view, admitted, dropped
+
+    def join(self, timeout: float | None = None) -> View:
+        """Joiner side of deferred join: quiesce, declare ready, block until activated."""
+        if self._destroyed:
+            raise GroupStateError(f"group {self.group_id!r} was destroyed")
+        if self._joining:
+            raise GroupStateError("join_group is already in progress for this group")
+        if self.mode == ExecMode.NORMAL and self.view.is_active(self.rank):
+            raise GroupStateError(f"rank {self.rank} is already active in group "
+                                  f"{self.group_id!r}; join_group is for extension ranks and "
+                                  f"deactivated ranks")
+        bound = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        self._joining, previous = True, self.mode
+        self.mode = ExecMode.QUIESCING
+        try:
+            base = self._live_view(deadline)
+            with self.views.lock:
+                self.views.applied = base
+            for peer in base.active:
+                try:
+                    self.ensure_link(peer, deadline)
+                    self.transport.send(peer, Header(MsgType.JOIN, self.rank, 0,
+                                                     epoch=self.incarnation))
+                except (PeerFailedError, OperationTimeoutError, OSError):
+                    pass  # a dead member will be excluded by the others
+            key = f"joined/{self.rank}/{self.incarnation}"
+            epoch = int(self.plane._wait(key, max(deadline - time.monotonic(), 0.001)))
+            view = self.plane.view(epoch)
+            with self.views.lock:
+                self.views._apply(view)
+            self._seq = view.start_seq
+            self.mode = ExecMode.NORMAL
+            self.views.catch_up()
+            return self.view
+        except BaseException:
+            self.mode = previous
+            raise
+        finally:
+            self._joining = False
+
+    def _live_view(self, deadline: float) -> View:
+        """The latest decided view, waiting (bounded) until our slot is free in it."""
+        founders = int(self.plane._wait("founders", max(deadline - time.monotonic(), 0.001)))
+        while True:
+            latest = self.plane.latest_epoch()
+            view = (self.plane.view(latest) if latest else
+                    View.initial(self.slots, range(founders)))
+            if not view.is_active(self.rank):
+                return view
+            # the previous process in this slot is not excluded yet: wait for the next decision
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OperationTimeoutError(
+                    f"slot {self.rank} is still active in the live group (epoch {view.epoch}); "
+                    f"its previous process must be excluded before a replacement can join")
+            try:
+                self.plane.view(latest + 1, timeout=left)
+            except OperationTimeoutError:
+                pass
 
     def sync_after_failure(self) -> tuple[str, View]:
         """Report failures seen here, wait for the decision, apply the latest view."""

@@ -75,11 +75,9 @@ class Mailbox:
             p.on_done(None, PeerFailedError([rank], reason))
 
     def revive_peer(self, rank: int) -> None:
-        """A new incarnation of `rank` connected: forget the old one's failure and leftovers."""
+        """`rank` is (again) a live member: forget its earlier failure."""
         with self._cv:
             self._failed.pop(rank, None)
-            for key in [k for k in self._coll if k[0] == rank]:
-                del self._coll[key]
 
     def abort(self, seq: int, reason: str) -> None:
         with self._cv:

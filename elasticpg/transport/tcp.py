@@ -307,6 +307,16 @@ class TcpTransport:
                 pass
             sock.close()
 
+    def drop_incoming(self, peer: int) -> None:
+        """Stop listening to `peer` (declared failed): its reader thread ends quietly."""
+        with self._lock:
+            sock = self._in.pop(peer, None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self, goodbye: bool = False) -> None:
         with self._lock:
             if self._closing:

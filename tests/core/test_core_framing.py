@@ -14,7 +14,7 @@ from elasticpg.core.framing import HEADER_SIZE, MAGIC, FramingError, Header, Msg
 FAST = settings(max_examples=100, deadline=None)
 
 # Field order of the header after the 2-byte magic, with its struct code.
-_LAYOUT = "<HBBBBiIQIQiqQ"
+_LAYOUT = "<HBBBBiIQIQiqQQ"
 
 
 def _ints(code: str) -> st.SearchStrategy[int]:
@@ -38,21 +38,23 @@ headers = st.builds(
     numel=_ints("Q"),
     root=_ints("i"),
     tag=_ints("q"),
+    ready=_ints("Q"),
 )
 
 
 def _raw(**fields: int) -> bytes:
     """A header built field by field with struct directly (independent of Header.pack)."""
     vals = dict(magic=MAGIC, type=int(MsgType.COLL), kind=int(OpKind.ALLREDUCE), dtype=0,
-                redop=0, src=0, epoch=0, seq=0, step=0, numel=0, root=-1, tag=0, nbytes=0)
+                redop=0, src=0, epoch=0, seq=0, step=0, numel=0, root=-1, tag=0, nbytes=0,
+                ready=0)
     vals.update(fields)
     order = ["magic", "type", "kind", "dtype", "redop", "src", "epoch", "seq", "step", "numel",
-             "root", "tag", "nbytes"]
+             "root", "tag", "nbytes", "ready"]
     return struct.pack(_LAYOUT, *(vals[k] for k in order))
 
 
 def test_header_size_is_fixed_wire_layout():
-    assert HEADER_SIZE == 54
+    assert HEADER_SIZE == 62
     assert HEADER_SIZE == struct.calcsize(_LAYOUT)
 
 
