@@ -108,3 +108,220 @@ def test_scenario3_deferred_join_of_a_replacement(pool):
         assert v["status"] == "Applied" and v["epoch"] == 2, v
         assert v["after"] == 6.0 and v["mask_after"] == [1, 1, 1, 1], v
         assert v["seen_at"] >= j["join_called"], (v, j)
+
+
+def _admit_when_ready(joiner: int, group=None, steps: int = 4000) -> str:
+    """Serve (one all_reduce per step) until the joiner is agreed ready, then admit it."""
+    for _ in range(steps):
+        _sum(1.0, group)
+        if elasticpg.get_peer_state(group, [joiner]) == [True]:
+            return elasticpg.recover_ranks(group, [joiner]).status.value
+    raise AssertionError("joiner never became ready")
+
+
+def job_scenario4(rank: int, world: int, port: int) -> dict:
+    """Scale-up: 3 ranks with max_group_size=4; a 4th joins as an extension."""
+    n = 2
+    if rank == 3:
+        _init(3, 4, port, is_extension=True, max_group_size=4)
+        out = {"world": dist.get_world_size(), "isolated": _sum(3.0)}
+        flat = torch.full((4 * n,), -1.0)
+        dist.all_gather_into_tensor(flat, torch.full((n,), 3.0))
+        out["isolated_gather"] = flat.tolist()
+        elasticpg.join_group()
+    else:
+        _init(rank, 3, port, max_group_size=4)
+        out = {"world": dist.get_world_size(), "before": _sum(float(rank))}
+        out["status"] = _admit_when_ready(3)
+    out["sum"] = _sum(float(rank))
+    out["mask"] = elasticpg.get_active_ranks().tolist()
+    flat = torch.zeros(4 * n)
+    dist.all_gather_into_tensor(flat, torch.full((n,), float(rank)))
+    out["gather"] = flat.tolist()
+    mine = torch.zeros(n)
+    dist.reduce_scatter_tensor(mine, torch.arange(4 * n, dtype=torch.float32) * (rank + 1))
+    out["rs"] = mine.tolist()
+    return out
+
+
+def test_scenario4_scale_up_into_reserved_slot(pool):
+    res = pool.run(job_scenario4, world=4, timeout=90)
+    assert res[3]["world"] == 4 and res[3]["isolated"] == 3.0
+    assert res[3]["isolated_gather"] == [-1.0] * 6 + [3.0, 3.0]
+    for r in range(3):
+        assert res[r]["world"] == 3 and res[r]["before"] == 3.0
+        assert res[r]["status"] == "Applied"
+    for r in range(4):
+        v = res[r]
+        assert v["sum"] == 6.0 and v["mask"] == [1, 1, 1, 1], v
+        assert v["gather"] == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0], v
+        # chunk r of sum over k of arange(8)*(k+1) = arange(8)*10
+        assert v["rs"] == [float(10 * (2 * r)), float(10 * (2 * r + 1))], v
+
+
+def job_leave_and_rejoin(rank: int, world: int, port: int) -> dict:
+    """Graceful leave of rank 3; rank 2 deactivated and rejoining in place; P2P across it."""
+    _init(rank, 4, port)
+    out = {}
+    # P2P before any change: 0 -> 2
+    if rank in (0, 2):
+        x = torch.tensor([7.0]) if rank == 0 else torch.zeros(1)
+        (dist.send if rank == 0 else dist.recv)(x, 2 - rank)
+        out["p2p_before"] = x.item()
+    # graceful leave: everyone agrees rank 3 goes; it destroys its group and exits cleanly
+    res = elasticpg.deactivate_ranks(None, [3])
+    if rank == 3:
+        out["leave_status"] = res.status.value
+        try:
+            _sum(3.0)
+        except elasticpg.GroupStateError:
+            out["after_leave"] = "GroupStateError"
+        dist.destroy_process_group()
+        return out
+    out["after_leave"] = _sum(float(rank))  # 0+1+2
+    # planned removal of live rank 2, then in-place rejoin
+    elasticpg.deactivate_ranks(None, [2])
+    if rank == 2:
+        try:
+            _sum(2.0)
+        except elasticpg.GroupStateError:
+            out["while_out"] = "GroupStateError"
+        out["rejoin_epoch"] = elasticpg.join_group()
+    else:
+        out["while_out"] = _sum(float(rank))  # 0+1
+        out["status"] = _admit_when_ready(2)
+    out["after_rejoin"] = _sum(float(rank))  # 0+1+2
+    out["mask"] = elasticpg.get_active_ranks().tolist()
+    # P2P after the recovery, both directions
+    if rank in (0, 2):
+        peer = 2 - rank
+        got = torch.zeros(1)
+        reqs = [dist.isend(torch.tensor([float(rank + 10)]), peer), dist.irecv(got, peer)]
+        for w in reqs:
+            w.wait()
+        out["p2p_after"] = got.item()
+    return out
+
+
+def test_scenario5_graceful_leave_in_place_rejoin_and_p2p(pool):
+    res = pool.run(job_leave_and_rejoin, world=4, timeout=90)
+    assert res[3] == {"leave_status": "Applied", "after_leave": "GroupStateError"}
+    assert res[0]["p2p_before"] == res[2]["p2p_before"] == 7.0
+    for r in (0, 1, 2):
+        v = res[r]
+        assert v["after_leave"] == 3.0, v
+        assert v["after_rejoin"] == 3.0 and v["mask"] == [1, 1, 1, 0], v
+    assert res[0]["while_out"] == res[1]["while_out"] == 1.0
+    assert res[2]["while_out"] == "GroupStateError"
+    assert res[0]["status"] == res[1]["status"] == "Applied"
+    assert res[0]["p2p_after"] == 12.0 and res[2]["p2p_after"] == 10.0
+
+
+def job_subgroups_recovered_in_order(rank: int, world: int, port: int) -> dict:
+    """Rank 1 dies; its replacement recreates WORLD and two subgroups in creation order, in
+    isolation, then joins them in that order while the survivors recover each."""
+    if rank == REPLACEMENT:
+        store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=30))
+        store.wait(["survivors-excluded"], timedelta(seconds=30))
+        ext = elasticpg.Options(is_extension=True, failure_timeout=1.0)
+        dist.init_process_group("elasticpg", store=store, rank=1, world_size=4,
+                                timeout=timedelta(seconds=30), pg_options=ext)
+        a = dist.new_group([0, 1, 2], backend="elasticpg", pg_options=ext)
+        b = dist.new_group([1, 3], backend="elasticpg", pg_options=ext)
+        out = {"isolated": [_sum(1.0), _sum(1.0, a), _sum(1.0, b)]}
+        for g in (None, a, b):
+            elasticpg.join_group(g)
+        out["after"] = [_sum(1.0), _sum(1.0, a), _sum(1.0, b)]
+        return out
+    store = _init(rank, 4, port)
+    opts = elasticpg.Options(failure_timeout=1.0)
+    a = dist.new_group([0, 1, 2], backend="elasticpg", pg_options=opts)
+    b = dist.new_group([1, 3], backend="elasticpg", pg_options=opts)
+    if rank == 1:
+        os._exit(0)
+    out = {"world_first": _sum(float(rank))}
+    if rank in (0, 2):
+        out["a_first"] = _sum(float(rank), a)
+    if rank == 3:
+        out["b_first"] = _sum(float(rank), b)
+    count = store.add("excluded", 1)
+    if count == 3:
+        store.set("survivors-excluded", "1")
+    out["world_status"] = _admit_when_ready(1)
+    # membership calls name group ranks: global rank 1 is rank 1 of a, but rank 0 of b
+    if rank in (0, 2):
+        out["a_status"] = _admit_when_ready(dist.get_group_rank(a, 1), a)
+    if rank == 3:
+        out["b_status"] = _admit_when_ready(dist.get_group_rank(b, 1), b)
+    out["after"] = [_sum(float(rank))]
+    if rank in (0, 2):
+        out["after"].append(_sum(float(rank), a))
+    if rank == 3:
+        out["after"].append(_sum(float(rank), b))
+    return out
+
+
+def test_scenario5_subgroups_extended_and_recovered_in_creation_order(pool):
+    res = pool.run_raw(job_subgroups_recovered_in_order, world=5, timeout=120)
+    assert res[1].status == "dead"
+    bad = [(r, x.value) for r, x in enumerate(res) if r != 1 and x.status != "ok"]
+    assert not bad, bad
+    assert res[REPLACEMENT].value == {"isolated": [1.0, 1.0, 1.0], "after": [6.0, 3.0, 4.0]}
+    assert res[0].value["a_first"] == res[2].value["a_first"] == 2.0
+    assert res[3].value["b_first"] == 3.0
+    assert res[0].value["after"] == res[2].value["after"] == [6.0, 3.0]
+    assert res[3].value["after"] == [6.0, 4.0]
+    for r in (0, 2, 3):
+        assert res[r].value["world_status"] == "Applied"
+
+
+def job_membership_bad_input(rank: int, world: int, port: int) -> dict:
+    _init(rank, 3, port, max_group_size=4)
+    out = {}
+
+    def err(fn) -> str:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            return type(exc).__name__
+        return "ok"
+
+    # slot 3 never registered: collectively rejected, nobody admitted
+    res = elasticpg.recover_ranks(None, [3])
+    out["never_registered"] = (res.status.value, res.dropped_ranks, bool(res.reject_reason))
+    out["out_of_range"] = err(lambda: elasticpg.recover_ranks(None, [9]))
+    out["join_active"] = err(lambda: elasticpg.join_group())
+    out["join_timeout_arg"] = err(lambda: elasticpg.join_group(timeout=0.5))
+    out["peer_state"] = elasticpg.get_peer_state(None, [0, 3])
+    out["synced"] = elasticpg.get_num_synced_ranks()
+    out["extend_too_far"] = err(lambda: elasticpg.extend_group_size_to(None, 5))
+    out["sum"] = _sum(float(rank))  # the live group is unharmed
+    out["epoch"] = elasticpg.get_current_epoch()
+    return out
+
+
+def test_membership_bad_input_is_rejected_and_harmless(pool):
+    for v in pool.run(job_membership_bad_input, world=3):
+        assert v["never_registered"] == ("Rejected", [3], True), v
+        assert v["out_of_range"] == "ValueError", v
+        assert v["join_active"] == "GroupStateError", v
+        assert v["join_timeout_arg"] == "GroupStateError", v
+        assert v["peer_state"] == [True, False], v
+        assert v["synced"] == 3, v
+        assert v["extend_too_far"] == "ValueError", v
+        assert v["sum"] == 3.0 and v["epoch"] == 0, v
+
+
+def job_extension_rank_out_of_slots(rank: int, world: int, port: int) -> str:
+    store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=10))
+    try:
+        dist.init_process_group("elasticpg", store=store, rank=4, world_size=4,
+                                pg_options=elasticpg.Options(is_extension=True))
+    except ValueError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_extension_rank_beyond_max_group_size_is_rejected(pool):
+    (msg,) = pool.run(job_extension_rank_out_of_slots, world=1)
+    assert "slots" in msg or "rank" in msg, msg

@@ -1,0 +1,1 @@
+"""Compatibility layers that expose elasticpg under other libraries' Python names."""
