@@ -66,7 +66,7 @@ def get_failed_ranks_hint(work: object, size: int | None = None) -> torch.Tensor
         w.wait()
     except Exception:
         pass
-    n = size if size is not None else max([*w.failed_ranks, -1]) + 1
+    n = size if size is not None else max(w.group_slots, max([*w.failed_ranks, -1]) + 1)
     mask = torch.zeros(n, dtype=torch.int32)
     for r in w.failed_ranks:
         if r < n:

@@ -49,6 +49,13 @@ class Options:
                                  f"{self.max_group_size or world_size} slots")
         if self.timeout is not None and self.timeout_seconds() <= 0:
             raise ValueError("timeout must be positive")
+        for name in ("failure_timeout", "heartbeat_interval"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if (self.max_group_size or world_size) > 64:
+            raise ValueError("elasticpg groups have at most 64 slots (readiness travels as a "
+                             "64-bit mask in every frame header)")
 
     def timeout_seconds(self) -> float | None:
         if self.timeout is None:

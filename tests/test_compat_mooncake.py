@@ -50,7 +50,7 @@ def job_alias_collectives_and_hole(rank: int, world: int, port: int) -> dict:
 
     active_ranks = torch.zeros(world, dtype=torch.int32)  # caller-owned: the backend fills it
     options = pg.MooncakeBackendOptions(active_ranks)
-    options.failure_timeout = 1.0
+    options.failure_timeout = 5.0
     _init(rank, world, _connect(port), options)
     backend = _backend()
     out = {"name": dist.get_backend(), "mirror0": active_ranks.tolist(),
@@ -114,7 +114,7 @@ def job_deferred_join(rank: int, world: int, port: int) -> dict:
     store = _connect(port)
     if rank == REPLACEMENT:
         store.wait(["survivors-ready"], timedelta(seconds=30))
-        options = pg.MooncakeBackendOptions(4, is_extension=True, failure_timeout=1.0)
+        options = pg.MooncakeBackendOptions(4, is_extension=True, failure_timeout=5.0)
         _init(1, 4, store, options)
         backend = _backend()
         out = {"isolated": _sum(2), "world": dist.get_world_size(),
@@ -128,7 +128,7 @@ def job_deferred_join(rank: int, world: int, port: int) -> dict:
         return out
     # the four founders: the 4-argument integer form, default failure handling spelled out
     options = pg.MooncakeBackendOptions(4, False, True, True)
-    options.failure_timeout = 1.0
+    options.failure_timeout = 5.0
     _init(rank, 4, store, options)
     backend = _backend()
     dist.barrier()
@@ -215,7 +215,7 @@ def job_leave_and_rejoin(rank: int, world: int, port: int) -> dict:
     compat.install_alias()
     from mooncake import pg
 
-    _init(rank, world, _connect(port), pg.MooncakeBackendOptions(world, failure_timeout=1.0))
+    _init(rank, world, _connect(port), pg.MooncakeBackendOptions(world, failure_timeout=5.0))
     backend = _backend()
     resp = pg.deactivate_ranks(backend, [3])  # collective: every active member names rank 3
     out = {"status": resp.status.name, "active": pg.get_active_ranks(backend).tolist()}

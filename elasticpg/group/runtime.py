@@ -69,6 +69,7 @@ class GroupRuntime:
         self._local_ready = 0  # bitmask: joiners whose JOIN we got and whom we linked back to
         self._joiner_inc: dict[int, int] = {}  # joiner slot -> incarnation that asked to join
         self.agreed_ready = 0  # bitmask every active member agreed on (see _agree_ready)
+        self._peek_seq = -1  # op sequence number at the last peer_state call
         self._joining = False
         self._link_locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -197,7 +198,14 @@ class GroupRuntime:
         self.agreed_ready = agreed & ~active
 
     def peer_state(self, ranks: list[int]) -> list[bool]:
-        return [self.view.is_active(r) or bool(self.agreed_ready >> r & 1) for r in ranks]
+        """Readiness as agreed at the last all-to-all collective, so that every member of a
+        serving loop (collective, poll, collective, poll...) gets the same answer at the same
+        step. A caller polling with no collective in between (a wait loop) sees its local
+        readiness instead: recover_ranks re-agrees in its own exchange, so that is safe too."""
+        idle = self._seq == self._peek_seq
+        self._peek_seq = self._seq
+        ready = self._local_ready if idle else self.agreed_ready
+        return [self.view.is_active(r) or bool(ready >> r & 1) for r in ranks]
 
     # ---- views ----------------------------------------------------------------------------------
     def _view_applied(self, old: View, new: View) -> None:

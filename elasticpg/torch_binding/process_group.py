@@ -122,7 +122,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
                     body: Callable[[OpContext], None]) -> ElasticWork:
         ctx = self.runtime.run_op(spec, body)
         staging.finish()
-        return self._track(ElasticWork.completed(outputs, failed=sorted(ctx.failed)))
+        return self._track(ElasticWork.completed(outputs, failed=sorted(ctx.failed),
+                                                 group_slots=self.runtime.slots))
 
     def _track(self, work: ElasticWork) -> ElasticWork:
         if self._coalesced is not None:
@@ -377,6 +378,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         header = Header(MsgType.P2P, self.rank(), len(payload), OpKind.SEND,
                         dtype_code(t.dtype), numel=t.numel(), tag=tag)
         work = ElasticWork([t], 0.0)
+        work.group_slots = self.runtime.slots
         try:
             self.runtime.send_frame(dstRank, header, payload, self.runtime.p2p_deadline())
         except PeerFailedError as exc:
@@ -401,6 +403,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         mailbox = self.runtime.mailbox
         work = ElasticWork([_one(tensors, "recv")], self.runtime.timeout,
                            on_timeout=lambda: mailbox.cancel_p2p(on_done))
+        work.group_slots = self.runtime.slots
         work.add_finalizer(st.finish)
 
         def on_done(frame, error) -> None:

@@ -30,11 +30,14 @@ class ElasticWork(dist._Work):
         self._finalizers: list[Callable[[], None]] = []
         self.local_success = True
         self.failed_ranks: list[int] = []
+        self.group_slots = 0  # length of the failed-ranks hint mask
         self.src = -1
 
     @classmethod
-    def completed(cls, outputs: Sequence[torch.Tensor], failed: Sequence[int] = ()) -> ElasticWork:
+    def completed(cls, outputs: Sequence[torch.Tensor], failed: Sequence[int] = (),
+                  group_slots: int = 0) -> ElasticWork:
         w = cls(outputs, 0.0)
+        w.group_slots = group_slots
         w.finish(failed=failed)
         return w
 

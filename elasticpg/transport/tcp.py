@@ -90,7 +90,8 @@ class TcpTransport:
         self._last_sent: dict[int, float] = {}  # per outgoing link: when we last wrote to it
         self._threads: list[threading.Thread] = []
         self._closing = False
-        self._listener = socket.create_server((host, 0), backlog=128)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, 0), family=family, backlog=128)
         self.endpoint = (host, self._listener.getsockname()[1])
         self._spawn(self._accept_loop, f"elasticpg-accept-r{rank}")
 
