@@ -107,7 +107,17 @@ def test_alias_collectives_and_live_mask_mirror_after_a_death(pool):
 
 # ---- deferred join of a replacement with the (max_group_size, is_extension) form ---------------
 
-def job_deferred_join(rank: int, world: int, port: int) -> dict:
+def _wait_until_ready(pg, backend, ranks: list[int], timeout: float = 30.0) -> bool:
+    """The reference's own test idiom: poll get_peer_state with no collective in between."""
+    deadline = time.monotonic() + timeout
+    while not all(pg.get_peer_state(backend, ranks)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)  # the polling interval of the user's wait loop, not synchronisation
+    return True
+
+
+def job_deferred_join(rank: int, world: int, port: int, style: str = "serving") -> dict:
     compat.install_alias()
     from mooncake import pg
 
@@ -140,6 +150,8 @@ def job_deferred_join(rank: int, world: int, port: int) -> dict:
     sums = set()
     for _ in range(5000):  # serving loop: one collective per step, poll, admit when ready
         sums.add(_sum(rank + 1))
+        if style == "wait_loop" and not _wait_until_ready(pg, backend, [1]):
+            raise AssertionError("replacement never seen ready")
         if pg.get_peer_state(backend, [1]) == [True]:
             resp = pg.recover_ranks(backend, [1])
             out["status"] = resp.status == pg.ViewUpdateStatus.Applied
@@ -153,8 +165,9 @@ def job_deferred_join(rank: int, world: int, port: int) -> dict:
     return out
 
 
-def test_deferred_join_of_a_replacement_through_the_alias(pool):
-    res = pool.run_raw(job_deferred_join, world=5, timeout=60)
+@pytest.mark.parametrize("style", ["serving", "wait_loop"])
+def test_deferred_join_of_a_replacement_through_the_alias(pool, style):
+    res = pool.run_raw(job_deferred_join, style, world=5, timeout=60)
     assert res[1].status == "dead"
     bad = [(r, x.value) for r, x in enumerate(res) if r != 1 and x.status != "ok"]
     assert not bad, bad

@@ -453,6 +453,9 @@ def analyse_trial(scenario: str, n: int, victim: int, ts_info: dict[str, Any] | 
             "killed_pid": res.get("killed_pid"),
             "ok_with_partial_sum": bool(op["ok"] and op["value"] == partial),
             "started_after_failure": op["start"] > ts}
+        warm = next((x for x in recs if x["tag"] == "big_warmup"), None)
+        if warm is not None:
+            trial["per_rank"][r]["big_warmup_op_s"] = warm["dur"]
         big = next((x for x in recs if x["tag"] == "big"), None)
         if big is not None:
             trial["per_rank"][r]["big_op_s"] = big["dur"]
@@ -497,6 +500,7 @@ def analyse_trial(scenario: str, n: int, victim: int, ts_info: dict[str, Any] | 
     trial["results_disagree"] = len(idx) == 1 and len(vals) > 1
     per = trial["per_rank"].values()
     trial["resume_s"] = max(v["resume_s"] for v in per)
+    trial["resume_spread_s"] = trial["resume_s"] - min(v["resume_s"] for v in per)
     steadies = [v["steady_op_s"] for v in per if v["steady_op_s"] is not None]
     trial["steady_op_s"] = max(steadies) if steadies else None
     return trial
@@ -531,12 +535,15 @@ def summarize(scenario: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
         "ok_with_partial_sum_started_after": sum(1 for v in per if v["ok_with_partial_sum"]
                                                  and v["started_after_failure"]),
         "results_disagree": sum(1 for t in ok if t.get("results_disagree")),
+        "max_spread_ms": max(t["resume_spread_s"] for t in ok) * 1e3 if ok else None,
         "failed_ops": len(per),
     }
     if scenario == "die_in_op":
         s["died_inside_op"] = sum(1 for t in ok if t.get("victim_op_returned") is False)
         s["survivor_ops_cut"] = sum(1 for v in per if v["die_inside_op"])
         s["survivor_ops"] = len(per)
+        warm = [max(v["big_warmup_op_s"] for v in t["per_rank"].values()) for t in ok]
+        s["big_op_ms"] = statistics.median(warm) * 1e3 if warm else None
     return s
 
 
@@ -573,6 +580,11 @@ def notes_text(summary: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
            f"resume = survivors' failed all_reduce returned - victim's failure timestamp, "
            f"max over survivors, median/max over {meta['trials']} trials; steady op = median "
            f"latency of a {meta['small_bytes']} B all_reduce before the failure"]
+    spreads = ", ".join(f"{s['scenario']} {s['max_spread_ms']:.1f} ms" for s in summary
+                        if s["max_spread_ms"] is not None)
+    if spreads:
+        out.append(f"largest gap between the first and the last survivor to resume in one "
+                   f"trial: {spreads}")
     for s in summary:
         if s["ok_with_partial_sum"]:
             out.append(f"{s['scenario']}: {s['ok_with_partial_sum']}/{s['failed_ops']} failed "
@@ -585,6 +597,11 @@ def notes_text(summary: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
                        f"survivors' results of the failed op differ (the victim's contribution "
                        f"arrived whole at some survivors only; allowed by SPEC section 4)")
         if s["scenario"] == "die_in_op":
+            if s["big_op_ms"] is not None:
+                out.append(f"die_in_op: the {meta['big_mb']:g} MiB all_reduce takes "
+                           f"{s['big_op_ms']:.0f} ms without a failure (warm-up call, max over "
+                           f"survivors, median over trials); its resume time includes finishing "
+                           f"the transfers among the survivors")
             out.append(f"die_in_op: the victim died inside its {meta['big_mb']:g} MiB all_reduce "
                        f"in {s['died_inside_op']}/{s['measured']} trials; the survivors' large "
                        f"op was the failed one in {s['survivor_ops_cut']}/{s['survivor_ops']} "
