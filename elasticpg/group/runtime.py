@@ -110,6 +110,11 @@ class GroupRuntime:
         elif header.type == MsgType.VIEW:
             if header.epoch > self.view.epoch:
                 self._dirty = True
+                # the frame carries the decided active mask: release at once any wait on a
+                # peer that decision excluded, instead of waiting for our own detector
+                for r in self.view.active:
+                    if r != self.rank and not header.ready >> r & 1:
+                        self.mailbox.fail_peer(r, f"excluded in epoch {header.epoch}")
         elif header.type == MsgType.JOIN:
             threading.Thread(target=self._link_back, args=(header.src, header.epoch),
                              daemon=True, name=f"elasticpg-linkback-r{self.rank}").start()
@@ -224,7 +229,8 @@ class GroupRuntime:
             if peer != self.rank and self.transport.connected(peer):
                 try:
                     self.transport.send(peer, Header(MsgType.VIEW, self.rank, 0,
-                                                     epoch=view.epoch))
+                                                     epoch=view.epoch,
+                                                     ready=sum(1 << r for r in view.active)))
                 except OSError:
                     pass
 
