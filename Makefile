@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - set up .venv and run the main example
+#   make demo   - set up .venv and run the elastic serving demo (crash, isolated warm-up, join)
 #   make test   - set up .venv and run lint + the whole test suite
 PY ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/elastic_demo.py
 
 lint: setup
 	$(BIN)/ruff check elasticpg tests examples

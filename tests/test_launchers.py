@@ -27,7 +27,7 @@ def _check_output(out: str, world: int) -> None:
 
 
 def _run(cmd: list[str], env: dict | None = None) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -59,3 +59,11 @@ def job_reinit(rank: int, world: int, port: int) -> list[float]:
 
 def test_destroy_and_reinit_in_same_process(pool):
     assert pool.run(job_reinit, world=3) == [[3.0, 6.0, 9.0]] * 3
+
+
+def test_elastic_demo_runs_to_completion():
+    """`make demo`'s program: a SIGKILLed rank, survivors serving on, a replacement joining."""
+    out = _run([sys.executable, str(ROOT / "examples" / "elastic_demo.py")])
+    assert "failed inside this all_reduce" in out, out
+    assert "recover_ranks: Applied" in out, out
+    assert "demo finished" in out, out
