@@ -326,20 +326,32 @@ class GroupRuntime:
     def participants(self) -> tuple[int, ...]:
         return (self.rank,) if self.mode == ExecMode.ISOLATED else self.view.active
 
-    def new_op(self, spec: OpSpec) -> OpContext:
+    def prepare(self) -> tuple[int, ...]:
+        """Bring membership up to date at this operation boundary; return who takes part.
+
+        The binding lays out list/flat buffers by these participants, so the operation must then
+        run over exactly them: pass them to run_op (views change only on this thread)."""
         if self._dirty and self.mode == ExecMode.NORMAL:
             self._settle()
         self.check_usable()
+        return self.participants()
+
+    def new_op(self, spec: OpSpec, participants: tuple[int, ...] | None = None) -> OpContext:
+        if participants is None:
+            participants = self.prepare()
+        else:
+            self.check_usable()
         seq = self._seq
         self._seq += 1
-        return OpContext(self, self.rank, self.participants(), seq, self.view.epoch, spec,
+        return OpContext(self, self.rank, participants, seq, self.view.epoch, spec,
                          time.monotonic() + self.timeout, ready=self._local_ready)
 
     def finish_op(self, ctx: OpContext) -> None:
         self.mailbox.forget_seq(ctx.seq)
 
-    def run_op(self, spec: OpSpec, body: Callable[[OpContext], None]) -> OpContext:
-        ctx = self.new_op(spec)
+    def run_op(self, spec: OpSpec, body: Callable[[OpContext], None],
+               participants: tuple[int, ...] | None = None) -> OpContext:
+        ctx = self.new_op(spec, participants)
         try:
             body(ctx)
             if self._poison is not None:  # a peer reported a mismatch while we ran

@@ -119,8 +119,11 @@ class ElasticProcessGroup(dist.ProcessGroup):
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _collective(self, spec: OpSpec, staging: _Staging, outputs: Sequence[torch.Tensor],
-                    body: Callable[[OpContext], None]) -> ElasticWork:
-        ctx = self.runtime.run_op(spec, body)
+                    body: Callable[[OpContext], None],
+                    parts: tuple[int, ...] | None = None) -> ElasticWork:
+        """Run `body` as one collective over `parts` (the participants the caller laid its
+        buffers out for; None: whoever is active when it starts)."""
+        ctx = self.runtime.run_op(spec, body, parts)
         staging.finish()
         return self._track(ElasticWork.completed(outputs, failed=sorted(ctx.failed),
                                                  group_slots=self.runtime.slots))
@@ -130,9 +133,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
             self._coalesced.append(work)
         return work
 
-    def _slots_for(self, n: int, what: str) -> list[int]:
+    def _slots_for(self, n: int, what: str, parts: tuple[int, ...]) -> list[int]:
         """Map participant i to an index into a list of length n (slot- or active-indexed)."""
-        parts = self.runtime.participants()
         if n == self.runtime.slots or (self.runtime.mode == ExecMode.ISOLATED
                                       and n == self.size()):
             return list(parts)
@@ -141,9 +143,9 @@ class ElasticProcessGroup(dist.ProcessGroup):
         raise ValueError(f"{what}: list has {n} entries; expected one per slot "
                          f"({self.runtime.slots}) or per active rank ({len(parts)})")
 
-    def _chunks_for(self, numel: int, chunk: int, what: str) -> tuple[int, list[int]]:
+    def _chunks_for(self, numel: int, chunk: int, what: str,
+                    parts: tuple[int, ...]) -> tuple[int, list[int]]:
         """For a flat buffer of `numel` = k * chunk: (k, participant i -> chunk index)."""
-        parts = self.runtime.participants()
         for k in (len(parts), self.runtime.slots, self.size()):
             if numel == k * chunk:
                 slot_indexed = k != len(parts)
@@ -157,8 +159,11 @@ class ElasticProcessGroup(dist.ProcessGroup):
         check_supported(op, dtype)
         return op
 
-    def _root(self, root: int) -> int:
-        if not self.runtime.view.is_active(root) and root not in self.runtime.participants():
+    def _root(self, root: int, parts: tuple[int, ...]) -> int:
+        """The root among `parts`; an isolated rank is its own root (it runs over {self})."""
+        if self.runtime.mode == ExecMode.ISOLATED:
+            return self.rank()
+        if root not in parts:
             raise ValueError(f"root rank {root} is not an active member of this group")
         return root
 
@@ -181,24 +186,20 @@ class ElasticProcessGroup(dist.ProcessGroup):
         opts = opts if opts is not None else dist.BroadcastOptions()
         st = _Staging()
         t = st.host(_one(tensors, "broadcast"), "tensor", output=True)
-        root = self._root(opts.rootRank)
+        parts = self.runtime.prepare()
+        root = self._root(opts.rootRank, parts)
         spec = OpSpec(OpKind.BROADCAST, dtype_code(t.dtype), t.numel(), root)
-        if self.runtime.mode == ExecMode.ISOLATED:
-            spec = OpSpec(OpKind.BROADCAST, dtype_code(t.dtype), t.numel(), self.rank())
-            root = self.rank()
-        return self._collective(spec, st, [t], lambda ctx: alg.broadcast(ctx, t, root))
+        return self._collective(spec, st, [t], lambda ctx: alg.broadcast(ctx, t, root), parts)
 
     def reduce(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.ReduceOptions()
         st = _Staging()
         t = st.host(_one(tensors, "reduce"), "tensor", output=True)
-        root = self._isolated_root(self._root(opts.rootRank))
+        parts = self.runtime.prepare()
+        root = self._root(opts.rootRank, parts)
         op = self._redop(opts, t.dtype)
         spec = OpSpec(OpKind.REDUCE, dtype_code(t.dtype), t.numel(), root, op)
-        return self._collective(spec, st, [t], lambda ctx: alg.reduce(ctx, t, root, op))
-
-    def _isolated_root(self, root: int) -> int:
-        return self.rank() if self.runtime.mode == ExecMode.ISOLATED else root
+        return self._collective(spec, st, [t], lambda ctx: alg.reduce(ctx, t, root, op), parts)
 
     def allgather(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
         st = _Staging()
@@ -207,21 +208,23 @@ class ElasticProcessGroup(dist.ProcessGroup):
         outs = [st.host(o, f"output[{i}]", output=True) for i, o in enumerate(outs_dev)]
         for i, o in enumerate(outs):
             _same(t, o, f"all_gather output[{i}]", t.numel())
-        slot_of = self._slots_for(len(outs), "all_gather")
+        parts = self.runtime.prepare()
+        slot_of = self._slots_for(len(outs), "all_gather", parts)
         spec = OpSpec(OpKind.ALLGATHER, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [outs_dev],
-                                lambda ctx: alg.allgather(ctx, outs, t, slot_of))
+                                lambda ctx: alg.allgather(ctx, outs, t, slot_of), parts)
 
     def all_gather_single(self, output, input, opts=None) -> ElasticWork:  # noqa: A002
         st = _Staging()
         t = st.host(input, "input", output=False)
         out = st.host(output, "output", output=True)
         _same(t, out, "all_gather_into_tensor output")
-        k, slot_of = self._chunks_for(out.numel(), t.numel(), "all_gather_into_tensor")
+        parts = self.runtime.prepare()
+        k, slot_of = self._chunks_for(out.numel(), t.numel(), "all_gather_into_tensor", parts)
         outs = list(out.reshape(-1).chunk(k)) if t.numel() else [out.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.ALLGATHER_INTO_TENSOR, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [output],
-                                lambda ctx: alg.allgather(ctx, outs, t, slot_of))
+                                lambda ctx: alg.allgather(ctx, outs, t, slot_of), parts)
 
     _allgather_base = all_gather_single
 
@@ -244,10 +247,11 @@ class ElasticProcessGroup(dist.ProcessGroup):
         for i, x in enumerate(ins):
             _same(out, x, f"reduce_scatter input[{i}]", out.numel())
         op = self._redop(opts, out.dtype)
-        slot_of = self._slots_for(len(ins), "reduce_scatter")
+        parts = self.runtime.prepare()
+        slot_of = self._slots_for(len(ins), "reduce_scatter", parts)
         spec = OpSpec(OpKind.REDUCE_SCATTER, dtype_code(out.dtype), out.numel(), -1, op)
         return self._collective(spec, st, [out],
-                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of))
+                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of), parts)
 
     def reduce_scatter_single(self, output, input, opts=None) -> ElasticWork:  # noqa: A002
         opts = opts if opts is not None else dist.ReduceScatterOptions()
@@ -256,11 +260,12 @@ class ElasticProcessGroup(dist.ProcessGroup):
         t = st.host(input, "input", output=False)
         _same(out, t, "reduce_scatter_tensor input")
         op = self._redop(opts, out.dtype)
-        k, slot_of = self._chunks_for(t.numel(), out.numel(), "reduce_scatter_tensor")
+        parts = self.runtime.prepare()
+        k, slot_of = self._chunks_for(t.numel(), out.numel(), "reduce_scatter_tensor", parts)
         ins = list(t.reshape(-1).chunk(k)) if out.numel() else [t.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.REDUCE_SCATTER_TENSOR, dtype_code(out.dtype), out.numel(), -1, op)
         return self._collective(spec, st, [output],
-                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of))
+                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of), parts)
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -279,10 +284,11 @@ class ElasticProcessGroup(dist.ProcessGroup):
             raise ValueError("all_to_all: empty tensor lists")
         for i, x in enumerate(outs + ins):
             _same(outs[0], x, f"all_to_all tensor {i}")
-        slot_of = self._slots_for(len(outs), "all_to_all")
+        parts = self.runtime.prepare()
+        slot_of = self._slots_for(len(outs), "all_to_all", parts)
         spec = OpSpec(OpKind.ALLTOALL, dtype_code(outs[0].dtype), 0)
         return self._collective(spec, st, output_tensors,
-                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of))
+                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of), parts)
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,  # noqa: A002
                           opts=None) -> ElasticWork:
@@ -290,15 +296,16 @@ class ElasticProcessGroup(dist.ProcessGroup):
         out = st.host(output, "output", output=True)
         t = st.host(input, "input", output=False)
         _same(out, t, "all_to_all_single output")
-        n = len(self.runtime.participants())
+        parts = self.runtime.prepare()
+        n = len(parts)
         outs = self._split_rows(out, list(output_split_sizes), n, "output")
         ins = self._split_rows(t, list(input_split_sizes), n, "input")
         if len(outs) != len(ins):
             raise ValueError("all_to_all_single: output and input splits have different lengths")
-        slot_of = self._slots_for(len(outs), "all_to_all_single splits")
+        slot_of = self._slots_for(len(outs), "all_to_all_single splits", parts)
         spec = OpSpec(OpKind.ALLTOALL_SINGLE, dtype_code(t.dtype), 0)
         return self._collective(spec, st, [output],
-                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of))
+                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of), parts)
 
     alltoall_base = all_to_all_single
 
@@ -321,7 +328,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         opts = opts if opts is not None else dist.GatherOptions()
         st = _Staging()
         t = st.host(_one(input_tensors, "gather input"), "input", output=False)
-        root = self._isolated_root(self._root(opts.rootRank))
+        parts = self.runtime.prepare()
+        root = self._root(opts.rootRank, parts)
         outs: list[torch.Tensor] = []
         slot_of: list[int] = []
         if self.rank() == root:
@@ -329,18 +337,19 @@ class ElasticProcessGroup(dist.ProcessGroup):
             outs = [st.host(o, f"output[{i}]", output=True) for i, o in enumerate(outs_dev)]
             for i, o in enumerate(outs):
                 _same(t, o, f"gather output[{i}]", t.numel())
-            slot_of = self._slots_for(len(outs), "gather")
+            slot_of = self._slots_for(len(outs), "gather", parts)
         elif output_tensors and any(len(x) for x in output_tensors):
             raise ValueError("gather: only the root passes a gather_list")
         spec = OpSpec(OpKind.GATHER, dtype_code(t.dtype), t.numel(), root)
         return self._collective(spec, st, output_tensors,
-                                lambda ctx: alg.gather(ctx, outs, t, root, slot_of))
+                                lambda ctx: alg.gather(ctx, outs, t, root, slot_of), parts)
 
     def scatter(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.ScatterOptions()
         st = _Staging()
         out = st.host(_one(output_tensors, "scatter output"), "output", output=True)
-        root = self._isolated_root(self._root(opts.rootRank))
+        parts = self.runtime.prepare()
+        root = self._root(opts.rootRank, parts)
         ins: list[torch.Tensor] = []
         slot_of: list[int] = []
         if self.rank() == root:
@@ -348,12 +357,12 @@ class ElasticProcessGroup(dist.ProcessGroup):
                    for i, x in enumerate(_one(input_tensors, "scatter input lists"))]
             for i, x in enumerate(ins):
                 _same(out, x, f"scatter input[{i}]", out.numel())
-            slot_of = self._slots_for(len(ins), "scatter")
+            slot_of = self._slots_for(len(ins), "scatter", parts)
         elif input_tensors and any(len(x) for x in input_tensors):
             raise ValueError("scatter: only the root passes a scatter_list")
         spec = OpSpec(OpKind.SCATTER, dtype_code(out.dtype), out.numel(), root)
         return self._collective(spec, st, [out],
-                                lambda ctx: alg.scatter(ctx, out, ins, root, slot_of))
+                                lambda ctx: alg.scatter(ctx, out, ins, root, slot_of), parts)
 
     def barrier(self, opts=None) -> ElasticWork:
         return self._collective(OpSpec(OpKind.BARRIER), _Staging(), [], alg.barrier)
