@@ -178,8 +178,15 @@ def job_severed(rank: int, world: int, port: int) -> dict:
     dist.barrier() if outcome == "ok" else None
     # let every rank settle on the latest decided view before comparing
     elasticpg.sync_after_failure()
-    return {"outcome": outcome, "epoch": elasticpg.get_current_epoch(),
-            "mask": elasticpg.get_active_ranks().tolist()}
+    out = {"outcome": outcome, "epoch": elasticpg.get_current_epoch(),
+           "mask": elasticpg.get_active_ranks().tolist()}
+    # nobody leaves (destroying its group is a graceful leave, which would rightly produce
+    # yet another view at the slower ranks) before every rank has taken its snapshot
+    store = _store()
+    if store.add("snapshots", 1) == world:
+        store.set("all-snapshots", "1")
+    store.wait(["all-snapshots"], timedelta(seconds=30))
+    return out
 
 
 def test_severed_link_between_live_ranks_keeps_views_agreed(pool):
