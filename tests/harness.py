@@ -35,7 +35,10 @@ def _worker_main(inbox: mp.Queue, outbox: mp.Queue, slot: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # elasticpg is imported here, not at the top: importing it imports torch, which must come
+    # after OMP_NUM_THREADS is set in this freshly spawned worker
     import elasticpg  # noqa: F401  (registers the backend once per worker)
+    from elasticpg.cli.launching import reset_torch_distributed
 
     while True:
         job = inbox.get()
@@ -48,20 +51,7 @@ def _worker_main(inbox: mp.Queue, outbox: mp.Queue, slot: int) -> None:
         except BaseException:  # noqa: BLE001 - report everything to the test
             outbox.put((job_id, slot, "error", traceback.format_exc()))
         finally:
-            _reset_distributed()
-
-
-def _reset_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-    # a failed init_process_group leaves torch's group counter bumped, which would give this
-    # worker different group names (store prefixes) than its peers in the next job
-    dist.distributed_c10d._world.group_count = 0
+            reset_torch_distributed()  # the next job needs the same group names on every rank
 
 
 class RankPool:

@@ -36,18 +36,25 @@ not fight for cores. A failing rank makes the command exit non-zero and print th
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import math
 import os
-import platform
-import shlex
 import socket
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from elasticpg.cli.launching import (
+    check_output_dirs,
+    comma_choices,
+    command_line,
+    cpu_count,
+    host_meta,
+    listen_store,
+    oversubscription_note,
+)
 
 OPS = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all", "barrier")
 BACKENDS = ("elasticpg", "gloo")
@@ -495,32 +502,14 @@ def _worker(rank: int, cfg: dict[str, Any]) -> None:
 
 # ---- command line -----------------------------------------------------------------------------
 
-def _parse_ops(text: str) -> list[str]:
-    if text.strip().lower() == "all":
-        return list(OPS)
-    ops = []
-    for part in text.split(","):
-        name = part.strip().lower().replace("-", "_")
-        if not name:
-            continue
-        name = _ALIASES.get(name, name)
-        if name not in OPS:
-            raise argparse.ArgumentTypeError(
-                f"unknown op {part.strip()!r}; choose from {', '.join(OPS)} (or 'all')")
-        if name not in ops:
-            ops.append(name)
-    if not ops:
-        raise argparse.ArgumentTypeError("no ops given")
-    return ops
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="elasticpg-bench",
         description="Benchmark elasticpg against gloo side by side in one run (nccl-tests "
                     "conventions: latency, algbw, busbw; ratio = elasticpg time / gloo time).")
     p.add_argument("--ranks", "-n", type=int, default=2, help="number of ranks (default 2)")
-    p.add_argument("--ops", type=_parse_ops, default=list(OPS),
+    p.add_argument("--ops", type=comma_choices(OPS, "op", _ALIASES, allow_all=True),
+                   default=list(OPS),
                    help=f"comma-separated ops or 'all' (default): {', '.join(OPS)}")
     p.add_argument("--min-bytes", "-b", type=int, default=4, help="smallest size (default 4)")
     p.add_argument("--max-bytes", "-e", type=int, default=64 << 20,
@@ -563,47 +552,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("need 1 <= --min-iters <= --max-iters")
     if a.warmup < 0 or a.rounds < 1 or a.threads < 0:
         p.error("--warmup and --threads must be >= 0, --rounds >= 1")
-    for path in (a.json, a.markdown):
-        if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                p.error(f"directory {parent} does not exist (for {path})")
-
-
-def _command_line(argv: list[str] | None) -> str:
-    args = sys.argv[1:] if argv is None else list(argv)
-    prog = "elasticpg-bench"
-    if argv is None and os.path.basename(sys.argv[0]).endswith(".py"):
-        prog = "python -m elasticpg.cli.bench"
-    return " ".join([prog, shlex.join(args)]).strip()
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _listen_store(world: int, timeout: float) -> tuple[Any, int]:
-    """A TCPStore master in this process, listening on 127.0.0.1 at a kernel-chosen port."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(256)
-    port = sock.getsockname()[1]
-    td = timedelta(seconds=timeout)
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world, True, td, wait_for_workers=False,
-                              master_listen_fd=sock.fileno())
-        sock.detach()  # the store owns the listening socket now
-    except TypeError:  # an older torch without master_listen_fd: re-bind the same port
-        sock.close()
-        store = dist.TCPStore("127.0.0.1", port, world, True, td, wait_for_workers=False)
-    return store, port
+    check_output_dirs(p, a.json, a.markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -617,20 +566,17 @@ def main(argv: list[str] | None = None) -> int:
     # Spawned children must find _worker in an importable module, also under `python -m`.
     from elasticpg.cli import bench as this
 
-    cpus = _cpu_count()
+    cpus = cpu_count()
     threads = args.threads or max(1, cpus // args.ranks)
     sizes = size_list(args.min_bytes, args.max_bytes, args.factor)
     meta = {
-        "command": _command_line(argv), "ranks": args.ranks, "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": f"{platform.system()} {platform.machine()}", "cpus": cpus,
-        "threads_per_rank": threads, "dtype": "float32", "target_seconds": args.target_seconds,
+        "command": command_line("elasticpg-bench", "elasticpg.cli.bench", argv),
+        "ranks": args.ranks, **host_meta(cpus), "threads_per_rank": threads, "dtype": "float32",
+        "target_seconds": args.target_seconds,
         "min_iters": args.min_iters, "max_iters": args.max_iters, "warmup": args.warmup,
         "rounds": args.rounds, "ops": args.ops, "sizes": sizes,
     }
-    oversub = (f"; NOTE {args.ranks} ranks on {cpus} CPUs: oversubscribed, timings are noisy"
-               if args.ranks > cpus else "")
+    oversub = oversubscription_note(args.ranks, cpus)
     banner = (f"# elasticpg-bench: {meta['command']}\n"
               f"# {args.ranks} ranks, torch {torch.__version__}, float32, {meta['date']}, "
               f"{meta['platform']}, {cpus} CPUs, {threads} intra-op thread(s)/rank{oversub}\n"
@@ -642,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
               f"# ratio = elasticpg time / gloo time (lower is better), speedup = gloo / "
               f"elasticpg; every point is checked: elasticpg's result must equal gloo's")
 
-    store, port = _listen_store(args.ranks, args.timeout)
+    store, port = listen_store(args.ranks, args.timeout)
     cfg = {
         "ranks": args.ranks, "ops": args.ops, "sizes": sizes, "port": port,
         "target_seconds": args.target_seconds, "min_iters": args.min_iters,

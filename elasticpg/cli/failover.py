@@ -41,12 +41,9 @@ with code 2 and a message that names the ranks that did not finish.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import queue
-import shlex
 import signal
 import statistics
 import sys
@@ -56,10 +53,20 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from elasticpg.cli.bench import _cpu_count, _listen_store
+from elasticpg.cli.launching import (
+    HOST,
+    check_output_dirs,
+    comma_choices,
+    command_line,
+    cpu_count,
+    die_with_parent,
+    host_meta,
+    listen_store,
+    oversubscription_note,
+    reset_torch_distributed,
+)
 
 SCENARIOS = ("crash", "hang", "die_in_op")
-HOST = "127.0.0.1"
 _K_TS = "failover/fail_ts"
 _K_PID = "failover/victim_pid"
 _K_DONE = "failover/done/"  # + rank
@@ -75,7 +82,7 @@ class BenchTimeoutError(RuntimeError):
 
 def _worker_main(slot: int, inbox: Any, outbox: Any, parent_pid: int) -> None:
     """One rank process: import once, then run trials until told to stop (or orphaned)."""
-    _die_with_parent()
+    die_with_parent()  # a SIGSTOPped victim cannot notice that the benchmark is gone
     if os.getppid() != parent_pid:
         os._exit(3)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -103,35 +110,8 @@ def _worker_main(slot: int, inbox: Any, outbox: Any, parent_pid: int) -> None:
         except BaseException:  # noqa: BLE001 - everything goes to the parent
             outbox.put(("error", slot, job["id"], traceback.format_exc()))
         finally:
-            _reset_distributed()
+            reset_torch_distributed()  # the next trial needs the same group names
         idle_since = time.monotonic()
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the benchmark process dies, even while it is stopped
-    (a SIGSTOPped victim cannot notice by itself). Elsewhere the getppid check must do."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-    # a failed init leaves torch's group counter bumped; the next trial needs the same names
-    try:
-        dist.distributed_c10d._world.group_count = 0
-    except AttributeError:
-        pass
 
 
 class _Ops:
@@ -623,22 +603,6 @@ def markdown_text(meta: dict[str, Any], summary: list[dict[str, Any]]) -> str:
 
 # ---- command line -----------------------------------------------------------------------------
 
-def _parse_scenarios(text: str) -> list[str]:
-    out = []
-    for part in text.split(","):
-        name = part.strip().lower().replace("-", "_")
-        if not name:
-            continue
-        if name not in SCENARIOS:
-            raise argparse.ArgumentTypeError(
-                f"unknown scenario {part.strip()!r}; choose from {', '.join(SCENARIOS)}")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise argparse.ArgumentTypeError("no scenarios given")
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="elasticpg-failover",
@@ -646,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "crashes, hangs (SIGSTOP) or dies inside a large all_reduce.")
     p.add_argument("--ranks", "-n", type=int, default=4, help="number of ranks (default 4)")
     p.add_argument("--trials", type=int, default=5, help="trials per scenario (default 5)")
-    p.add_argument("--scenarios", type=_parse_scenarios, default=list(SCENARIOS),
+    p.add_argument("--scenarios", type=comma_choices(SCENARIOS, "scenario"),
+                   default=list(SCENARIOS),
                    help=f"comma-separated, default all: {','.join(SCENARIOS)}")
     p.add_argument("--victim", type=int, default=1, help="the rank that fails (default 1)")
     p.add_argument("--failure-timeout", type=float, default=None,
@@ -684,24 +649,12 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--failure-timeout must be positive")
     if a.die_delay is not None and a.die_delay < 0:
         p.error("--die-delay must be >= 0")
-    for path in (a.json, a.markdown):
-        if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                p.error(f"directory {parent} does not exist (for {path})")
-
-
-def _command_line(argv: list[str] | None) -> str:
-    args = sys.argv[1:] if argv is None else list(argv)
-    prog = "elasticpg-failover"
-    if argv is None and os.path.basename(sys.argv[0]).endswith(".py"):
-        prog = "python -m elasticpg.cli.failover"
-    return " ".join([prog, shlex.join(args)]).strip()
+    check_output_dirs(p, a.json, a.markdown)
 
 
 def _one_trial(pool: _Pool, args: argparse.Namespace, scenario: str, trial: int
                ) -> dict[str, Any]:
-    store, port = _listen_store(args.ranks, args.timeout)
+    store, port = listen_store(args.ranks, args.timeout)
     ft = args.failure_timeout
     job = {"scenario": scenario, "trial": trial, "port": port, "ranks": args.ranks,
            "victim": args.victim, "timeout": args.timeout, "failure_timeout": ft,
@@ -759,20 +712,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     t_start = time.perf_counter()
-    cpus = _cpu_count()
+    cpus = cpu_count()
     meta: dict[str, Any] = {
-        "command": _command_line(argv), "ranks": args.ranks, "victim": args.victim,
+        "command": command_line("elasticpg-failover", "elasticpg.cli.failover", argv),
+        "ranks": args.ranks, "victim": args.victim,
         "trials": args.trials, "scenarios": args.scenarios,
         "failure_timeout": args.failure_timeout, "timeout": args.timeout,
         "ops_before": args.ops_before, "ops_after": args.ops_after,
         "small_bytes": 4 * args.small_elems, "big_mb": args.big_mb,
-        "die_delay": args.die_delay, "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": f"{platform.system()} {platform.machine()}", "cpus": cpus,
+        "die_delay": args.die_delay, **host_meta(cpus),
     }
-    oversub = (f"; NOTE {args.ranks} ranks on {cpus} CPUs: oversubscribed, timings are noisy"
-               if args.ranks > cpus else "")
+    oversub = oversubscription_note(args.ranks, cpus)
     print(f"# elasticpg-failover: {meta['command']}\n"
           f"# {args.ranks} ranks (victim rank {args.victim}), {args.trials} trial(s) per "
           f"scenario, torch {torch.__version__}, {meta['date']}, {meta['platform']}, {cpus} "

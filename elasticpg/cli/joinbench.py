@@ -24,9 +24,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from .bench import _listen_store
-
-HOST = "127.0.0.1"
+from elasticpg.cli.launching import HOST, listen_store
 
 
 def _founder(rank: int, world: int, port: int, out: Any) -> None:
@@ -104,7 +102,7 @@ def _joiner(world: int, port: int, warmup: float, started: float, out: Any) -> N
 
 def _trial(world: int, warmup: float) -> dict[str, float]:
     ctx = mp.get_context("spawn")
-    store, port = _listen_store(world + 1, 120.0)
+    store, port = listen_store(world + 1, 120.0)
     out = ctx.Queue()
     procs = [ctx.Process(target=_founder, args=(r, world, port, out), daemon=True)
              for r in range(world)]
