@@ -32,6 +32,10 @@ class RankResult:
 
 def _worker_main(inbox: mp.Queue, outbox: mp.Queue, slot: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Crashes are detected by closed links at once; the silence bound only catches hangs. On a
+    # 2-core CI box running 5 ranks, a 3 s bound can mistake a starved rank for a hung one, so
+    # tests use 10 s unless they pass their own (the hang tests do).
+    os.environ.setdefault("ELASTICPG_FAILURE_TIMEOUT", "10")
     import torch
 
     torch.set_num_threads(1)

@@ -331,6 +331,8 @@ def job_subgroups(rank: int, world: int, port: int) -> list[str]:
     # subgroups have names and can be destroyed on their own; the others keep working
     if not mine.group_name or mine.group_name == dist.group.WORLD.group_name:
         bad.append(f"group names {mine.group_name!r} {dist.group.WORLD.group_name!r}")
+    # destroying a group is a graceful leave: wait until the partner is done with it too
+    dist.barrier(group=mine)
     dist.destroy_process_group(mine)
     t = torch.tensor([1.0])
     dist.all_reduce(t)

@@ -38,6 +38,22 @@ AGREEING_KINDS = frozenset({OpKind.ALLREDUCE, OpKind.ALLGATHER, OpKind.ALLGATHER
                             OpKind.ALLTOALL_SINGLE, OpKind.BARRIER, OpKind.MEMBERSHIP})
 
 
+def env_failure_timeout() -> float | None:
+    """$ELASTICPG_FAILURE_TIMEOUT (seconds): the hang-detection bound when Options gives none,
+    so that operators can tune it for a loaded machine without changing code."""
+    raw = os.environ.get("ELASTICPG_FAILURE_TIMEOUT")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"ELASTICPG_FAILURE_TIMEOUT must be a positive number of seconds, "
+                         f"got {raw!r}")
+    return value
+
+
 def default_host() -> str:
     return os.environ.get("ELASTICPG_HOST", "127.0.0.1")
 
@@ -57,8 +73,8 @@ class GroupRuntime:
         self.plane = StorePlane(store, self.timeout)
         self.mailbox = Mailbox()
         self.mode = ExecMode.ISOLATED if options.is_extension else ExecMode.NORMAL
-        self.failure_timeout = options.failure_timeout or min(self.timeout,
-                                                              DEFAULT_FAILURE_TIMEOUT)
+        self.failure_timeout = (options.failure_timeout or env_failure_timeout()
+                                or min(self.timeout, DEFAULT_FAILURE_TIMEOUT))
         self.heartbeat_interval = options.heartbeat_interval or self.failure_timeout / 6
         self.auto_deactivate = options.auto_deactivate_on_failure
         self.auto_sync = options.auto_sync_on_failure

@@ -164,7 +164,9 @@ class ElasticProcessGroup(dist.ProcessGroup):
         if self.runtime.mode == ExecMode.ISOLATED:
             return self.rank()
         if root not in parts:
-            raise ValueError(f"root rank {root} is not an active member of this group")
+            why = self.runtime.mailbox.failed().get(root)
+            raise ValueError(f"root rank {root} is not an active member of this group"
+                             + (f" ({why})" if why else ""))
         return root
 
     # ---- collectives --------------------------------------------------------------------------
