@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -32,12 +33,18 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def job_chaos(rank: int, world: int, port: int, seed: int, steps: int) -> dict:
+def job_chaos(rank: int, world: int, port: int, seed: int, steps: int,
+              transport: str = "tcp") -> dict:
     rng = random.Random(seed)
     victims = rng.sample(range(world), 2)
     plan = {v: (rng.randrange(steps), rng.choice(["exit", "kill", "mid"])) for v in victims}
     fds_before = _fds()
-    init_group(rank, world, port, pg_options=elasticpg.Options(failure_timeout=FAILURE_TIMEOUT))
+    os.environ["ELASTICPG_TRANSPORT"] = transport
+    try:
+        init_group(rank, world, port,
+                   pg_options=elasticpg.Options(failure_timeout=FAILURE_TIMEOUT))
+    finally:
+        del os.environ["ELASTICPG_TRANSPORT"]
     rt = dist.group.WORLD.runtime
     bad: list[str] = []
     worst = 0.0
@@ -130,9 +137,10 @@ def _cmp(got: torch.Tensor, want: torch.Tensor) -> str:
     return "" if torch.equal(got, want) else f"max diff {(got - want).abs().max().item()}"
 
 
-def test_chaos_stream_with_random_kills(pool):
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_chaos_stream_with_random_kills(pool, transport):
     for seed in (11, 12, 13):
-        res = pool.run_raw(job_chaos, seed, 24, timeout=120)
+        res = pool.run_raw(job_chaos, seed, 24, transport, timeout=120)
         alive = [x.value for x in res if x.status == "ok"]
         errors = [x.value for x in res if x.status == "error"]
         assert not errors, errors

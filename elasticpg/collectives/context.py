@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -56,6 +56,7 @@ class OpContext:
     ready: int = 0  # joiners this rank has seen ready, sent with every frame (see runtime)
     failed: set[int] = field(default_factory=set)
     heard_ready: dict[int, int] = field(default_factory=dict)
+    shm: Any = None  # a ShmOp when every participant shares this host (see runtime.new_op)
 
     @property
     def peers(self) -> list[int]:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..collectives.context import OpContext, OpSpec
+from ..collectives.shm_exchange import ShmOp
 from ..control.store_plane import StorePlane
 from ..core.dtypes import dtype_code
 from ..core.framing import Header, MsgType, OpKind
@@ -29,6 +30,7 @@ from ..errors import (
 from ..options import Options
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import TcpTransport
+from .shm_plane import ShmPlane
 from .views import ViewKeeper
 
 DEFAULT_FAILURE_TIMEOUT = 3.0  # seconds; a hung peer is declared failed after this much silence
@@ -94,6 +96,9 @@ class GroupRuntime:
 
         secret = self.plane.secret()
         self.incarnation = self.plane.register(rank)
+        # published before the TCP endpoint: whoever can reach us knows whether we share a host
+        self.shm = ShmPlane(self.plane, rank, self.slots)
+        self.shm.publish()
         self.transport = TcpTransport(
             rank, secret, scope=group_id, host=options.host or default_host(),
             on_frame=self._on_frame, on_lost=self._on_lost,
@@ -138,6 +143,7 @@ class GroupRuntime:
             reason = bytes(payload.numpy()).decode(errors="replace")
             self._poison = self._poison or reason
             self.mailbox.abort(header.seq, reason)
+            self.shm.wake_all()
 
     def _on_lost(self, peer: int, reason: str) -> None:
         self.fail_peer(peer, reason)
@@ -153,6 +159,7 @@ class GroupRuntime:
         self.transport.drop(peer)
         self.transport.drop_incoming(peer)
         self.mailbox.fail_peer(peer, reason)
+        self.shm.wake_all()  # a wait on its shared memory ends as fast as one on its socket
         if self.view.is_active(peer):
             self._dirty = True
             if self.auto_deactivate and not self.auto_sync:
@@ -232,6 +239,8 @@ class GroupRuntime:
     def _view_applied(self, old: View, new: View) -> None:
         for r in range(self.slots):
             was, now = old.is_active(r), new.is_active(r)
+            if was != now and r != self.rank:
+                self.shm.forget(r)  # a replacement is another process with another region
             if was and not now and r != self.rank:
                 self.mailbox.fail_peer(r, f"deactivated in epoch {new.epoch}")
             elif now and not was and r != self.rank:
@@ -359,8 +368,11 @@ class GroupRuntime:
             self.check_usable()
         seq = self._seq
         self._seq += 1
-        return OpContext(self, self.rank, participants, seq, self.view.epoch, spec,
-                         time.monotonic() + self.timeout, ready=self._local_ready)
+        ctx = OpContext(self, self.rank, participants, seq, self.view.epoch, spec,
+                        time.monotonic() + self.timeout, ready=self._local_ready)
+        if spec.kind != OpKind.MEMBERSHIP and self.shm.usable(ctx.participants, self.timeout):
+            ctx.shm = ShmOp(ctx, self.shm)
+        return ctx
 
     def finish_op(self, ctx: OpContext) -> None:
         self.mailbox.forget_seq(ctx.seq)
@@ -539,7 +551,9 @@ class GroupRuntime:
             return
         self._destroyed = True
         self.mailbox.close("group destroyed")
+        self.shm.wake_all()
         self.transport.close(goodbye=True)
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5.0)
+        self.shm.close()

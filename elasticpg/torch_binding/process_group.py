@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..collectives import algorithms as alg
+from ..collectives import shm_algorithms as shm_alg
 from ..collectives.context import OpContext, OpSpec
 from ..core.dtypes import dtype_code
 from ..core.framing import Header, MsgType, OpKind
@@ -57,6 +58,19 @@ class _Staging:
     def finish(self) -> None:
         for h, t in self.copy_back:
             t.copy_(h)
+
+
+def _either(over_shm: Callable, over_tcp: Callable, *args) -> Callable[[OpContext], None]:
+    """The body of a collective: the shared-memory algorithm when the runtime attached a
+    ShmOp to the context (every participant on this host), the TCP one otherwise."""
+
+    def body(ctx: OpContext) -> None:
+        if ctx.shm is not None:
+            over_shm(ctx.shm, *args)
+        else:
+            over_tcp(ctx, *args)
+
+    return body
 
 
 def _one(tensors: Sequence[torch.Tensor] | torch.Tensor, what: str) -> torch.Tensor:
@@ -176,7 +190,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         t = st.host(_one(tensors, "allreduce"), "tensor", output=True)
         op = self._redop(opts, t.dtype)
         spec = OpSpec(OpKind.ALLREDUCE, dtype_code(t.dtype), t.numel(), -1, op)
-        return self._collective(spec, st, [t], lambda ctx: alg.allreduce(ctx, t, op))
+        return self._collective(spec, st, [t], _either(shm_alg.allreduce, alg.allreduce, t, op))
 
     def allreduce_coalesced(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
@@ -191,7 +205,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         parts = self.runtime.prepare()
         root = self._root(opts.rootRank, parts)
         spec = OpSpec(OpKind.BROADCAST, dtype_code(t.dtype), t.numel(), root)
-        return self._collective(spec, st, [t], lambda ctx: alg.broadcast(ctx, t, root), parts)
+        return self._collective(spec, st, [t],
+                                _either(shm_alg.broadcast, alg.broadcast, t, root), parts)
 
     def reduce(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.ReduceOptions()
@@ -201,7 +216,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         root = self._root(opts.rootRank, parts)
         op = self._redop(opts, t.dtype)
         spec = OpSpec(OpKind.REDUCE, dtype_code(t.dtype), t.numel(), root, op)
-        return self._collective(spec, st, [t], lambda ctx: alg.reduce(ctx, t, root, op), parts)
+        return self._collective(spec, st, [t],
+                                _either(shm_alg.reduce, alg.reduce, t, root, op), parts)
 
     def allgather(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
         st = _Staging()
@@ -214,7 +230,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         slot_of = self._slots_for(len(outs), "all_gather", parts)
         spec = OpSpec(OpKind.ALLGATHER, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [outs_dev],
-                                lambda ctx: alg.allgather(ctx, outs, t, slot_of), parts)
+                                _either(shm_alg.allgather, alg.allgather, outs, t, slot_of), parts)
 
     def all_gather_single(self, output, input, opts=None) -> ElasticWork:  # noqa: A002
         st = _Staging()
@@ -226,7 +242,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         outs = list(out.reshape(-1).chunk(k)) if t.numel() else [out.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.ALLGATHER_INTO_TENSOR, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [output],
-                                lambda ctx: alg.allgather(ctx, outs, t, slot_of), parts)
+                                _either(shm_alg.allgather, alg.allgather, outs, t, slot_of), parts)
 
     _allgather_base = all_gather_single
 
@@ -253,7 +269,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         slot_of = self._slots_for(len(ins), "reduce_scatter", parts)
         spec = OpSpec(OpKind.REDUCE_SCATTER, dtype_code(out.dtype), out.numel(), -1, op)
         return self._collective(spec, st, [out],
-                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of), parts)
+                                _either(shm_alg.reduce_scatter, alg.reduce_scatter, out, ins, op,
+                                        slot_of), parts)
 
     def reduce_scatter_single(self, output, input, opts=None) -> ElasticWork:  # noqa: A002
         opts = opts if opts is not None else dist.ReduceScatterOptions()
@@ -267,7 +284,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         ins = list(t.reshape(-1).chunk(k)) if out.numel() else [t.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.REDUCE_SCATTER_TENSOR, dtype_code(out.dtype), out.numel(), -1, op)
         return self._collective(spec, st, [output],
-                                lambda ctx: alg.reduce_scatter(ctx, out, ins, op, slot_of), parts)
+                                _either(shm_alg.reduce_scatter, alg.reduce_scatter, out, ins, op,
+                                        slot_of), parts)
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -290,7 +308,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         slot_of = self._slots_for(len(outs), "all_to_all", parts)
         spec = OpSpec(OpKind.ALLTOALL, dtype_code(outs[0].dtype), 0)
         return self._collective(spec, st, output_tensors,
-                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of), parts)
+                                _either(shm_alg.alltoall, alg.alltoall, outs, ins, slot_of), parts)
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,  # noqa: A002
                           opts=None) -> ElasticWork:
@@ -307,7 +325,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         slot_of = self._slots_for(len(outs), "all_to_all_single splits", parts)
         spec = OpSpec(OpKind.ALLTOALL_SINGLE, dtype_code(t.dtype), 0)
         return self._collective(spec, st, [output],
-                                lambda ctx: alg.alltoall(ctx, outs, ins, slot_of), parts)
+                                _either(shm_alg.alltoall, alg.alltoall, outs, ins, slot_of), parts)
 
     alltoall_base = all_to_all_single
 
@@ -344,7 +362,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
             raise ValueError("gather: only the root passes a gather_list")
         spec = OpSpec(OpKind.GATHER, dtype_code(t.dtype), t.numel(), root)
         return self._collective(spec, st, output_tensors,
-                                lambda ctx: alg.gather(ctx, outs, t, root, slot_of), parts)
+                                _either(shm_alg.gather, alg.gather, outs, t, root, slot_of), parts)
 
     def scatter(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.ScatterOptions()
@@ -364,10 +382,12 @@ class ElasticProcessGroup(dist.ProcessGroup):
             raise ValueError("scatter: only the root passes a scatter_list")
         spec = OpSpec(OpKind.SCATTER, dtype_code(out.dtype), out.numel(), root)
         return self._collective(spec, st, [out],
-                                lambda ctx: alg.scatter(ctx, out, ins, root, slot_of), parts)
+                                _either(shm_alg.scatter, alg.scatter, out, ins, root, slot_of),
+                                parts)
 
     def barrier(self, opts=None) -> ElasticWork:
-        return self._collective(OpSpec(OpKind.BARRIER), _Staging(), [], alg.barrier)
+        return self._collective(OpSpec(OpKind.BARRIER), _Staging(), [],
+                                _either(shm_alg.barrier, alg.barrier))
 
     # ---- point to point -----------------------------------------------------------------------
     def _p2p_peer(self, peer: int, what: str) -> None:

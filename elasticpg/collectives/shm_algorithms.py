@@ -1,0 +1,269 @@
+"""The collectives over shared memory (all participants on one host), in windows of the plane.
+
+Data movement copies straight from the peers' mapped windows into the outputs. Reductions run
+torch ops over views of the windows, in ascending rank order, so results are bit-identical on
+every rank and equal to the TCP path's. Large all_reduce is reduce-scatter + all-gather: each
+rank reduces its slice of the window and posts it; a rank that misses a slice (its reducer
+failed, or included a different set of ranks) reduces that slice itself from the raw windows,
+which stay valid until it posts again. Each rank's result so covers exactly the ranks whose
+window it saw whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..core.reduction import Reduce, reduce_into
+from ..core.schedules import even_splits
+from .shm_exchange import ShmOp, byte_view
+
+SMALL_NUMPY = 64 << 10  # bytes: below, all_reduce runs in numpy (lower fixed cost per call)
+LARGE_ALLREDUCE = 256 << 10  # bytes: above, reduce-scatter + all-gather beats direct reduction
+
+# (stream offset, destination bytes) a rank copies out of a peer's stream
+Needs = Callable[[int], list[tuple[int, torch.Tensor]]]
+
+
+def _rounds(sx: ShmOp, nbytes: int) -> int:
+    return max(1, -(-nbytes // sx.window))
+
+
+def _copy_window(src: torch.Tensor, lo: int, needs: list[tuple[int, torch.Tensor]]) -> None:
+    hi = lo + src.numel()
+    for off, dest in needs:
+        a, c = max(off, lo), min(off + dest.numel(), hi)
+        if a < c:
+            dest[a - off:c - off].copy_(src[a - lo:c - lo])
+
+
+def exchange(sx: ShmOp, segments: list[tuple[int, torch.Tensor]], stream_len: int,
+             rounds: int | None, needs: Needs, table: list[int] | None = None) -> None:
+    """Post our stream window by window; copy what `needs(peer)` asks for out of each peer's.
+
+    rounds None: streams differ in length (all_to_all); the count follows from round 0.
+    """
+    ctx, k, total = sx.ctx, 0, rounds or 1
+    wanted: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    while k < total:
+        sx.post(k, segments, stream_len, table)
+        for p in ctx.peers:
+            region = sx.wait_post(p, k)
+            if region is None:
+                continue
+            if k == 0:
+                wanted[p] = needs(p)
+                if rounds is None:
+                    total = max(total, _rounds(sx, stream_len), _rounds(sx, sx.stream_len(p)))
+            if wanted[p]:
+                _copy_window(region.raw(sx.bufs[p]), k * sx.window, wanted[p])
+        if rounds is None and k == 0:
+            total = max(total, _rounds(sx, stream_len))
+        k += 1
+
+
+def _reduce_window(sx: ShmOp, k: int, b: int, order: list[int], a: int, c: int,
+                   out: torch.Tensor, dtype: torch.dtype, op: Reduce) -> None:
+    """out = reduction over `order` of stream bytes [a, c) of window k (window-relative)."""
+    parts = [(sx.me.raw(b) if r == sx.ctx.me else sx.regions[r].raw(sx.bufs[r]))[a:c].view(dtype)
+             for r in order]
+    reduce_into(out.view(dtype), parts, op)
+
+
+def _np_ufunc(dtype: torch.dtype, op: Reduce) -> np.ufunc | None:
+    """A numpy ufunc that computes exactly what torch's op does for this dtype, or None."""
+    key = (dtype, op)
+    if key not in _UFUNCS:
+        fn = _NP_OPS.get(op)
+        try:
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        except TypeError:
+            fn = None  # bfloat16, float8, complex32: no numpy dtype
+        else:
+            if np_dtype.kind in "bc":  # bool ops and complex products differ in detail
+                fn = None
+        _UFUNCS[key] = fn
+    return _UFUNCS[key]
+
+
+_NP_OPS = {Reduce.SUM: np.add, Reduce.PRODUCT: np.multiply, Reduce.MIN: np.minimum,
+           Reduce.MAX: np.maximum, Reduce.BAND: np.bitwise_and, Reduce.BOR: np.bitwise_or,
+           Reduce.BXOR: np.bitwise_xor}
+_UFUNCS: dict[tuple[torch.dtype, Reduce], np.ufunc | None] = {}
+
+
+def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
+    """Latency path: numpy over the mapped windows (a torch call costs several times more)."""
+    ctx = sx.ctx
+    a = t.numpy().reshape(-1)
+    nbytes = a.nbytes
+    b = sx.post(0, a.view(np.uint8), nbytes)
+    for p in ctx.peers:
+        sx.wait_post(p, 0)
+    parts = [(sx.me.np_raw(b, nbytes) if r == ctx.me else
+              sx.regions[r].np_raw(sx.bufs[r], nbytes)).view(a.dtype)
+             for r in sorted(ctx.participants) if r not in ctx.failed]
+    np.copyto(a, parts[0])
+    for x in parts[1:]:
+        fn(a, x, out=a)
+
+
+def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
+    if t.numel() and t.numel() * t.element_size() <= SMALL_NUMPY:
+        fn = _np_ufunc(t.dtype, op)
+        if fn is not None:
+            _allreduce_small(sx, t, fn)
+            return
+    tb = byte_view(t)
+    nbytes = tb.numel()
+    if nbytes > LARGE_ALLREDUCE and len(sx.ctx.participants) > 1:
+        _allreduce_rs_ag(sx, t, tb, op)
+        return
+    ctx = sx.ctx
+    for k in range(_rounds(sx, nbytes)):
+        b = sx.post(k, [(0, tb)], nbytes)
+        for p in ctx.peers:
+            sx.wait_post(p, k)
+        order = sorted(r for r in ctx.participants if r not in ctx.failed)
+        lo = k * sx.window
+        c = min(nbytes - lo, sx.window)
+        if c > 0:
+            _reduce_window(sx, k, b, order, 0, c, tb[lo:lo + c], t.dtype, op)
+
+
+def _allreduce_rs_ag(sx: ShmOp, t: torch.Tensor, tb: torch.Tensor, op: Reduce) -> None:
+    ctx, size = sx.ctx, t.element_size()
+    nbytes = tb.numel()
+    pos = {r: i for i, r in enumerate(ctx.participants)}
+    for k in range(_rounds(sx, nbytes)):
+        lo = k * sx.window
+        c = min(nbytes - lo, sx.window)
+        b = sx.post(k, [(0, tb)], nbytes)
+        for p in ctx.peers:
+            sx.wait_post(p, k)
+        order = sorted(r for r in ctx.participants if r not in ctx.failed)
+        mask = sum(1 << r for r in order)
+        slices = [(o * size, (o + n) * size)
+                  for o, n in even_splits(c // size, len(ctx.participants))]
+        a, e = slices[pos[ctx.me]]
+        mine = sx.me.reduced(b)[a:e]
+        _reduce_window(sx, k, b, order, a, e, mine, t.dtype, op)
+        sx.post_reduced(b, k, mask)
+        tb[lo + a:lo + e].copy_(mine)
+        for p in ctx.peers:
+            a, e = slices[pos[p]]
+            if a == e:
+                continue
+            got = sx.wait_reduced(p, k) if p in order else None
+            if got == mask:
+                tb[lo + a:lo + e].copy_(sx.regions[p].reduced(sx.bufs[p])[a:e])
+            else:  # its reducer is gone or counted other ranks: reduce the slice here
+                _reduce_window(sx, k, b, order, a, e, tb[lo + a:lo + e], t.dtype, op)
+
+
+def reduce(sx: ShmOp, t: torch.Tensor, root: int, op: Reduce) -> None:
+    ctx, tb = sx.ctx, byte_view(t)
+    nbytes = tb.numel()
+    for k in range(_rounds(sx, nbytes)):
+        b = sx.post(k, [(0, tb)], nbytes)
+        for p in ctx.peers:
+            sx.wait_post(p, k)
+        lo = k * sx.window
+        c = min(nbytes - lo, sx.window)
+        if ctx.me == root and c > 0:
+            order = sorted(r for r in ctx.participants if r not in ctx.failed)
+            _reduce_window(sx, k, b, order, 0, c, tb[lo:lo + c], t.dtype, op)
+
+
+def reduce_scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], op: Reduce,
+                   slot_of: Sequence[int]) -> None:
+    """out = reduction over participants of their ins[slot of me]."""
+    ctx = sx.ctx
+    ob = byte_view(out)
+    cb = ob.numel()
+    segs = [(i * cb, byte_view(ins[slot_of[i]])) for i in range(len(ctx.participants))]
+    stream = cb * len(ctx.participants)
+    mine = ctx.participants.index(ctx.me) * cb
+    for k in range(_rounds(sx, stream)):
+        b = sx.post(k, segs, stream)
+        for p in ctx.peers:
+            sx.wait_post(p, k)
+        lo = k * sx.window
+        a, c = max(mine, lo), min(mine + cb, lo + sx.window)
+        if a < c:
+            order = sorted(r for r in ctx.participants if r not in ctx.failed)
+            _reduce_window(sx, k, b, order, a - lo, c - lo, ob[a - mine:c - mine], out.dtype,
+                           op)
+
+
+def allgather(sx: ShmOp, outs: Sequence[torch.Tensor], t: torch.Tensor,
+              slot_of: Sequence[int]) -> None:
+    ctx, tb = sx.ctx, byte_view(t)
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    byte_view(outs[idx[ctx.me]]).copy_(tb)
+    exchange(sx, [(0, tb)], tb.numel(), _rounds(sx, tb.numel()),
+             lambda p: [(0, byte_view(outs[idx[p]]))])
+
+
+def gather(sx: ShmOp, outs: Sequence[torch.Tensor], t: torch.Tensor, root: int,
+           slot_of: Sequence[int]) -> None:
+    ctx, tb = sx.ctx, byte_view(t)
+    if ctx.me == root:
+        idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+        byte_view(outs[idx[ctx.me]]).copy_(tb)
+        needs: Needs = lambda p: [(0, byte_view(outs[idx[p]]))]  # noqa: E731
+    else:
+        needs = lambda p: []  # noqa: E731
+    exchange(sx, [(0, tb)], tb.numel(), _rounds(sx, tb.numel()), needs)
+
+
+def broadcast(sx: ShmOp, t: torch.Tensor, root: int) -> None:
+    tb = byte_view(t)
+    mine = sx.ctx.me == root
+    exchange(sx, [(0, tb)] if mine else [], tb.numel() if mine else 0,
+             _rounds(sx, tb.numel()), lambda p: [(0, tb)] if p == root and not mine else [])
+
+
+def scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int,
+            slot_of: Sequence[int]) -> None:
+    ctx, ob = sx.ctx, byte_view(out)
+    cb, n = ob.numel(), len(ctx.participants)
+    segs: list[tuple[int, torch.Tensor]] = []
+    if ctx.me == root:
+        segs = [(i * cb, byte_view(ins[slot_of[i]])) for i in range(n)]
+        ob.copy_(byte_view(ins[slot_of[ctx.participants.index(root)]]))
+    at = ctx.participants.index(ctx.me) * cb
+    exchange(sx, segs, cb * n if ctx.me == root else 0, _rounds(sx, cb * n),
+             lambda p: [(at, ob)] if p == root and ctx.me != root else [])
+
+
+def alltoall(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor],
+             slot_of: Sequence[int]) -> None:
+    """outs[slot of p] = what p sent me; sizes may differ per pair (checked per message)."""
+    ctx = sx.ctx
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    table = [0] * (2 * sx.me.slots)
+    segs, off = [], 0
+    for r in ctx.participants:
+        seg = byte_view(ins[idx[r]])
+        segs.append((off, seg))
+        table[2 * r], table[2 * r + 1] = off, seg.numel()
+        off += seg.numel()
+    byte_view(outs[idx[ctx.me]]).copy_(byte_view(ins[idx[ctx.me]]))
+
+    def needs(p: int) -> list[tuple[int, torch.Tensor]]:
+        dest = byte_view(outs[idx[p]])
+        at, nb = sx.regions[p].table(sx.bufs[p])[2 * ctx.me:2 * ctx.me + 2].tolist()
+        if nb != dest.numel():
+            o = outs[idx[p]]
+            ctx._mismatch(f"rank {p} sent {nb // max(o.element_size(), 1)} elements ({nb} "
+                          f"bytes), rank {ctx.me} expected {o.numel()} ({dest.numel()} bytes)")
+        return [(at, dest)]
+
+    exchange(sx, segs, off, None, needs, table)
+
+
+def barrier(sx: ShmOp) -> None:
+    exchange(sx, [], 0, 1, lambda p: [])

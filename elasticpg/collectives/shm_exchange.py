@@ -1,0 +1,166 @@
+"""Rounds of a collective over shared memory: post a window, wait for the peers' windows.
+
+Every participant posts in every round (possibly an empty window), so each round is a full
+exchange. That gives the buffer-reuse rule without acknowledgements: a rank alternates its two
+buffers, and it overwrites a buffer only two posts later, after it has seen every peer's post of
+the round in between, which each peer made only after it finished reading the older one.
+
+Each post carries a descriptor (kind, dtype, count, root, reduce op, stream length, ready mask,
+epoch) that readers compare like frame headers (mismatch -> CollectiveMismatchError on every
+rank). The exclusion rule is the TCP one: a peer's window counts iff its token was seen, i.e.
+it was written whole (the token is written after the data and descriptor); a peer that is
+declared failed before that is recorded in ctx.failed and skipped.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..core.framing import Header, MsgType, OpKind
+from ..errors import CollectiveMismatchError, OperationTimeoutError
+from ..group.shm_plane import ShmPlane
+from ..transport.shm import DESC, RED, TOK, Region, wait_for
+from .context import OpContext
+
+
+class _PeerGoneError(Exception):
+    pass
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+class ShmOp:
+    """One collective's use of the shared-memory plane (see module docstring)."""
+
+    def __init__(self, ctx: OpContext, plane: ShmPlane) -> None:
+        self.ctx = ctx
+        self.plane = plane
+        self.me = plane.mine
+        self.window = plane.window
+        self.spin = plane.spin_for(ctx.participants)
+        self.regions: dict[int, Region] = {}
+        for p in ctx.peers:
+            r = plane.region(p, max(ctx.remaining(), 0.001))
+            if r is None:
+                ctx.failed.add(p)  # its process is gone: nothing of it can be read
+            else:
+                self.regions[p] = r
+        s = ctx.spec
+        self.expect = [int(s.kind), s.dtype, s.numel, s.root, s.redop]
+        self.bufs: dict[int, int] = {}  # peer -> buffer of its post in the current round
+
+    # ---- posting ----------------------------------------------------------------------------
+    def token(self, k: int) -> int:
+        return (self.ctx.seq << 20) | (k + 1)
+
+    def post(self, k: int, segments: list[tuple[int, torch.Tensor]] | np.ndarray,
+             stream_len: int,
+             table: list[int] | None = None) -> int:
+        """Copy the part of our stream inside window k into the next buffer, then publish it."""
+        plane, me, ctx = self.plane, self.me, self.ctx
+        b = 1 - plane.last_buffer
+        plane.last_buffer = b
+        ctl = me.ctl
+        ctl[TOK + 8 * b] = 0
+        ctl[RED + 8 * b] = 0
+        lo = k * self.window
+        hi = lo + self.window
+        if isinstance(segments, np.ndarray):  # one small numpy segment, for the fast path
+            me.np_raw(b, segments.size)[:] = segments
+        else:
+            raw = me.raw(b)
+            for off, seg in segments:
+                a, c = max(off, lo), min(off + seg.numel(), hi)
+                if a < c:
+                    raw[a - lo:c - lo].copy_(seg[a - off:c - off])
+        d = DESC + 8 * b
+        ctl[d:d + 8] = self.expect + [stream_len, ctx.ready, ctx.epoch]
+        if table is not None:
+            me.table(b)[:] = table
+        ctl[TOK + 8 * b] = self.token(k)
+        me.ring()
+        return b
+
+    def post_reduced(self, b: int, k: int, mask: int) -> None:
+        ctl = self.me.ctl
+        ctl[RED + 8 * b + 1] = mask
+        ctl[RED + 8 * b] = self.token(k)
+        self.me.ring()
+
+    # ---- waiting ----------------------------------------------------------------------------
+    def _check(self, peer: int, token: int, region: Region) -> None:
+        mb = self.ctx.link.mailbox
+        if mb._aborted:
+            raise CollectiveMismatchError(next(iter(mb._aborted.values())))
+        if peer in mb._failed:
+            raise _PeerGoneError
+        if mb._closed is not None:
+            raise OperationTimeoutError(f"group closed: {mb._closed}")
+        if min(int(region.ctl[TOK]), int(region.ctl[TOK + 8])) > token:
+            raise _PeerGoneError  # it moved past this round: it counted us out
+
+    def _wait(self, peer: int, region: Region, cond, token: int, what: str) -> bool:
+        try:
+            wait_for(region, cond, lambda: self._check(peer, token, region),
+                     self.ctx.deadline, self.spin)
+        except _PeerGoneError:
+            self.ctx.failed.add(peer)
+            return False
+        except TimeoutError:
+            raise OperationTimeoutError(f"timed out waiting for rank {peer} in collective "
+                                        f"#{self.ctx.seq} ({what})") from None
+        return True
+
+    def wait_post(self, peer: int, k: int) -> Region | None:
+        """The peer's region once its window k is posted (descriptor checked), else None."""
+        region = self.regions.get(peer)
+        if region is None or peer in self.ctx.failed:
+            return None
+        token = self.token(k)
+        ctl = region.ctl
+        if not (ctl[TOK] == token or ctl[TOK + 8] == token):
+            if not self._wait(peer, region, lambda: ctl[TOK] == token or ctl[TOK + 8] == token,
+                              token, f"window {k}"):
+                return None
+        b = 0 if ctl[TOK] == token else 1
+        self.bufs[peer] = b
+        d = DESC + 8 * b
+        if ctl[d:d + 5].tolist() != self.expect:
+            self._mismatch(peer, b)
+        if k == 0:
+            self.ctx.heard_ready[peer] = int(ctl[d + 6])
+        return region
+
+    def wait_reduced(self, peer: int, k: int) -> int | None:
+        """The included-ranks mask of the peer's reduced slice of window k, or None."""
+        region = self.regions[peer]
+        token, b = self.token(k), self.bufs[peer]
+        ctl, i = region.ctl, RED + 8 * b
+        if ctl[i] != token and not self._wait(peer, region, lambda: ctl[i] == token, token,
+                                              f"reduced slice of window {k}"):
+            return None
+        return int(ctl[i + 1])
+
+    def stream_len(self, peer: int) -> int:
+        return int(self.regions[peer].ctl[DESC + 8 * self.bufs[peer] + 5])
+
+    def _mismatch(self, peer: int, b: int) -> None:
+        ctl = self.regions[peer].ctl
+        kind, dtype, numel, root, redop, nbytes, ready, epoch = ctl[DESC + 8 * b:
+                                                                     DESC + 8 * b + 8].tolist()
+        try:
+            h = Header(MsgType.COLL, peer, nbytes, OpKind(kind), dtype, redop, epoch,
+                       self.ctx.seq, 0, numel, root, ready=ready)
+            problem = self.ctx._compare(h, self.ctx.spec.numel, None)
+        except ValueError:
+            problem = f"rank {peer} posted an unknown operation kind {kind}"
+        self.ctx._mismatch(problem or f"rank {peer} posted a different call")
+
+    def remaining(self) -> float:
+        return self.ctx.deadline - time.monotonic()

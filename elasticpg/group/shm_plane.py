@@ -1,0 +1,120 @@
+"""Which peers share this host, and their mapped regions, for one group in one process.
+
+Every rank publishes `shm/<rank>` in the group's store before its TCP endpoint, so a peer that
+can reach it can also decide whether to use shared memory with it. A collective runs over
+shared memory iff every participant published the same non-empty host id: the decision uses
+only published facts, so all participants make the same one. Shared memory is opt-in
+(ELASTICPG_TRANSPORT=shm in every rank's environment); any rank without it publishes an empty
+host id and so keeps all of its groups' collectives on TCP.
+A peer's region is mapped on first use and forgotten when that slot's membership changes, so a
+replacement process (new pid, new region) is attached afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch.distributed as dist
+
+from ..control.store_plane import StorePlane
+from ..errors import OperationTimeoutError
+from ..transport.shm import Region, host_id, window_bytes
+
+SPIN_SECONDS = 200e-6  # spin this long before sleeping, when every local rank has a core
+
+
+class ShmPlane:
+    def __init__(self, plane: StorePlane, rank: int, slots: int) -> None:
+        self.plane = plane
+        self.rank = rank
+        self.slots = slots
+        self.host = host_id()
+        self.window = window_bytes()
+        self.cores = len(os.sched_getaffinity(0))
+        self.mine: Region | None = Region.create(slots, self.window) if self.host else None
+        self._hosts: dict[int, str] = {}
+        self._peers: dict[int, Region] = {}
+        self._lock = threading.Lock()
+        self.last_buffer = 1  # the buffer of our latest post; posts alternate
+        self.round = 0
+
+    @property
+    def store(self) -> dist.Store:
+        return self.plane.store
+
+    def publish(self) -> None:
+        if self.mine is None:
+            self.store.set(f"shm/{self.rank}", "")
+            return
+        self.store.set(f"shm/{self.rank}", f"{self.host}|{os.getpid()}|{self.mine.fd}|"
+                                          f"{self.mine.region_id}|{self.slots}|{self.window}")
+
+    def _info(self, peer: int, timeout: float) -> str:
+        try:
+            return self.plane._wait(f"shm/{peer}", timeout).decode()
+        except OperationTimeoutError:
+            return ""
+
+    def usable(self, participants: tuple[int, ...], timeout: float) -> bool:
+        """True iff every participant published our (non-empty) host id."""
+        if self.mine is None or len(participants) < 2:
+            return False
+        for p in participants:
+            if p == self.rank:
+                continue
+            host = self._hosts.get(p)
+            if host is None:
+                host = self._info(p, timeout).split("|", 1)[0]
+                self._hosts[p] = host
+            if host != self.host:
+                return False
+        return True
+
+    def spin_for(self, participants: tuple[int, ...]) -> float:
+        """Spinning helps only when the rank we wait for has a core of its own."""
+        return SPIN_SECONDS if len(participants) <= self.cores else 0.0
+
+    def region(self, peer: int, timeout: float) -> Region | None:
+        """The peer's mapped region, or None if it cannot be mapped (its process is gone)."""
+        r = self._peers.get(peer)
+        if r is not None:
+            return r
+        info = self._info(peer, timeout).split("|")
+        if len(info) != 6 or not info[0]:
+            return None
+        _host, pid, fd, rid, slots, window = info
+        try:
+            r = Region.attach(int(pid), int(fd), int(rid), int(slots), int(window))
+        except (OSError, ValueError):
+            return None
+        with self._lock:
+            self._peers[peer] = r
+        return r
+
+    def forget(self, peer: int) -> None:
+        """`peer`'s slot changed membership: a later use looks it up (and maps it) afresh."""
+        with self._lock:
+            self._hosts.pop(peer, None)
+            r = self._peers.pop(peer, None)
+        if r is not None:
+            r.close()
+
+    def wake_all(self) -> None:
+        """Wake this process's sleepers (they re-check failures, aborts and closing)."""
+        with self._lock:
+            regions = list(self._peers.values())
+        for r in regions:
+            r.wake()
+        if self.mine is not None:
+            self.mine.wake()
+
+    def close(self) -> None:
+        self.wake_all()
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for r in peers:
+            r.close()
+        if self.mine is not None:
+            self.mine.close()
+            self.mine = None

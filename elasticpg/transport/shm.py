@@ -1,0 +1,189 @@
+"""Same-host data plane: one shared-memory region per rank and group, read by its peers.
+
+Each rank creates its region with memfd_create + mmap: there is no name to leak, and the kernel
+frees the memory when the last process that maps it goes away (a SIGKILLed rank included).
+Peers on the same host open it through /proc/<pid>/fd/<fd> (same uid needed, which is why the
+uid is part of the host id). Only the owner writes its region, so no cross-process atomics
+are needed: every control word has a single writer.
+
+Layout (int64 words; control words of different writers never share a cache line):
+
+  ctl[0..3]    magic, random region id (guards against pid reuse), slots, window bytes
+  ctl[BELL]    futex word (low 32 bits): bumped on every post, so readers can sleep on it
+  per buffer b in (0, 1) (posts alternate between the two buffers):
+    ctl[TOK+8b]      token of the round whose raw data is posted in buffer b (0: none/being
+                     rewritten)
+    ctl[RED+8b]      token of the round whose reduced slice is posted; ctl[RED+8b+1]: the set
+                     of ranks (bitmask) that slice includes
+    ctl[DESC+8b..]   descriptor of the posted round: kind, dtype, numel, root, redop,
+                     stream bytes, ready mask, epoch
+    ctl[TABLE(b)..]  per destination slot: (stream offset, bytes) for all_to_all
+  data: buffer b = raw window (W bytes) then reduced window (W bytes)
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from . import futex
+
+MAGIC = 0x45504753484D0001  # "EPGSHM", version 1
+BELL = 8
+TOK = 16
+RED = 32
+DESC = 48
+TABLE0 = 64
+DEFAULT_WINDOW = 16 << 20
+_PAGE = 4096
+
+
+def host_id() -> str:
+    """Ranks whose host ids are equal can map each other's regions ("" if shm is off here).
+
+    Opt-in (ELASTICPG_TRANSPORT=shm) while it is not yet faster than TCP at every size."""
+    if os.environ.get("ELASTICPG_TRANSPORT", "").lower() != "shm" or not futex.AVAILABLE \
+            or not hasattr(os, "memfd_create"):
+        return ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        return ""
+    return f"{socket.gethostname()}/{boot}/{os.getuid()}"
+
+
+def window_bytes() -> int:
+    w = int(os.environ.get("ELASTICPG_SHM_WINDOW", DEFAULT_WINDOW))
+    return max(_PAGE, w // _PAGE * _PAGE)
+
+
+def _ctl_bytes(slots: int) -> int:
+    return -(-(TABLE0 + 4 * slots) * 8 // _PAGE) * _PAGE
+
+
+class Region:
+    """One rank's mapping (its own or a peer's): control words and the two data buffers."""
+
+    def __init__(self, mm: mmap.mmap, fd: int, slots: int, window: int) -> None:
+        self.mm = mm
+        self.fd = fd  # our own memfd (kept open for peers to open); -1 for a peer's region
+        self.slots = slots
+        self.window = window
+        ctl_bytes = _ctl_bytes(slots)
+        self.ctl = np.frombuffer(mm, dtype=np.int64, count=ctl_bytes // 8)
+        self.bell32 = np.frombuffer(mm, dtype=np.int32, count=2 * BELL + 1)
+        self.bell_addr = self.ctl.ctypes.data + BELL * 8
+        self.data = torch.frombuffer(mm, dtype=torch.uint8, offset=ctl_bytes,
+                                     count=4 * window)
+        # numpy views cost a fraction of torch's per call: the small-message path uses them
+        self.np_data = np.frombuffer(mm, dtype=np.uint8, offset=ctl_bytes, count=4 * window)
+
+    @classmethod
+    def create(cls, slots: int, window: int) -> Region:
+        size = _ctl_bytes(slots) + 4 * window
+        fd = os.memfd_create("elasticpg", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = cls(mm, fd, slots, window)
+        region.ctl[1] = secrets.randbits(62)
+        region.ctl[2], region.ctl[3] = slots, window
+        region.ctl[0] = MAGIC
+        return region
+
+    @classmethod
+    def attach(cls, pid: int, fd: int, region_id: int, slots: int, window: int) -> Region:
+        """Map a peer's region; raises OSError if it is gone or is not the one published."""
+        own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            mm = mmap.mmap(own, _ctl_bytes(slots) + 4 * window)
+        finally:
+            os.close(own)  # the mmap keeps its own duplicate until it is closed
+        region = cls(mm, -1, slots, window)
+        if int(region.ctl[0]) != MAGIC or int(region.ctl[1]) != region_id:
+            region.close()
+            raise OSError(f"/proc/{pid}/fd/{fd} is not the published region")
+        return region
+
+    @property
+    def region_id(self) -> int:
+        return int(self.ctl[1])
+
+    def raw(self, b: int) -> torch.Tensor:
+        return self.data[2 * b * self.window:(2 * b + 1) * self.window]
+
+    def np_raw(self, b: int, nbytes: int) -> np.ndarray:
+        return self.np_data[2 * b * self.window:2 * b * self.window + nbytes]
+
+    def reduced(self, b: int) -> torch.Tensor:
+        return self.data[(2 * b + 1) * self.window:(2 * b + 2) * self.window]
+
+    def table(self, b: int) -> np.ndarray:
+        base = TABLE0 + b * 2 * self.slots
+        return self.ctl[base:base + 2 * self.slots]
+
+    def ring(self) -> None:
+        """Bump the bell and wake sleepers: called after every change readers may wait for."""
+        self.bell32[2 * BELL] = (int(self.bell32[2 * BELL]) + 1) & 0x7FFFFFFF
+        futex.wake(self.bell_addr)
+
+    def wake(self) -> None:
+        futex.wake(self.bell_addr)
+
+    def find(self, token: int) -> int:
+        """The buffer holding the raw post of round `token`, or -1."""
+        ctl = self.ctl
+        if ctl[TOK] == token:
+            return 0
+        if ctl[TOK + 8] == token:
+            return 1
+        return -1
+
+    def close(self) -> None:
+        """Unmap (once no tensor views of it remain; otherwise the GC unmaps it later)."""
+        del self.ctl, self.bell32, self.data, self.np_data
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a view is still alive in some frame; dropping the last reference unmaps
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def wait_for(region: Region, cond: Callable[[], bool], check: Callable[[], None],
+             deadline: float, spin: float, slice_s: float = 0.1) -> None:
+    """Return once `cond()` holds: spin for `spin` seconds, then sleep on `region`'s bell.
+
+    `check()` raises when waiting is pointless (peer failed, abort, group closed); it runs
+    before every sleep, and every failure, abort and close wakes the sleepers, so it runs at
+    once. The slice bounds each sleep as a safety net. Raises TimeoutError past `deadline`.
+    """
+    if cond():
+        return
+    if spin > 0:
+        end = time.perf_counter() + spin
+        while time.perf_counter() < end:
+            if cond():
+                return
+    bell32, addr = region.bell32, region.bell_addr
+    while True:
+        seen = int(bell32[2 * BELL])
+        if cond():
+            return
+        check()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        futex.wait(addr, seen, min(left, slice_s))

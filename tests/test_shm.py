@@ -1,0 +1,153 @@
+"""The same-host shared-memory data plane (opt-in: ELASTICPG_TRANSPORT=shm): windowed for large
+messages, TCP by default, failure detection as fast as over TCP, no leaks, an idle rank stays
+idle. The chaos test also runs over shared memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+import elasticpg
+
+from .harness import init_group
+
+
+def init_over_shm(rank: int, world: int, port: int, **env_and_kw) -> None:
+    """init_group with shared memory switched on (and any ELASTICPG_* variables) for this init."""
+    env = {"ELASTICPG_TRANSPORT": "shm"}
+    env.update({k: v for k, v in env_and_kw.items() if k.startswith("ELASTICPG_")})
+    kw = {k: v for k, v in env_and_kw.items() if not k.startswith("ELASTICPG_")}
+    os.environ.update(env)
+    try:
+        init_group(rank, world, port, **kw)
+    finally:
+        for k in env:
+            del os.environ[k]
+
+
+def _runtime():
+    return dist.group.WORLD.runtime
+
+
+def _memfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "memfd:elasticpg" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def _cpu_seconds() -> float:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def job_windows(rank: int, world: int, port: int) -> dict:
+    """Tiny windows force every collective through several rounds and both buffers."""
+    init_over_shm(rank, world, port, ELASTICPG_SHM_WINDOW="4096")
+    rt = _runtime()
+    out = {}
+    for n in (3, 1000, 70_000):  # numpy path, direct torch path, reduce-scatter + all-gather
+        t = torch.arange(n, dtype=torch.float64) * (rank + 1)
+        dist.all_reduce(t)
+        out[f"ar{n}"] = bool(torch.equal(t, torch.arange(n, dtype=torch.float64) * 10))
+    g = torch.empty(world * 3000, dtype=torch.int32)
+    dist.all_gather_into_tensor(g, torch.full((3000,), rank, dtype=torch.int32))
+    out["ag"] = g.view(world, -1).unique(dim=1).flatten().tolist() == list(range(world))
+    b = torch.arange(5000) if rank == 2 else torch.zeros(5000, dtype=torch.int64)
+    dist.broadcast(b, src=2)
+    out["bc"] = bool(torch.equal(b, torch.arange(5000)))
+    rs = torch.empty(2000)
+    dist.reduce_scatter_tensor(rs, torch.arange(world * 2000, dtype=torch.float32))
+    out["rs"] = bool(torch.equal(rs, torch.arange(rank * 2000, (rank + 1) * 2000) * 4.0))
+    splits = [1000 * (rank + 1)] * world  # uneven: rank r sends 1000 * (r + 1) rows to each
+    inp = torch.full((sum(splits),), rank, dtype=torch.int16)
+    recv = [1000 * (p + 1) for p in range(world)]
+    o = torch.empty(sum(recv), dtype=torch.int16)
+    dist.all_to_all_single(o, inp, recv, splits)
+    out["a2a"] = o.tolist() == sum(([p] * recv[p] for p in range(world)), [])
+    dist.barrier()
+    out["shm_peers"] = sorted(rt.shm._peers)
+    return out
+
+
+def test_collectives_over_shm_in_many_windows(pool):
+    for rank, v in enumerate(pool.run(job_windows, timeout=120)):
+        assert v.pop("shm_peers") == [r for r in range(4) if r != rank], v
+        assert all(v.values()), (rank, v)
+
+
+def job_default_tcp(rank: int, world: int, port: int) -> dict:
+    init_group(rank, world, port)
+    t = torch.full((1000,), float(rank + 1))
+    dist.all_reduce(t)
+    g = [torch.empty(2) for _ in range(world)]
+    dist.all_gather(g, torch.full((2,), float(rank)))
+    dist.barrier()
+    return {"sum": t.unique().tolist(), "gather": [x[0].item() for x in g],
+            "shm": _runtime().shm.mine is not None, "mapped": len(_runtime().shm._peers)}
+
+
+def test_tcp_is_the_default_transport(pool):
+    for v in pool.run(job_default_tcp):
+        assert v == {"sum": [10.0], "gather": [0.0, 1.0, 2.0, 3.0], "shm": False, "mapped": 0}
+
+
+def job_killed_while_waiting(rank: int, world: int, port: int) -> dict:
+    # heartbeats would take 5 s: a faster return proves the closed socket woke the shm wait
+    init_over_shm(rank, world, port, pg_options=elasticpg.Options(failure_timeout=5.0))
+    dist.barrier()
+    if rank == 3:
+        time.sleep(0.3)  # the others are asleep on our shared memory by now
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.full((4,), float(rank + 1))
+    start = time.monotonic()
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    return {"s": time.monotonic() - start, "vals": t.unique().tolist(),
+            "ok": elasticpg.get_local_success(work), "mask": elasticpg.get_active_ranks().tolist()}
+
+
+def test_sigkilled_peer_detected_fast_over_shm(pool):
+    res = pool.run_raw(job_killed_while_waiting, timeout=60)
+    for r in (0, 1, 2):
+        v = res[r].value
+        assert res[r].status == "ok", v
+        assert v["vals"] == [6.0] and v["ok"] is False and v["mask"] == [1, 1, 1, 0], v
+        assert v["s"] < 2.5, v
+
+
+def job_leaks_and_idle(rank: int, world: int, port: int) -> dict:
+    gc.collect()
+    fds_before = _memfds()
+    init_over_shm(rank, world, port)
+    t = torch.ones(1 << 20)
+    dist.all_reduce(t)
+    dist.barrier()
+    mapped = _memfds()
+    cpu0, wall0 = _cpu_seconds(), time.monotonic()
+    time.sleep(1.0)  # idle: no operation in flight
+    idle = (_cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+    threads = [x.name for x in threading.enumerate() if x.name.startswith("elasticpg-")]
+    return {"before": fds_before, "mapped": mapped, "after": _memfds(), "idle": idle,
+            "threads": threads}
+
+
+def test_no_leaks_after_destroy_and_idle_cpu(pool):
+    for v in pool.run(job_leaks_and_idle):
+        assert v["before"] == 0 and v["after"] == 0 and v["threads"] == [], v
+        assert v["mapped"] >= 4, v  # our region and the three peers' mappings
+        assert v["idle"] < 0.02, v
