@@ -90,6 +90,7 @@ class GroupRuntime:
         self._peek_seq = -1  # op sequence number at the last peer_state call
         self._joining = False
         self._link_locks: dict[int, threading.Lock] = {}
+        self._linked_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
         self._lock = threading.Lock()
         self.views = ViewKeeper(self.plane, rank, View.initial(self.slots, range(world_size)),
                                 on_applied=self._view_applied, announce=self._announce_view)
@@ -202,9 +203,14 @@ class GroupRuntime:
     # ---- joiners (healthy side) ------------------------------------------------------------------
     def _link_back(self, joiner: int, incarnation: int) -> None:
         """A joiner announced itself: open our link to its new incarnation, then count it ready."""
-        if self.view.is_active(joiner) and joiner != self.rank:
-            return  # a stale JOIN; the slot is taken
-        self.transport.drop(joiner)
+        # No "still active?" check: a rank rejoining in place may announce itself before we
+        # applied the view that deactivated it. A JOIN is never late (activation needs our
+        # readiness first), and readiness of an active rank is masked out in _agree_ready.
+        if self._linked_inc.get(joiner) != incarnation:
+            # a new process in that slot: our link (if any) goes to its dead predecessor. An
+            # in-place rejoin keeps the live link: dropping it could make the rejoiner see us
+            # as failed before our new link arrived.
+            self.transport.drop(joiner)
         self.mailbox.revive_peer(joiner)
         try:
             self.ensure_link(joiner, time.monotonic() + self.timeout)
@@ -299,9 +305,10 @@ class GroupRuntime:
             if self.transport.connected(peer):
                 return
             left = deadline - time.monotonic()
-            host, port, _ = self.plane.endpoint(peer, timeout=max(left, 0.001))
+            host, port, inc = self.plane.endpoint(peer, timeout=max(left, 0.001))
             try:
                 self.transport.connect(peer, host, port, max(deadline - time.monotonic(), 0.01))
+                self._linked_inc[peer] = inc
             except OSError as exc:
                 self.fail_peer(peer, f"cannot connect: {exc}")
                 raise PeerFailedError([peer], f"cannot connect: {exc}") from None
