@@ -11,14 +11,7 @@ import torch.distributed as dist
 import elasticpg
 
 from .harness import HOST, init_group
-
-
-def _err(fn) -> str:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001
-        return type(exc).__name__
-    return "ok"
+from .harness import error_name as _err
 
 
 def job_mismatch(rank: int, world: int, port: int, case: str) -> tuple[str, str]:

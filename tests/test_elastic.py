@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import elasticpg
 
-from .harness import HOST
+from .harness import HOST, error_name
 
 REPLACEMENT = 4  # the pool worker that plays the replacement process
 
@@ -278,13 +278,7 @@ def test_scenario5_subgroups_extended_and_recovered_in_creation_order(pool):
 def job_membership_bad_input(rank: int, world: int, port: int) -> dict:
     _init(rank, 3, port, max_group_size=4)
     out = {}
-
-    def err(fn) -> str:
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001
-            return type(exc).__name__
-        return "ok"
+    err = error_name
 
     # slot 3 never registered: collectively rejected, nobody admitted
     res = elasticpg.recover_ranks(None, [3])

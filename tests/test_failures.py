@@ -201,14 +201,22 @@ def test_severed_link_between_live_ranks_keeps_views_agreed(pool):
     assert all(v["outcome"] == "ok" for r, v in enumerate(res) if r != out), res
 
 
-def job_mode_b(rank: int, world: int, port: int) -> dict:
-    init_group(rank, world, port, pg_options=_opts(auto_sync_on_failure=False))
+def _survivors_all_reduce_after_rank1_exits(rank: int, world: int, port: int,
+                                            **opts) -> tuple[torch.Tensor, object]:
+    """Rank 1 exits after a barrier; the others all_reduce their rank ids (async Work)."""
+    init_group(rank, world, port, pg_options=_opts(**opts))
     dist.barrier()
     if rank == 1:
         os._exit(0)
     t = torch.tensor([float(rank)])
     work = dist.all_reduce(t, async_op=True)
     work.wait()
+    return t, work
+
+
+def job_mode_b(rank: int, world: int, port: int) -> dict:
+    t, work = _survivors_all_reduce_after_rank1_exits(rank, world, port,
+                                                      auto_sync_on_failure=False)
     before = elasticpg.get_active_ranks().tolist()
     first = elasticpg.sync_after_failure()
     second = elasticpg.sync_after_failure()
@@ -230,14 +238,9 @@ def test_mode_b_returns_at_once_and_sync_applies(pool):
 
 
 def job_mode_c(rank: int, world: int, port: int) -> dict:
-    init_group(rank, world, port, pg_options=_opts(auto_deactivate_on_failure=False,
-                                                   auto_sync_on_failure=False))
-    dist.barrier()
-    if rank == 1:
-        os._exit(0)
-    t = torch.tensor([float(rank)])
-    work = dist.all_reduce(t, async_op=True)
-    work.wait()
+    t, work = _survivors_all_reduce_after_rank1_exits(rank, world, port,
+                                                      auto_deactivate_on_failure=False,
+                                                      auto_sync_on_failure=False)
     hint = elasticpg.get_failed_ranks_hint(work, 4)
     unchanged = elasticpg.get_active_ranks().tolist()
     # the framework reads the hints and removes the failed rank, collectively
