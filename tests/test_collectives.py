@@ -98,6 +98,9 @@ def job_all_reduce_every_dtype_and_op(rank: int, world: int, port: int) -> list[
                 bad.append(f"reduce {name} {dtype}: got {t.tolist()} want {want.tolist()}")
             if rank != 2 and not _same(t, _input(rank, dtype)):
                 bad.append(f"reduce {name} {dtype}: non-root tensor changed")
+    # the last op is rooted: non-roots return first, and leaving (destroying the group) before
+    # the root has run its part would rightly exclude them there
+    dist.barrier()
     return bad
 
 
@@ -159,6 +162,7 @@ def job_data_movement_every_dtype(rank: int, world: int, port: int) -> list[str]
         t = torch.zeros(5, dtype=dtype)
         dist.scatter(t, scatter_list=sl, src=root)
         check(f"scatter {dtype}", t, _input(100 + rank, dtype, 5))
+    dist.barrier()  # the last op is rooted (see job_all_reduce_every_dtype_and_op)
     return bad
 
 
