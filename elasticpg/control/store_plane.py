@@ -50,9 +50,6 @@ class StorePlane:
         host, port, inc = self._wait(f"ep/{rank}", timeout).decode().rsplit(":", 2)
         return host, int(port), int(inc)
 
-    def has_endpoint(self, rank: int) -> bool:
-        return self.store.check([f"ep/{rank}"])
-
     # ---- views ------------------------------------------------------------------------------
     def propose_view(self, view: View) -> View:
         """Try to decide `view` as epoch view.epoch; return whichever view won that epoch."""
