@@ -88,6 +88,7 @@ class GroupRuntime:
         self._joiner_inc: dict[int, int] = {}  # joiner slot -> incarnation that asked to join
         self.agreed_ready = 0  # bitmask every active member agreed on (see _agree_ready)
         self._peek_seq = -1  # op sequence number at the last peer_state call
+        self._noted_epoch = 0  # newest decided epoch whose consequences were noted
         self._joining = False
         self._link_locks: dict[int, threading.Lock] = {}
         self._linked_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
@@ -130,13 +131,7 @@ class GroupRuntime:
         elif header.type == MsgType.P2P:
             self.mailbox.deliver_p2p(header, payload)
         elif header.type == MsgType.VIEW:
-            if header.epoch > self.view.epoch:
-                self._dirty = True
-                # the frame carries the decided active mask: release at once any wait on a
-                # peer that decision excluded, instead of waiting for our own detector
-                for r in self.view.active:
-                    if r != self.rank and not header.ready >> r & 1:
-                        self.mailbox.fail_peer(r, f"excluded in epoch {header.epoch}")
+            self._note_decision(header.epoch, header.ready)  # `ready` carries the active mask
         elif header.type == MsgType.JOIN:
             threading.Thread(target=self._link_back, args=(header.src, header.epoch),
                              daemon=True, name=f"elasticpg-linkback-r{self.rank}").start()
@@ -167,6 +162,35 @@ class GroupRuntime:
                 # mode (b): decide in the background, apply in sync_after_failure
                 threading.Thread(target=self._decide_quietly, args=([peer],), daemon=True,
                                  name=f"elasticpg-decide-r{self.rank}").start()
+
+    def _note_decision(self, epoch: int, active_mask: int) -> None:
+        """A view newer than ours was decided: release at once every wait it makes pointless.
+
+        Waits on peers it excluded end (their contribution is not coming), and if it excluded
+        this rank, all of its waits end: the operation then settles and reports the exclusion
+        instead of waiting out its timeout for peers that no longer send to us."""
+        if epoch <= self.view.epoch or epoch <= self._noted_epoch:
+            return
+        self._noted_epoch = epoch
+        self._dirty = True
+        me_out = not active_mask >> self.rank & 1
+        for r in self.view.active:
+            if r != self.rank and (me_out or not active_mask >> r & 1):
+                self.mailbox.fail_peer(r, f"rank {self.rank} was excluded in epoch {epoch}"
+                                       if me_out else f"excluded in epoch {epoch}")
+
+    def _poll_decisions(self) -> None:
+        """Learn decisions that no VIEW frame brought (the decider may be the very peer we
+        were cut off from): one store read per liveness tick."""
+        if self.mode != ExecMode.NORMAL or not self.view.is_active(self.rank):
+            return
+        try:
+            latest = self.plane.latest_epoch()
+            if latest > max(self.view.epoch, self._noted_epoch):
+                view = self.plane.view(latest, timeout=self.heartbeat_interval)
+                self._note_decision(latest, sum(1 << r for r in view.active))
+        except Exception:  # noqa: BLE001 - the store may be gone at shutdown; retry next tick
+            pass
 
     def _decide_quietly(self, failed: list[int]) -> None:
         try:
@@ -199,6 +223,7 @@ class GroupRuntime:
                 self._peer_closed(peer, "stopped reading (heartbeat not accepted)")
             for peer in self.transport.silent(bound):
                 self.fail_peer(peer, f"no heartbeat for more than {bound:.2f}s (hung?)")
+            self._poll_decisions()
 
     # ---- joiners (healthy side) ------------------------------------------------------------------
     def _link_back(self, joiner: int, incarnation: int) -> None:
@@ -497,6 +522,9 @@ class GroupRuntime:
             view = self.plane.view(epoch)
             with self.views.lock:
                 self.views._apply(view)
+            for r in view.active:  # a rejoiner may have written its peers off while it was out
+                if r != self.rank:
+                    self.mailbox.revive_peer(r)
             self._seq = view.start_seq
             self.mode = ExecMode.NORMAL
             self.views.catch_up()
