@@ -26,7 +26,7 @@ class StorePlane:
         self.store = store
         self.timeout = timeout
 
-    def _wait(self, key: str, timeout: float | None = None) -> bytes:
+    def wait_key(self, key: str, timeout: float | None = None) -> bytes:
         t = self.timeout if timeout is None else timeout
         try:
             self.store.wait([key], timedelta(seconds=max(t, 0.001)))
@@ -47,7 +47,7 @@ class StorePlane:
         self.store.set(f"ep/{rank}", f"{host}:{port}:{incarnation}")
 
     def endpoint(self, rank: int, timeout: float | None = None) -> tuple[str, int, int]:
-        host, port, inc = self._wait(f"ep/{rank}", timeout).decode().rsplit(":", 2)
+        host, port, inc = self.wait_key(f"ep/{rank}", timeout).decode().rsplit(":", 2)
         return host, int(port), int(inc)
 
     # ---- views ------------------------------------------------------------------------------
@@ -73,4 +73,4 @@ class StorePlane:
         return int(self.store.get("view/latest"))
 
     def view(self, epoch: int, timeout: float | None = None) -> View:
-        return View.decode(self._wait(f"view/{epoch}", timeout))
+        return View.decode(self.wait_key(f"view/{epoch}", timeout))

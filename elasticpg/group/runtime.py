@@ -518,7 +518,7 @@ class GroupRuntime:
                 except (PeerFailedError, OperationTimeoutError, OSError):
                     pass  # a dead member will be excluded by the others
             key = f"joined/{self.rank}/{self.incarnation}"
-            epoch = int(self.plane._wait(key, max(deadline - time.monotonic(), 0.001)))
+            epoch = int(self.plane.wait_key(key, max(deadline - time.monotonic(), 0.001)))
             view = self.plane.view(epoch)
             with self.views.lock:
                 self.views._apply(view)
@@ -537,7 +537,7 @@ class GroupRuntime:
 
     def _live_view(self, deadline: float) -> View:
         """The latest decided view, waiting (bounded) until our slot is free in it."""
-        founders = int(self.plane._wait("founders", max(deadline - time.monotonic(), 0.001)))
+        founders = int(self.plane.wait_key("founders", max(deadline - time.monotonic(), 0.001)))
         while True:
             latest = self.plane.latest_epoch()
             view = (self.plane.view(latest) if latest else

@@ -52,7 +52,7 @@ class ShmPlane:
 
     def _info(self, peer: int, timeout: float) -> str:
         try:
-            return self.plane._wait(f"shm/{peer}", timeout).decode()
+            return self.plane.wait_key(f"shm/{peer}", timeout).decode()
         except OperationTimeoutError:
             return ""
 
