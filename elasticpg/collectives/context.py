@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -33,9 +33,8 @@ class Link(Protocol):
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class OpSpec:
-    """What every participant must agree on."""
+class OpSpec(NamedTuple):
+    """What every participant must agree on. (A tuple: one is built per collective.)"""
 
     kind: OpKind
     dtype: int = 0
@@ -57,10 +56,10 @@ class OpContext:
     failed: set[int] = field(default_factory=set)
     heard_ready: dict[int, int] = field(default_factory=dict)
     shm: Any = None  # a ShmOp when every participant shares this host (see runtime.new_op)
+    peers: list[int] = field(init=False)  # everyone else, in this rank's ring order
 
-    @property
-    def peers(self) -> list[int]:
-        return peer_order(self.me, self.participants)
+    def __post_init__(self) -> None:
+        self.peers = peer_order(self.me, self.participants)
 
     def header(self, step: int, nbytes: int, numel: int | None = None) -> Header:
         s = self.spec

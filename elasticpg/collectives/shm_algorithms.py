@@ -102,11 +102,14 @@ def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
     b = sx.post(0, a.view(np.uint8), nbytes)
     for p in ctx.peers:
         sx.wait_post(p, 0)
+    failed = ctx.failed
     parts = [(sx.me.np_raw(b, nbytes) if r == ctx.me else
               sx.regions[r].np_raw(sx.bufs[r], nbytes)).view(a.dtype)
-             for r in sorted(ctx.participants) if r not in ctx.failed]
-    np.copyto(a, parts[0])
-    for x in parts[1:]:
+             for r in ctx.participants if r not in failed]  # participants are ascending
+    if len(parts) == 1:
+        return  # a already holds our own contribution
+    fn(parts[0], parts[1], out=a)
+    for x in parts[2:]:
         fn(a, x, out=a)
 
 

@@ -38,19 +38,17 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 class ShmOp:
     """One collective's use of the shared-memory plane (see module docstring)."""
 
-    def __init__(self, ctx: OpContext, plane: ShmPlane) -> None:
+    def __init__(self, ctx: OpContext, plane: ShmPlane, regions: dict[int, Region]) -> None:
+        """`regions`: the peers' mapped regions (ShmPlane.regions_for); read, never changed."""
         self.ctx = ctx
         self.plane = plane
         self.me = plane.mine
         self.window = plane.window
         self.spin = plane.spin_for(ctx.participants)
-        self.regions: dict[int, Region] = {}
-        for p in ctx.peers:
-            r = plane.region(p, max(ctx.remaining(), 0.001))
-            if r is None:
-                ctx.failed.add(p)  # its process is gone: nothing of it can be read
-            else:
-                self.regions[p] = r
+        self.regions = regions
+        if len(regions) < len(ctx.peers):
+            # a process that is gone: nothing of it can be read
+            ctx.failed.update(p for p in ctx.peers if p not in regions)
         s = ctx.spec
         self.expect = [int(s.kind), s.dtype, s.numel, s.root, s.redop]
         self.bufs: dict[int, int] = {}  # peer -> buffer of its post in the current round
@@ -84,14 +82,14 @@ class ShmOp:
         if table is not None:
             me.table(b)[:] = table
         ctl[TOK + 8 * b] = self.token(k)
-        me.ring()
+        me.ring(ctx.me, self.regions.values())
         return b
 
     def post_reduced(self, b: int, k: int, mask: int) -> None:
         ctl = self.me.ctl
         ctl[RED + 8 * b + 1] = mask
         ctl[RED + 8 * b] = self.token(k)
-        self.me.ring()
+        self.me.ring(self.ctx.me, self.regions.values())
 
     # ---- waiting ----------------------------------------------------------------------------
     def _check(self, peer: int, token: int, region: Region) -> None:
@@ -108,7 +106,7 @@ class ShmOp:
     def _wait(self, peer: int, region: Region, cond, token: int, what: str) -> bool:
         try:
             wait_for(region, cond, lambda: self._check(peer, token, region),
-                     self.ctx.deadline, self.spin)
+                     self.ctx.deadline, self.spin, self.me, peer)
         except _PeerGoneError:
             self.ctx.failed.add(peer)
             return False

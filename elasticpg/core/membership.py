@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 
 class MemberState(enum.IntEnum):
@@ -43,6 +43,14 @@ class View:
     epoch: int
     members: tuple[MemberState, ...]
     start_seq: int = 0  # the first collective sequence number this view governs
+    # derived once: every collective asks for them
+    active: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    active_mask: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        active = tuple(r for r, s in enumerate(self.members) if s == MemberState.ACTIVE)
+        object.__setattr__(self, "active", active)
+        object.__setattr__(self, "active_mask", sum(1 << r for r in active))
 
     @classmethod
     def initial(cls, size: int, founders: Iterable[int]) -> View:
@@ -58,10 +66,6 @@ class View:
     @property
     def size(self) -> int:
         return len(self.members)
-
-    @property
-    def active(self) -> tuple[int, ...]:
-        return tuple(r for r, s in enumerate(self.members) if s == MemberState.ACTIVE)
 
     def mask(self) -> list[int]:
         return [1 if s == MemberState.ACTIVE else 0 for s in self.members]

@@ -47,6 +47,10 @@ _UPCAST = {getattr(torch, n) for n in (
 def from_torch(op: object) -> Reduce:
     """Map a torch ReduceOp (or RedOpType) to ours; PREMUL_SUM and unknown ops are rejected."""
     key = getattr(op, "op", op)  # ReduceOp instances wrap a RedOpType in .op
+    try:
+        return _FROM_TORCH[key]  # the common case: one lookup (this runs on every collective)
+    except (KeyError, TypeError):
+        pass
     for torch_op, ours in _FROM_TORCH.items():
         if key == torch_op or key == getattr(torch_op, "op", torch_op):
             return ours

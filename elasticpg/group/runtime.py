@@ -30,6 +30,7 @@ from ..errors import (
 from ..options import Options
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import TcpTransport
+from .lane import Lane
 from .shm_plane import ShmPlane
 from .views import ViewKeeper
 
@@ -84,6 +85,7 @@ class GroupRuntime:
         self._poison: str | None = None
         self._destroyed = False
         self._dirty = False  # a failure or a foreign view decision awaits the next op boundary
+        self._lane: Lane | None = None  # see lane()
         self._local_ready = 0  # bitmask: joiners whose JOIN we got and whom we linked back to
         self._joiner_inc: dict[int, int] = {}  # joiner slot -> incarnation that asked to join
         self.agreed_ready = 0  # bitmask every active member agreed on (see _agree_ready)
@@ -253,8 +255,7 @@ class GroupRuntime:
         agreed = ctx.ready
         for m in ctx.heard_ready.values():
             agreed &= m
-        active = sum(1 << r for r in self.view.active)
-        self.agreed_ready = agreed & ~active
+        self.agreed_ready = agreed & ~self.view.active_mask
 
     def peer_state(self, ranks: list[int]) -> list[bool]:
         """Readiness as agreed at the last all-to-all collective, so that every member of a
@@ -402,21 +403,42 @@ class GroupRuntime:
         self._seq += 1
         ctx = OpContext(self, self.rank, participants, seq, self.view.epoch, spec,
                         time.monotonic() + self.timeout, ready=self._local_ready)
-        if spec.kind != OpKind.MEMBERSHIP and self.shm.usable(ctx.participants, self.timeout):
-            ctx.shm = ShmOp(ctx, self.shm)
+        if spec.kind != OpKind.MEMBERSHIP:
+            regions = self.shm.regions_for(participants, self.timeout)
+            if regions is not None:
+                ctx.shm = ShmOp(ctx, self.shm, regions)
         return ctx
-
-    def finish_op(self, ctx: OpContext) -> None:
-        self.mailbox.forget_seq(ctx.seq)
 
     def run_op(self, spec: OpSpec, body: Callable[[OpContext], None],
                participants: tuple[int, ...] | None = None) -> OpContext:
-        ctx = self.new_op(spec, participants)
+        return self.run(self.new_op(spec, participants), body)
+
+    def lane(self) -> Lane | None:
+        """The reusable per-op state of the healthy steady state (see group.lane), or None when
+        the general path must run: membership to settle, poison, join in progress, no shm."""
+        lane = self._lane
+        if (self._dirty or self._poison is not None or self._destroyed
+                or self.mode != ExecMode.NORMAL):
+            return None
+        view = self.view
+        if lane is not None and lane.view is view:
+            return lane
+        self._lane = None
+        if not view.is_active(self.rank) or len(view.active) < 2:
+            return None
+        regions = self.shm.regions_for(view.active, self.timeout)
+        if regions is None or len(regions) < len(view.active) - 1:
+            return None
+        self._lane = Lane(self, view, regions)
+        return self._lane
+
+    def run(self, ctx: OpContext, body: Callable[[OpContext], None]) -> OpContext:
+        """Run one collective's body, then what every collective needs afterwards."""
         try:
             body(ctx)
             if self._poison is not None:  # a peer reported a mismatch while we ran
                 raise CollectiveMismatchError(self._poison)
-            if spec.kind in AGREEING_KINDS:
+            if ctx.spec.kind in AGREEING_KINDS:
                 self._agree_ready(ctx)
             if ctx.failed and self.auto_deactivate and self.auto_sync:
                 # mode (a): the failed operation returns only once the hole is in the view
@@ -425,7 +447,7 @@ class GroupRuntime:
             self._poison = self._poison or str(exc)
             raise
         finally:
-            self.finish_op(ctx)
+            self.mailbox.forget_seq(ctx.seq)
         return ctx
 
     # ---- membership calls ---------------------------------------------------------------------

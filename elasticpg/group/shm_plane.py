@@ -35,6 +35,7 @@ class ShmPlane:
         self.mine: Region | None = Region.create(slots, self.window) if self.host else None
         self._hosts: dict[int, str] = {}
         self._peers: dict[int, Region] = {}
+        self._sets: dict[tuple[int, ...], dict[int, Region]] = {}  # see regions_for
         self._lock = threading.Lock()
         self.last_buffer = 1  # the buffer of our latest post; posts alternate
         self.round = 0
@@ -71,6 +72,27 @@ class ShmPlane:
                 return False
         return True
 
+    def regions_for(self, participants: tuple[int, ...],
+                    timeout: float) -> dict[int, Region] | None:
+        """None unless the op can run over shared memory; else every peer's mapped region
+        (a peer whose region cannot be mapped is absent: its process is gone).
+
+        Remembered per participant set until a membership change, so that a serving loop pays
+        for the lookups once, not on every collective."""
+        known = self._sets.get(participants)
+        if known is not None:
+            return known
+        if not self.usable(participants, timeout):
+            return None
+        regions = {}
+        for p in participants:
+            r = self.region(p, timeout) if p != self.rank else None
+            if r is not None:
+                regions[p] = r
+        if len(regions) == len(participants) - 1:
+            self._sets[participants] = regions
+        return regions
+
     def spin_for(self, participants: tuple[int, ...]) -> float:
         """Spinning helps only when the rank we wait for has a core of its own."""
         return SPIN_SECONDS if len(participants) <= self.cores else 0.0
@@ -94,6 +116,7 @@ class ShmPlane:
 
     def forget(self, peer: int) -> None:
         """`peer`'s slot changed membership: a later use looks it up (and maps it) afresh."""
+        self._sets.clear()
         with self._lock:
             self._hosts.pop(peer, None)
             r = self._peers.pop(peer, None)
@@ -111,6 +134,7 @@ class ShmPlane:
 
     def close(self) -> None:
         self.wake_all()
+        self._sets.clear()
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
         for r in peers:

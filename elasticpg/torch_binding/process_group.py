@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..collectives import algorithms as alg
 from ..collectives import shm_algorithms as shm_alg
 from ..collectives.context import OpContext, OpSpec
-from ..core.dtypes import dtype_code
+from ..core.dtypes import SUPPORTED_DTYPES, dtype_code
 from ..core.framing import Header, MsgType, OpKind
 from ..core.membership import ExecMode
 from ..core.reduction import Reduce, check_supported, from_torch
@@ -32,6 +32,9 @@ from .work import ElasticWork
 BACKEND_NAME = "elasticpg"
 
 
+_DTYPES = frozenset(SUPPORTED_DTYPES)
+
+
 class _Staging:
     """Host copies of CUDA tensors (correct, not fast); CPU tensors pass through untouched."""
 
@@ -39,6 +42,9 @@ class _Staging:
         self.copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def host(self, t: torch.Tensor, name: str, output: bool) -> torch.Tensor:
+        if (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
+                and t.dtype in _DTYPES and t.is_contiguous()):
+            return t  # the common case, checked first: this runs on every collective
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type not in ("cpu", "cuda"):
@@ -86,6 +92,10 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str, numel: int | None = None)
         raise ValueError(f"{what}: dtype {b.dtype} differs from {a.dtype}")
     if numel is not None and b.numel() != numel:
         raise ValueError(f"{what}: has {b.numel()} elements, expected {numel}")
+
+
+# (torch op type, dtype) -> our reduce op, for pairs that passed the checks once
+_CHECKED_REDOPS: dict[tuple[object, torch.dtype], Reduce] = {}
 
 
 class ElasticProcessGroup(dist.ProcessGroup):
@@ -137,10 +147,14 @@ class ElasticProcessGroup(dist.ProcessGroup):
                     parts: tuple[int, ...] | None = None) -> ElasticWork:
         """Run `body` as one collective over `parts` (the participants the caller laid its
         buffers out for; None: whoever is active when it starts)."""
-        ctx = self.runtime.run_op(spec, body, parts)
+        rt = self.runtime
+        lane = rt.lane()
+        if lane is not None and (parts is None or parts == lane.ctx.participants):
+            ctx = rt.run(lane.begin(spec), body)
+        else:
+            ctx = rt.run_op(spec, body, parts)
         staging.finish()
-        return self._track(ElasticWork.completed(outputs, failed=sorted(ctx.failed),
-                                                 group_slots=self.runtime.slots))
+        return self._track(ElasticWork.completed(outputs, ctx.failed, rt.slots))
 
     def _track(self, work: ElasticWork) -> ElasticWork:
         if self._coalesced is not None:
@@ -169,8 +183,13 @@ class ElasticProcessGroup(dist.ProcessGroup):
 
     @staticmethod
     def _redop(opts: object, dtype: torch.dtype) -> Reduce:
-        op = from_torch(opts.reduceOp)
-        check_supported(op, dtype)
+        torch_op = opts.reduceOp
+        key = (getattr(torch_op, "op", torch_op), dtype)
+        op = _CHECKED_REDOPS.get(key)
+        if op is None:
+            op = from_torch(torch_op)
+            check_supported(op, dtype)
+            _CHECKED_REDOPS[key] = op
         return op
 
     def _root(self, root: int, parts: tuple[int, ...]) -> int:

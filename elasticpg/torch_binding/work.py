@@ -18,16 +18,37 @@ from ..errors import OperationTimeoutError
 
 
 class ElasticWork(dist._Work):
+    """Collectives return it already complete, so the common case carries no Event, lock or
+    Future (they cost more than a small collective's data movement); a pending work (irecv)
+    has an Event to wait on, and a Future exists only once someone asks for it."""
+
+    # a completed work's state; instances override what differs
+    _outputs: Sequence[torch.Tensor] = ()
+    _timeout = 0.0
+    _on_timeout: Callable[[], bool] | None = None
+    _complete = True
+    _done: threading.Event | None = None
+    _lock: threading.Lock | None = None
+    _error: BaseException | None = None
+    _future: torch.futures.Future | None = None
+    _finalizers: tuple = ()
+    local_success = True
+    failed_ranks: Sequence[int] = ()
+    group_slots = 0  # length of the failed-ranks hint mask
+    src = -1
+
     def __init__(self, outputs: Sequence[torch.Tensor], timeout: float,
-                 on_timeout: Callable[[], bool] | None = None) -> None:
+                 on_timeout: Callable[[], bool] | None = None, *, pending: bool = True) -> None:
         super().__init__()
         self._outputs = list(outputs)
         self._timeout = timeout
         self._on_timeout = on_timeout
-        self._done = threading.Event()
+        self._complete = False
+        self._done = threading.Event() if pending else None
+        self._lock = threading.Lock() if pending else None  # orders finish vs get_future
         self._error: BaseException | None = None
-        self._future: torch.futures.Future = torch.futures.Future()
-        self._finalizers: list[Callable[[], None]] = []
+        self._future: torch.futures.Future | None = None
+        self._finalizers: list[Callable[[], None]] = []  # type: ignore[misc]
         self.local_success = True
         self.failed_ranks: list[int] = []
         self.group_slots = 0  # length of the failed-ranks hint mask
@@ -36,9 +57,13 @@ class ElasticWork(dist._Work):
     @classmethod
     def completed(cls, outputs: Sequence[torch.Tensor], failed: Sequence[int] = (),
                   group_slots: int = 0) -> ElasticWork:
-        w = cls(outputs, 0.0)
+        w = cls.__new__(cls)  # skips __init__: the class attributes hold a completed work's state
+        dist._Work.__init__(w)
+        w._outputs = outputs
         w.group_slots = group_slots
-        w.finish(failed=failed)
+        if failed:
+            w.failed_ranks = sorted(failed)
+            w.local_success = False
         return w
 
     def add_finalizer(self, fn: Callable[[], None]) -> None:
@@ -46,22 +71,35 @@ class ElasticWork(dist._Work):
         self._finalizers.append(fn)
 
     def finish(self, error: BaseException | None = None, failed: Sequence[int] = ()) -> None:
-        if self._done.is_set():
+        if self._complete or self._lock is None:
             return
-        self.failed_ranks = sorted(set(failed))
-        self.local_success = error is None and not self.failed_ranks
-        self._error = error
-        if error is None:
-            for fn in self._finalizers:
-                fn()
+        with self._lock:
+            if self._complete:
+                return
+            self.failed_ranks = sorted(set(failed))
+            self.local_success = error is None and not self.failed_ranks
+            self._error = error
+            if error is None:
+                for fn in self._finalizers:
+                    fn()
+            self._complete = True
+            future = self._future
         self._done.set()
-        if error is None:
-            self._future.set_result(self._outputs)
+        if future is not None:
+            self._resolve(future)
+
+    def _resolve(self, future: torch.futures.Future) -> None:
+        if self._error is None:
+            future.set_result(self._outputs)
         else:
-            self._future.set_exception(error)
+            future.set_exception(self._error)
 
     # ---- the dist._Work interface -------------------------------------------------------------
     def wait(self, timeout: timedelta | None = None) -> bool:
+        if self._complete:
+            if self._error is not None:
+                raise self._error
+            return True
         bound = timeout.total_seconds() if timeout else self._timeout
         if not self._done.wait(bound) and not self._done.is_set():
             if self._on_timeout is None or self._on_timeout():
@@ -73,10 +111,10 @@ class ElasticWork(dist._Work):
         return True
 
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        return self._complete
 
     def is_success(self) -> bool:
-        return self._done.is_set() and self._error is None
+        return self._complete and self._error is None
 
     def exception(self) -> BaseException | None:
         return self._error
@@ -94,4 +132,15 @@ class ElasticWork(dist._Work):
         self.wait()
 
     def get_future(self) -> torch.futures.Future:
+        if self._future is None:
+            future = torch.futures.Future()
+            if self._lock is None:
+                self._future = future
+                self._resolve(future)
+            else:
+                with self._lock:
+                    if self._future is None:
+                        self._future = future
+                        if self._complete:
+                            self._resolve(future)
         return self._future

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
 _FUTEX_WAIT = 0
@@ -28,6 +29,17 @@ class _Timespec(ctypes.Structure):
 
 
 AVAILABLE = _SYS_FUTEX is not None
+# x86 orders every memory access around a locked instruction, which an uncontended lock's
+# acquire and release each execute: that is the full barrier `fence` needs. Elsewhere we do not
+# rely on it (posters then always wake, see transport.shm).
+HAS_FENCE = os.uname().machine in ("x86_64", "AMD64")
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """Full memory barrier (x86): our earlier stores are visible before our later loads."""
+    _fence_lock.acquire()
+    _fence_lock.release()
 
 
 def wait(addr: int, expected: int, timeout: float) -> None:

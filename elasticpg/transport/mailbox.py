@@ -133,6 +133,8 @@ class Mailbox:
 
     def forget_seq(self, seq: int) -> None:
         """Drop frames of a finished (or failed) collective that will never be taken."""
+        if not self._coll:  # the common case over shared memory: nothing was queued
+            return
         with self._cv:
             for key in [k for k in self._coll if k[1] == seq]:
                 del self._coll[key]

@@ -9,6 +9,8 @@ are needed: every control word has a single writer.
 Layout (int64 words; control words of different writers never share a cache line):
 
   ctl[0..3]    magic, random region id (guards against pid reuse), slots, window bytes
+  ctl[SLEEP]   1 + the slot whose bell the owner sleeps on, 0 while it is awake: a poster
+               makes the wake-up system call only for a peer that sleeps on its bell
   ctl[BELL]    futex word (low 32 bits): bumped on every post, so readers can sleep on it
   per buffer b in (0, 1) (posts alternate between the two buffers):
     ctl[TOK+8b]      token of the round whose raw data is posted in buffer b (0: none/being
@@ -28,14 +30,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
 from . import futex
 
-MAGIC = 0x45504753484D0001  # "EPGSHM", version 1
+MAGIC = 0x45504753484D0002  # "EPGSHM", version 2
+SLEEP = 4
 BELL = 8
 TOK = 16
 RED = 32
@@ -133,10 +136,22 @@ class Region:
         base = TABLE0 + b * 2 * self.slots
         return self.ctl[base:base + 2 * self.slots]
 
-    def ring(self) -> None:
-        """Bump the bell and wake sleepers: called after every change readers may wait for."""
+    def ring(self, me: int, readers: Iterable[Region]) -> None:
+        """Bump the bell after a change readers may wait for; wake the ones asleep on it.
+
+        Lost wake-ups are impossible: a sleeper publishes SLEEP before it reads the bell (the
+        futex call re-reads it in the kernel, behind a full barrier), and we bump the bell, fence,
+        then read SLEEP, so one of the two sees the other's write."""
         self.bell32[2 * BELL] = (int(self.bell32[2 * BELL]) + 1) & 0x7FFFFFFF
-        futex.wake(self.bell_addr)
+        if not futex.HAS_FENCE:
+            futex.wake(self.bell_addr)
+            return
+        futex.fence()
+        tag = me + 1
+        for r in readers:
+            if r.ctl[SLEEP] == tag:
+                futex.wake(self.bell_addr)
+                return
 
     def wake(self) -> None:
         futex.wake(self.bell_addr)
@@ -163,8 +178,10 @@ class Region:
 
 
 def wait_for(region: Region, cond: Callable[[], bool], check: Callable[[], None],
-             deadline: float, spin: float, slice_s: float = 0.1) -> None:
-    """Return once `cond()` holds: spin for `spin` seconds, then sleep on `region`'s bell.
+             deadline: float, spin: float, mine: Region, peer: int,
+             slice_s: float = 0.1) -> None:
+    """Return once `cond()` holds: spin for `spin` seconds, then sleep on `region`'s bell
+    (`region` is slot `peer`'s; `mine`, our own, tells the peer we sleep on it: see ring).
 
     `check()` raises when waiting is pointless (peer failed, abort, group closed); it runs
     before every sleep, and every failure, abort and close wakes the sleepers, so it runs at
@@ -178,12 +195,17 @@ def wait_for(region: Region, cond: Callable[[], bool], check: Callable[[], None]
             if cond():
                 return
     bell32, addr = region.bell32, region.bell_addr
-    while True:
-        seen = int(bell32[2 * BELL])
-        if cond():
-            return
-        check()
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        futex.wait(addr, seen, min(left, slice_s))
+    mine.ctl[SLEEP] = peer + 1
+    try:
+        while True:
+            futex.fence()
+            seen = int(bell32[2 * BELL])
+            if cond():
+                return
+            check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            futex.wait(addr, seen, min(left, slice_s))
+    finally:
+        mine.ctl[SLEEP] = 0
