@@ -156,13 +156,24 @@ class RankPool:
 
 
 def init_group(rank: int, world: int, port: int, backend: str = "elasticpg",
-               timeout: float = 30.0, **kwargs: Any) -> None:
-    """Inside a worker: join this job's default group through the test's store."""
+               timeout: float = 30.0, env: dict[str, str] | None = None, **kwargs: Any) -> None:
+    """Inside a worker: join this job's default group through the test's store.
+
+    `env`: ELASTICPG_* variables set only while the group is created (e.g. the transport)."""
     import torch.distributed as dist
 
-    store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=timeout))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout), **kwargs)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout), **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def error_name(fn: Callable[[], Any]) -> str:

@@ -39,12 +39,8 @@ def job_chaos(rank: int, world: int, port: int, seed: int, steps: int,
     victims = rng.sample(range(world), 2)
     plan = {v: (rng.randrange(steps), rng.choice(["exit", "kill", "mid"])) for v in victims}
     fds_before = _fds()
-    os.environ["ELASTICPG_TRANSPORT"] = transport
-    try:
-        init_group(rank, world, port,
-                   pg_options=elasticpg.Options(failure_timeout=FAILURE_TIMEOUT))
-    finally:
-        del os.environ["ELASTICPG_TRANSPORT"]
+    init_group(rank, world, port, env={"ELASTICPG_TRANSPORT": transport},
+               pg_options=elasticpg.Options(failure_timeout=FAILURE_TIMEOUT))
     rt = dist.group.WORLD.runtime
     bad: list[str] = []
     worst = 0.0

@@ -7,6 +7,7 @@ fails with every wrong case listed, and the suite pays process start-up once.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -80,8 +81,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def job_all_reduce_every_dtype_and_op(rank: int, world: int, port: int) -> list[str]:
-    init_group(rank, world, port)
+def job_all_reduce_every_dtype_and_op(rank: int, world: int, port: int,
+                                      transport: str) -> list[str]:
+    init_group(rank, world, port, env={"ELASTICPG_TRANSPORT": transport})
+    root = min(2, world - 1)
     bad = []
     for dtype in DTYPES:
         for name, op in OPS.items():
@@ -93,10 +96,10 @@ def job_all_reduce_every_dtype_and_op(rank: int, world: int, port: int) -> list[
             if not _same(t, want):
                 bad.append(f"all_reduce {name} {dtype}: got {t.tolist()} want {want.tolist()}")
             t = _input(rank, dtype)
-            dist.reduce(t, dst=2, op=op)
-            if rank == 2 and not _same(t, want):
+            dist.reduce(t, dst=root, op=op)
+            if rank == root and not _same(t, want):
                 bad.append(f"reduce {name} {dtype}: got {t.tolist()} want {want.tolist()}")
-            if rank != 2 and not _same(t, _input(rank, dtype)):
+            if rank != root and not _same(t, _input(rank, dtype)):
                 bad.append(f"reduce {name} {dtype}: non-root tensor changed")
     # the last op is rooted: non-roots return first, and leaving (destroying the group) before
     # the root has run its part would rightly exclude them there
@@ -351,8 +354,10 @@ def job_subgroups(rank: int, world: int, port: int) -> list[str]:
     return bad
 
 
-def test_all_reduce_and_reduce_every_dtype_and_op(pool):
-    assert pool.run(job_all_reduce_every_dtype_and_op, timeout=120) == [[]] * W
+@pytest.mark.parametrize(("transport", "world"), [("shm", W), ("shm", 2), ("tcp", W)])
+def test_all_reduce_and_reduce_every_dtype_and_op(pool, transport, world):
+    assert pool.run(job_all_reduce_every_dtype_and_op, transport, world=world,
+                    timeout=120) == [[]] * world
 
 
 def test_data_movement_every_dtype(pool):

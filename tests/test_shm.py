@@ -1,6 +1,6 @@
-"""The same-host shared-memory data plane (opt-in: ELASTICPG_TRANSPORT=shm): windowed for large
-messages, TCP by default, failure detection as fast as over TCP, no leaks, an idle rank stays
-idle. The chaos test also runs over shared memory.
+"""The same-host shared-memory data plane (the default; ELASTICPG_TRANSPORT=tcp turns it off):
+windowed for large messages, failure detection as fast as over TCP, no leaks, an idle rank stays
+idle. The chaos test runs over both transports.
 """
 
 from __future__ import annotations
@@ -11,25 +11,13 @@ import signal
 import threading
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import elasticpg
 
 from .harness import init_group
-
-
-def init_over_shm(rank: int, world: int, port: int, **env_and_kw) -> None:
-    """init_group with shared memory switched on (and any ELASTICPG_* variables) for this init."""
-    env = {"ELASTICPG_TRANSPORT": "shm"}
-    env.update({k: v for k, v in env_and_kw.items() if k.startswith("ELASTICPG_")})
-    kw = {k: v for k, v in env_and_kw.items() if not k.startswith("ELASTICPG_")}
-    os.environ.update(env)
-    try:
-        init_group(rank, world, port, **kw)
-    finally:
-        for k in env:
-            del os.environ[k]
 
 
 def _runtime():
@@ -54,22 +42,23 @@ def _cpu_seconds() -> float:
 
 def job_windows(rank: int, world: int, port: int) -> dict:
     """Tiny windows force every collective through several rounds and both buffers."""
-    init_over_shm(rank, world, port, ELASTICPG_SHM_WINDOW="4096")
+    init_group(rank, world, port, env={"ELASTICPG_SHM_WINDOW": "4096"})
     rt = _runtime()
     out = {}
     for n in (3, 1000, 70_000):  # numpy path, direct torch path, reduce-scatter + all-gather
         t = torch.arange(n, dtype=torch.float64) * (rank + 1)
         dist.all_reduce(t)
-        out[f"ar{n}"] = bool(torch.equal(t, torch.arange(n, dtype=torch.float64) * 10))
+        want = torch.arange(n, dtype=torch.float64) * (world * (world + 1) // 2)
+        out[f"ar{n}"] = bool(torch.equal(t, want))
     g = torch.empty(world * 3000, dtype=torch.int32)
     dist.all_gather_into_tensor(g, torch.full((3000,), rank, dtype=torch.int32))
     out["ag"] = g.view(world, -1).unique(dim=1).flatten().tolist() == list(range(world))
-    b = torch.arange(5000) if rank == 2 else torch.zeros(5000, dtype=torch.int64)
-    dist.broadcast(b, src=2)
+    b = torch.arange(5000) if rank == world - 1 else torch.zeros(5000, dtype=torch.int64)
+    dist.broadcast(b, src=world - 1)
     out["bc"] = bool(torch.equal(b, torch.arange(5000)))
     rs = torch.empty(2000)
     dist.reduce_scatter_tensor(rs, torch.arange(world * 2000, dtype=torch.float32))
-    out["rs"] = bool(torch.equal(rs, torch.arange(rank * 2000, (rank + 1) * 2000) * 4.0))
+    out["rs"] = bool(torch.equal(rs, torch.arange(rank * 2000, (rank + 1) * 2000) * world * 1.0))
     splits = [1000 * (rank + 1)] * world  # uneven: rank r sends 1000 * (r + 1) rows to each
     inp = torch.full((sum(splits),), rank, dtype=torch.int16)
     recv = [1000 * (p + 1) for p in range(world)]
@@ -81,31 +70,44 @@ def job_windows(rank: int, world: int, port: int) -> dict:
     return out
 
 
-def test_collectives_over_shm_in_many_windows(pool):
-    for rank, v in enumerate(pool.run(job_windows, timeout=120)):
-        assert v.pop("shm_peers") == [r for r in range(4) if r != rank], v
+@pytest.mark.parametrize("world", [4, 2])  # 2 ranks reduce in place, more reduce-scatter
+def test_collectives_over_shm_in_many_windows(pool, world):
+    for rank, v in enumerate(pool.run(job_windows, world=world, timeout=120)):
+        assert v.pop("shm_peers") == [r for r in range(world) if r != rank], v
         assert all(v.values()), (rank, v)
 
 
-def job_default_tcp(rank: int, world: int, port: int) -> dict:
-    init_group(rank, world, port)
+def job_transport_choice(rank: int, world: int, port: int) -> dict:
+    """Rank 0 opts out of shared memory: the default group's collectives must then all run
+    over TCP (a decision every participant makes alike), a subgroup without rank 0 over shm."""
+    init_group(rank, world, port, env={"ELASTICPG_TRANSPORT": "tcp"} if rank == 0 else {})
     t = torch.full((1000,), float(rank + 1))
     dist.all_reduce(t)
     g = [torch.empty(2) for _ in range(world)]
     dist.all_gather(g, torch.full((2,), float(rank)))
+    sub = dist.new_group([1, 2, 3])
+    s = torch.full((3,), float(rank))
+    if rank != 0:
+        dist.all_reduce(s, group=sub)
+        dist.barrier(group=sub)
     dist.barrier()
     return {"sum": t.unique().tolist(), "gather": [x[0].item() for x in g],
-            "shm": _runtime().shm.mine is not None, "mapped": len(_runtime().shm._peers)}
+            "sub": s.unique().tolist(), "shm": _runtime().shm.mine is not None,
+            "mapped": len(_runtime().shm._peers),
+            "sub_mapped": len(sub.runtime.shm._peers) if rank != 0 else -1}
 
 
-def test_tcp_is_the_default_transport(pool):
-    for v in pool.run(job_default_tcp):
-        assert v == {"sum": [10.0], "gather": [0.0, 1.0, 2.0, 3.0], "shm": False, "mapped": 0}
+def test_shm_is_the_default_and_tcp_an_opt_out(pool):
+    for rank, v in enumerate(pool.run(job_transport_choice)):
+        assert v["sum"] == [10.0] and v["gather"] == [0.0, 1.0, 2.0, 3.0], v
+        assert v["shm"] is (rank != 0) and v["mapped"] == 0, v
+        assert v["sub"] == ([0.0] if rank == 0 else [6.0]), v
+        assert v["sub_mapped"] == (-1 if rank == 0 else 2), v
 
 
 def job_killed_while_waiting(rank: int, world: int, port: int) -> dict:
     # heartbeats would take 5 s: a faster return proves the closed socket woke the shm wait
-    init_over_shm(rank, world, port, pg_options=elasticpg.Options(failure_timeout=5.0))
+    init_group(rank, world, port, pg_options=elasticpg.Options(failure_timeout=5.0))
     dist.barrier()
     if rank == 3:
         time.sleep(0.3)  # the others are asleep on our shared memory by now
@@ -130,7 +132,7 @@ def test_sigkilled_peer_detected_fast_over_shm(pool):
 def job_leaks_and_idle(rank: int, world: int, port: int) -> dict:
     gc.collect()
     fds_before = _memfds()
-    init_over_shm(rank, world, port)
+    init_group(rank, world, port)
     t = torch.ones(1 << 20)
     dist.all_reduce(t)
     dist.barrier()

@@ -2,7 +2,8 @@
 
 Data movement copies straight from the peers' mapped windows into the outputs. Reductions run
 torch ops over views of the windows, in ascending rank order, so results are bit-identical on
-every rank and equal to the TCP path's. Large all_reduce is reduce-scatter + all-gather: each
+every rank and equal to the TCP path's. With more than two ranks, large all_reduce is
+reduce-scatter + all-gather: each
 rank reduces its slice of the window and posts it; a rank that misses a slice (its reducer
 failed, or included a different set of ranks) reduces that slice itself from the raw windows,
 which stay valid until it posts again. Each rank's result so covers exactly the ranks whose
@@ -21,7 +22,8 @@ from ..core.schedules import even_splits
 from .shm_exchange import ShmOp, byte_view
 
 SMALL_NUMPY = 64 << 10  # bytes: below, all_reduce runs in numpy (lower fixed cost per call)
-LARGE_ALLREDUCE = 256 << 10  # bytes: above, reduce-scatter + all-gather beats direct reduction
+LARGE_ALLREDUCE = 256 << 10  # bytes: above (and > 2 ranks), reduce-scatter + all-gather beats
+# every rank reducing everything; with 2 ranks the direct reduction moves less memory
 
 # (stream offset, destination bytes) a rank copies out of a peer's stream
 Needs = Callable[[int], list[tuple[int, torch.Tensor]]]
@@ -114,14 +116,14 @@ def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
 
 
 def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
-    if t.numel() and t.numel() * t.element_size() <= SMALL_NUMPY:
+    if t.numel() and t.numel() * t.element_size() <= min(SMALL_NUMPY, sx.window):
         fn = _np_ufunc(t.dtype, op)
         if fn is not None:
             _allreduce_small(sx, t, fn)
             return
     tb = byte_view(t)
     nbytes = tb.numel()
-    if nbytes > LARGE_ALLREDUCE and len(sx.ctx.participants) > 1:
+    if nbytes > LARGE_ALLREDUCE and len(sx.ctx.participants) > 2:
         _allreduce_rs_ag(sx, t, tb, op)
         return
     ctx = sx.ctx
@@ -129,11 +131,20 @@ def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
         b = sx.post(k, [(0, tb)], nbytes)
         for p in ctx.peers:
             sx.wait_post(p, k)
-        order = sorted(r for r in ctx.participants if r not in ctx.failed)
+        order = [r for r in ctx.participants if r not in ctx.failed]
         lo = k * sx.window
         c = min(nbytes - lo, sx.window)
-        if c > 0:
-            _reduce_window(sx, k, b, order, 0, c, tb[lo:lo + c], t.dtype, op)
+        if c <= 0 or len(order) == 1:
+            continue  # our own contribution is already in place
+        out = tb[lo:lo + c]
+        if len(order) == 2:
+            # Every reduce op is commutative for two operands (same bits either way round),
+            # so fold the peer's window into ours in place: one pass instead of copy + pass.
+            (peer,) = (r for r in order if r != ctx.me)
+            other = sx.regions[peer].raw(sx.bufs[peer])[:c]
+            reduce_into(out.view(t.dtype), [out.view(t.dtype), other.view(t.dtype)], op)
+        else:
+            _reduce_window(sx, k, b, order, 0, c, out, t.dtype, op)
 
 
 def _allreduce_rs_ag(sx: ShmOp, t: torch.Tensor, tb: torch.Tensor, op: Reduce) -> None:
@@ -250,6 +261,8 @@ def alltoall(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor
     table = [0] * (2 * sx.me.slots)
     segs, off = [], 0
     for r in ctx.participants:
+        if r == ctx.me:
+            continue  # our own block never enters the stream: it is copied directly below
         seg = byte_view(ins[idx[r]])
         segs.append((off, seg))
         table[2 * r], table[2 * r + 1] = off, seg.numel()

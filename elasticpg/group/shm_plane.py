@@ -3,9 +3,9 @@
 Every rank publishes `shm/<rank>` in the group's store before its TCP endpoint, so a peer that
 can reach it can also decide whether to use shared memory with it. A collective runs over
 shared memory iff every participant published the same non-empty host id: the decision uses
-only published facts, so all participants make the same one. Shared memory is opt-in
-(ELASTICPG_TRANSPORT=shm in every rank's environment); any rank without it publishes an empty
-host id and so keeps all of its groups' collectives on TCP.
+only published facts, so all participants make the same one. Shared memory is the default; a
+rank started with ELASTICPG_TRANSPORT=tcp publishes an empty host id and so keeps every
+collective it takes part in on TCP.
 A peer's region is mapped on first use and forgotten when that slot's membership changes, so a
 replacement process (new pid, new region) is attached afresh.
 """

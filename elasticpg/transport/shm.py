@@ -44,15 +44,17 @@ TOK = 16
 RED = 32
 DESC = 48
 TABLE0 = 64
-DEFAULT_WINDOW = 16 << 20
+DEFAULT_WINDOW = 1 << 20  # small enough that the windows in flight stay in the cache
 _PAGE = 4096
 
 
 def host_id() -> str:
     """Ranks whose host ids are equal can map each other's regions ("" if shm is off here).
 
-    Opt-in (ELASTICPG_TRANSPORT=shm) while it is not yet faster than TCP at every size."""
-    if os.environ.get("ELASTICPG_TRANSPORT", "").lower() != "shm" or not futex.AVAILABLE \
+    On by default wherever Linux offers memfd and futexes; ELASTICPG_TRANSPORT=tcp keeps this
+    process's groups on TCP (for comparison, or where /proc/<pid>/fd of a peer is not readable).
+    """
+    if os.environ.get("ELASTICPG_TRANSPORT", "").lower() == "tcp" or not futex.AVAILABLE \
             or not hasattr(os, "memfd_create"):
         return ""
     try:
