@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -100,8 +101,13 @@ def test_scenario6_sigstopped_rank_detected_within_bound(pool):
         assert v["s"] < 6.0, v
 
 
-def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float) -> dict:
-    init_group(rank, world, port, pg_options=_opts())
+WINDOW = 1 << 20  # the shared-memory window (bytes): the unit a contribution arrives in
+
+
+def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float,
+                          transport: str) -> dict:
+    init_group(rank, world, port, pg_options=_opts(),
+               env={"ELASTICPG_TRANSPORT": transport, "ELASTICPG_SHM_WINDOW": str(WINDOW)})
     n = 4 << 20  # 16 MB of float32 per rank
     t = torch.full((n,), float(rank + 1))
     dist.barrier()
@@ -112,21 +118,28 @@ def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float) -> dic
     if rank == 3:
         time.sleep(5)  # the timer kills us; survive long enough for it to fire
     ok = elasticpg.get_local_success(work)
-    uniq = torch.unique(t).tolist()
-    return {"ok": ok, "vals": uniq, "mask": elasticpg.get_active_ranks().tolist(),
+    windows = [torch.unique(w).tolist() for w in t.split(WINDOW // 4)]
+    return {"ok": ok, "windows": windows, "mask": elasticpg.get_active_ranks().tolist(),
             "then": _sum_again(rank)}
 
 
-def test_rank_killed_inside_large_all_reduce(pool):
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_rank_killed_inside_large_all_reduce(pool, transport):
     for delay in (0.0, 0.02):
-        res = pool.run_raw(job_die_mid_allreduce, delay, timeout=90)
+        res = pool.run_raw(job_die_mid_allreduce, delay, transport, timeout=90)
         for r in (0, 1, 2):
             v = res[r].value
             assert res[r].status == "ok", v
-            # explicit rule: a contribution counts iff received whole
-            assert v["vals"] in ([10.0], [6.0]), v
+            # explicit rule: a contribution counts iff received whole; over TCP the whole
+            # tensor is one message, over shared memory each window is one (README)
+            sums = [w[0] if len(w) == 1 else w for w in v["windows"]]
+            assert all(x in (10.0, 6.0) for x in sums), v
+            if transport == "tcp":
+                assert len(set(sums)) == 1, sums
+            else:  # the windows it completed before dying, then none
+                assert sums == sorted(sums, reverse=True), sums
             if v["ok"]:
-                assert v["vals"] == [10.0], v
+                assert set(sums) == {10.0}, v
             assert v["mask"] == [1, 1, 1, 0], v
             assert v["then"] == 3.0, v
 

@@ -250,7 +250,7 @@ class GroupRuntime:
         """After a collective in which every participant heard every other one, all of them
         hold the same set of ready-mask values: their AND is the agreed readiness. That makes
         get_peer_state return the same answer on every member at the same step."""
-        if ctx.failed or set(ctx.heard_ready) != set(ctx.peers):
+        if ctx.failed or len(ctx.heard_ready) != len(ctx.peers):  # heard only from peers
             return
         agreed = ctx.ready
         for m in ctx.heard_ready.values():
