@@ -71,14 +71,16 @@ class ShmOp:
         hi = lo + self.window
         if isinstance(segments, np.ndarray):  # one small numpy segment, for the fast path
             me.np_raw(b, segments.size)[:] = segments
-        else:
+        elif segments:
             raw = me.raw(b)
             for off, seg in segments:
                 a, c = max(off, lo), min(off + seg.numel(), hi)
                 if a < c:
                     raw[a - lo:c - lo].copy_(seg[a - off:c - off])
         d = DESC + 8 * b
-        ctl[d:d + 8] = self.expect + [stream_len, ctx.ready, ctx.epoch]
+        kind, dtype, numel, root, redop = self.expect
+        ctl[d], ctl[d + 1], ctl[d + 2], ctl[d + 3] = kind, dtype, numel, root
+        ctl[d + 4], ctl[d + 5], ctl[d + 6], ctl[d + 7] = redop, stream_len, ctx.ready, ctx.epoch
         if table is not None:
             me.table(b)[:] = table
         ctl[TOK + 8 * b] = self.token(k)

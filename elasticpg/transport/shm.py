@@ -83,9 +83,13 @@ class Region:
         self.slots = slots
         self.window = window
         ctl_bytes = _ctl_bytes(slots)
-        self.ctl = np.frombuffer(mm, dtype=np.int64, count=ctl_bytes // 8)
-        self.bell32 = np.frombuffer(mm, dtype=np.int32, count=2 * BELL + 1)
-        self.bell_addr = self.ctl.ctypes.data + BELL * 8
+        # Control words through a memoryview: indexing it yields plain ints, several times
+        # cheaper than numpy scalars, and the latency path reads and writes them on every call.
+        self._mv = memoryview(mm)
+        self.ctl = self._mv[:ctl_bytes].cast("q")
+        self.ctl_np = np.frombuffer(mm, dtype=np.int64, count=ctl_bytes // 8)  # bulk access
+        self.bell32 = self._mv[:ctl_bytes].cast("i")  # the futex word is 32 bits
+        self.bell_addr = self.ctl_np.ctypes.data + BELL * 8
         self.data = torch.frombuffer(mm, dtype=torch.uint8, offset=ctl_bytes,
                                      count=4 * window)
         # numpy views cost a fraction of torch's per call: the small-message path uses them
@@ -136,7 +140,7 @@ class Region:
 
     def table(self, b: int) -> np.ndarray:
         base = TABLE0 + b * 2 * self.slots
-        return self.ctl[base:base + 2 * self.slots]
+        return self.ctl_np[base:base + 2 * self.slots]
 
     def ring(self, me: int, readers: Iterable[Region]) -> None:
         """Bump the bell after a change readers may wait for; wake the ones asleep on it.
@@ -144,7 +148,7 @@ class Region:
         Lost wake-ups are impossible: a sleeper publishes SLEEP before it reads the bell (the
         futex call re-reads it in the kernel, behind a full barrier), and we bump the bell, fence,
         then read SLEEP, so one of the two sees the other's write."""
-        self.bell32[2 * BELL] = (int(self.bell32[2 * BELL]) + 1) & 0x7FFFFFFF
+        self.bell32[2 * BELL] = (self.bell32[2 * BELL] + 1) & 0x7FFFFFFF
         if not futex.HAS_FENCE:
             futex.wake(self.bell_addr)
             return
@@ -169,8 +173,11 @@ class Region:
 
     def close(self) -> None:
         """Unmap (once no tensor views of it remain; otherwise the GC unmaps it later)."""
-        del self.ctl, self.bell32, self.data, self.np_data
+        views = (self.ctl, self.bell32, self._mv)
+        del self.ctl, self.bell32, self._mv, self.ctl_np, self.data, self.np_data
         try:
+            for v in views:
+                v.release()
             self.mm.close()
         except BufferError:
             pass  # a view is still alive in some frame; dropping the last reference unmaps
@@ -201,7 +208,7 @@ def wait_for(region: Region, cond: Callable[[], bool], check: Callable[[], None]
     try:
         while True:
             futex.fence()
-            seen = int(bell32[2 * BELL])
+            seen = bell32[2 * BELL]
             if cond():
                 return
             check()
