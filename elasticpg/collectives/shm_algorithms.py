@@ -99,14 +99,12 @@ _UFUNCS: dict[tuple[torch.dtype, Reduce], np.ufunc | None] = {}
 def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
     """Latency path: numpy over the mapped windows (a torch call costs several times more)."""
     ctx = sx.ctx
-    a = t.numpy().reshape(-1)
-    nbytes = a.nbytes
-    b = sx.post(0, a.view(np.uint8), nbytes)
+    a, a8 = sx.plane.numpy_of(t)
+    b = sx.post(0, a8, a8.size)
     for p in ctx.peers:
         sx.wait_post(p, 0)
-    failed = ctx.failed
-    parts = [(sx.me.np_raw(b, nbytes) if r == ctx.me else
-              sx.regions[r].np_raw(sx.bufs[r], nbytes)).view(a.dtype)
+    failed, dt, n = ctx.failed, a.dtype, a.size
+    parts = [(sx.me.np_raw(b, n, dt) if r == ctx.me else sx.regions[r].np_raw(sx.bufs[r], n, dt))
              for r in ctx.participants if r not in failed]  # participants are ascending
     if len(parts) == 1:
         return  # a already holds our own contribution

@@ -22,7 +22,7 @@ import torch
 from ..core.framing import Header, MsgType, OpKind
 from ..errors import CollectiveMismatchError, OperationTimeoutError
 from ..group.shm_plane import ShmPlane
-from ..transport.shm import DESC, RED, TOK, Region, wait_for
+from ..transport.shm import EPOCH, RED, TOK, Region, wait_for
 from .context import OpContext
 
 
@@ -77,10 +77,11 @@ class ShmOp:
                 a, c = max(off, lo), min(off + seg.numel(), hi)
                 if a < c:
                     raw[a - lo:c - lo].copy_(seg[a - off:c - off])
-        d = DESC + 8 * b
+        d = TOK + 8 * b + 1
         kind, dtype, numel, root, redop = self.expect
         ctl[d], ctl[d + 1], ctl[d + 2], ctl[d + 3] = kind, dtype, numel, root
-        ctl[d + 4], ctl[d + 5], ctl[d + 6], ctl[d + 7] = redop, stream_len, ctx.ready, ctx.epoch
+        ctl[d + 4], ctl[d + 5], ctl[d + 6] = redop, stream_len, ctx.ready
+        ctl[EPOCH + b] = ctx.epoch
         if table is not None:
             me.table(b)[:] = table
         ctl[TOK + 8 * b] = self.token(k)
@@ -130,7 +131,7 @@ class ShmOp:
                 return None
         b = 0 if ctl[TOK] == token else 1
         self.bufs[peer] = b
-        d = DESC + 8 * b
+        d = TOK + 8 * b + 1
         if ctl[d:d + 5].tolist() != self.expect:
             self._mismatch(peer, b)
         if k == 0:
@@ -148,12 +149,13 @@ class ShmOp:
         return int(ctl[i + 1])
 
     def stream_len(self, peer: int) -> int:
-        return int(self.regions[peer].ctl[DESC + 8 * self.bufs[peer] + 5])
+        return self.regions[peer].ctl[TOK + 8 * self.bufs[peer] + 6]
 
     def _mismatch(self, peer: int, b: int) -> None:
         ctl = self.regions[peer].ctl
-        kind, dtype, numel, root, redop, nbytes, ready, epoch = ctl[DESC + 8 * b:
-                                                                     DESC + 8 * b + 8].tolist()
+        d = TOK + 8 * b + 1
+        kind, dtype, numel, root, redop, nbytes, ready = ctl[d:d + 7].tolist()
+        epoch = ctl[EPOCH + b]
         try:
             h = Header(MsgType.COLL, peer, nbytes, OpKind(kind), dtype, redop, epoch,
                        self.ctx.seq, 0, numel, root, ready=ready)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 from ..control.store_plane import StorePlane
@@ -38,6 +41,7 @@ class ShmPlane:
         self._sets: dict[tuple[int, ...], dict[int, Region]] = {}  # see regions_for
         self._lock = threading.Lock()
         self.last_buffer = 1  # the buffer of our latest post; posts alternate
+        self._last_np: tuple | None = None  # see numpy_of
         self.round = 0
 
     @property
@@ -92,6 +96,18 @@ class ShmPlane:
         if len(regions) == len(participants) - 1:
             self._sets[participants] = regions
         return regions
+
+    def numpy_of(self, t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """`t` as a flat numpy array and its bytes, remembered for the last tensor seen (a
+        serving loop reduces the same buffer every step; making the views costs microseconds)."""
+        c = self._last_np
+        if (c is not None and c[0]() is t and c[1] == t.data_ptr() and c[2] == t.numel()
+                and c[3] == t.dtype):
+            return c[4], c[5]
+        a = t.numpy().reshape(-1)
+        a8 = a.view(np.uint8)
+        self._last_np = (weakref.ref(t), t.data_ptr(), t.numel(), t.dtype, a, a8)
+        return a, a8
 
     def spin_for(self, participants: tuple[int, ...]) -> float:
         """Spinning helps only when the rank we wait for has a core of its own."""

@@ -14,11 +14,13 @@ Layout (int64 words; control words of different writers never share a cache line
   ctl[BELL]    futex word (low 32 bits): bumped on every post, so readers can sleep on it
   per buffer b in (0, 1) (posts alternate between the two buffers):
     ctl[TOK+8b]      token of the round whose raw data is posted in buffer b (0: none/being
-                     rewritten)
+                     rewritten), then in the same cache line, ctl[TOK+8b+1 ..+7], the
+                     descriptor: kind, dtype, numel, root, redop, stream bytes, ready mask
+                     (a reader that sees the token has the descriptor without another
+                     cache-line transfer; between cores of different dies each costs ~1 us)
+    ctl[EPOCH+b]     the poster's view epoch (read only to explain a mismatch)
     ctl[RED+8b]      token of the round whose reduced slice is posted; ctl[RED+8b+1]: the set
                      of ranks (bitmask) that slice includes
-    ctl[DESC+8b..]   descriptor of the posted round: kind, dtype, numel, root, redop,
-                     stream bytes, ready mask, epoch
     ctl[TABLE(b)..]  per destination slot: (stream offset, bytes) for all_to_all
   data: buffer b = raw window (W bytes) then reduced window (W bytes)
 """
@@ -37,15 +39,16 @@ import torch
 
 from . import futex
 
-MAGIC = 0x45504753484D0002  # "EPGSHM", version 2
+MAGIC = 0x45504753484D0003  # "EPGSHM", version 3
 SLEEP = 4
 BELL = 8
-TOK = 16
-RED = 32
-DESC = 48
-TABLE0 = 64
+TOK = 16  # and the descriptor: TOK + 8b + 1 + (kind, dtype, numel, root, redop, bytes, ready)
+EPOCH = 32
+RED = 40
+TABLE0 = 56
 DEFAULT_WINDOW = 1 << 20  # small enough that the windows in flight stay in the cache
 _PAGE = 4096
+_BYTE = np.dtype(np.uint8)
 
 
 def host_id() -> str:
@@ -94,6 +97,7 @@ class Region:
                                      count=4 * window)
         # numpy views cost a fraction of torch's per call: the small-message path uses them
         self.np_data = np.frombuffer(mm, dtype=np.uint8, offset=ctl_bytes, count=4 * window)
+        self._np_views: dict[tuple[int, np.dtype, int], np.ndarray] = {}  # see np_raw
 
     @classmethod
     def create(cls, slots: int, window: int) -> Region:
@@ -132,8 +136,20 @@ class Region:
     def raw(self, b: int) -> torch.Tensor:
         return self.data[2 * b * self.window:(2 * b + 1) * self.window]
 
-    def np_raw(self, b: int, nbytes: int) -> np.ndarray:
-        return self.np_data[2 * b * self.window:2 * b * self.window + nbytes]
+    def np_raw(self, b: int, count: int, dtype: np.dtype = _BYTE) -> np.ndarray:
+        """The first `count` items of raw buffer b as a numpy array of `dtype`.
+
+        Remembered per (buffer, dtype, count): a serving loop asks for the same few views on
+        every call, and building one costs more than the small message it carries."""
+        key = (b, dtype, count)
+        view = self._np_views.get(key)
+        if view is None:
+            if len(self._np_views) > 64:
+                self._np_views.clear()
+            start = 2 * b * self.window
+            view = self.np_data[start:start + count * dtype.itemsize].view(dtype)
+            self._np_views[key] = view
+        return view
 
     def reduced(self, b: int) -> torch.Tensor:
         return self.data[(2 * b + 1) * self.window:(2 * b + 2) * self.window]
@@ -174,6 +190,7 @@ class Region:
     def close(self) -> None:
         """Unmap (once no tensor views of it remain; otherwise the GC unmaps it later)."""
         views = (self.ctl, self.bell32, self._mv)
+        self._np_views.clear()
         del self.ctl, self.bell32, self._mv, self.ctl_np, self.data, self.np_data
         try:
             for v in views:
