@@ -32,6 +32,8 @@ class Link(Protocol):
 
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None: ...
 
+    def note_decision(self, epoch: int, active_mask: int) -> None: ...
+
 
 class OpSpec(NamedTuple):
     """What every participant must agree on. (A tuple: one is built per collective.)"""

@@ -22,8 +22,8 @@ import torch
 from ..core.framing import Header, MsgType, OpKind
 from ..errors import CollectiveMismatchError, OperationTimeoutError
 from ..group.shm_plane import ShmPlane
-from ..transport.shm import EPOCH, RED, TOK, Region, wait_for
-from .context import OpContext
+from ..transport.shm import RED, TOK, Region, wait_for
+from .context import OpContext, OpSpec
 
 
 class _PeerGoneError(Exception):
@@ -33,6 +33,12 @@ class _PeerGoneError(Exception):
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     flat = t.reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def expect_words(spec: OpSpec) -> list[int]:
+    """The descriptor words every participant's post must match: (kind, dtype, reduce op)
+    packed in one word, the count, the root."""
+    return [int(spec.kind) | spec.dtype << 8 | int(spec.redop) << 16, spec.numel, spec.root]
 
 
 class ShmOp:
@@ -49,8 +55,8 @@ class ShmOp:
         if len(regions) < len(ctx.peers):
             # a process that is gone: nothing of it can be read
             ctx.failed.update(p for p in ctx.peers if p not in regions)
-        s = ctx.spec
-        self.expect = [int(s.kind), s.dtype, s.numel, s.root, s.redop]
+        self.expect = expect_words(ctx.spec)
+        self.parts_mask = sum(1 << p for p in ctx.participants)
         self.bufs: dict[int, int] = {}  # peer -> buffer of its post in the current round
 
     # ---- posting ----------------------------------------------------------------------------
@@ -78,10 +84,9 @@ class ShmOp:
                 if a < c:
                     raw[a - lo:c - lo].copy_(seg[a - off:c - off])
         d = TOK + 8 * b + 1
-        kind, dtype, numel, root, redop = self.expect
-        ctl[d], ctl[d + 1], ctl[d + 2], ctl[d + 3] = kind, dtype, numel, root
-        ctl[d + 4], ctl[d + 5], ctl[d + 6] = redop, stream_len, ctx.ready
-        ctl[EPOCH + b] = ctx.epoch
+        ctl[d], ctl[d + 1], ctl[d + 2] = self.expect
+        ctl[d + 3], ctl[d + 4], ctl[d + 5], ctl[d + 6] = (stream_len, ctx.ready,
+                                                          self.parts_mask, ctx.epoch)
         if table is not None:
             me.table(b)[:] = table
         ctl[TOK + 8 * b] = self.token(k)
@@ -132,10 +137,18 @@ class ShmOp:
         b = 0 if ctl[TOK] == token else 1
         self.bufs[peer] = b
         d = TOK + 8 * b + 1
-        if ctl[d:d + 5].tolist() != self.expect:
+        if ctl[d:d + 3].tolist() != self.expect:
             self._mismatch(peer, b)
+        ctx = self.ctx
+        if ctl[d + 6] > ctx.epoch or not ctl[d + 5] >> ctx.me & 1:
+            # It applied a newer view (learn it now, as from a VIEW frame), or it runs this
+            # operation without us: then its contribution is not ours to count.
+            ctx.link.note_decision(ctl[d + 6], ctl[d + 5])
+            if not ctl[d + 5] >> ctx.me & 1:
+                ctx.failed.add(peer)
+                return None
         if k == 0:
-            self.ctx.heard_ready[peer] = int(ctl[d + 6])
+            ctx.heard_ready[peer] = ctl[d + 4]
         return region
 
     def wait_reduced(self, peer: int, k: int) -> int | None:
@@ -149,13 +162,12 @@ class ShmOp:
         return int(ctl[i + 1])
 
     def stream_len(self, peer: int) -> int:
-        return self.regions[peer].ctl[TOK + 8 * self.bufs[peer] + 6]
+        return self.regions[peer].ctl[TOK + 8 * self.bufs[peer] + 4]
 
     def _mismatch(self, peer: int, b: int) -> None:
-        ctl = self.regions[peer].ctl
         d = TOK + 8 * b + 1
-        kind, dtype, numel, root, redop, nbytes, ready = ctl[d:d + 7].tolist()
-        epoch = ctl[EPOCH + b]
+        word, numel, root, nbytes, ready, _parts, epoch = self.regions[peer].ctl[d:d + 7].tolist()
+        kind, dtype, redop = word & 0xFF, word >> 8 & 0xFF, word >> 16 & 0xFF
         try:
             h = Header(MsgType.COLL, peer, nbytes, OpKind(kind), dtype, redop, epoch,
                        self.ctx.seq, 0, numel, root, ready=ready)

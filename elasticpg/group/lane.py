@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..collectives.context import OpContext, OpSpec
-from ..collectives.shm_exchange import ShmOp
+from ..collectives.shm_exchange import ShmOp, expect_words
 from ..core.framing import OpKind
 from ..core.membership import View
 
@@ -44,5 +44,5 @@ class Lane:
         if ctx.failed:
             ctx.failed.clear()
         ctx.heard_ready.clear()
-        sx.expect = [spec.kind, spec.dtype, spec.numel, spec.root, spec.redop]
+        sx.expect = expect_words(spec)
         return ctx

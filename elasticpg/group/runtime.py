@@ -133,7 +133,7 @@ class GroupRuntime:
         elif header.type == MsgType.P2P:
             self.mailbox.deliver_p2p(header, payload)
         elif header.type == MsgType.VIEW:
-            self._note_decision(header.epoch, header.ready)  # `ready` carries the active mask
+            self.note_decision(header.epoch, header.ready)  # `ready` carries the active mask
         elif header.type == MsgType.JOIN:
             threading.Thread(target=self._link_back, args=(header.src, header.epoch),
                              daemon=True, name=f"elasticpg-linkback-r{self.rank}").start()
@@ -165,7 +165,7 @@ class GroupRuntime:
                 threading.Thread(target=self._decide_quietly, args=([peer],), daemon=True,
                                  name=f"elasticpg-decide-r{self.rank}").start()
 
-    def _note_decision(self, epoch: int, active_mask: int) -> None:
+    def note_decision(self, epoch: int, active_mask: int) -> None:
         """A view newer than ours was decided: release at once every wait it makes pointless.
 
         Waits on peers it excluded end (their contribution is not coming), and if it excluded
@@ -180,6 +180,7 @@ class GroupRuntime:
             if r != self.rank and (me_out or not active_mask >> r & 1):
                 self.mailbox.fail_peer(r, f"rank {self.rank} was excluded in epoch {epoch}"
                                        if me_out else f"excluded in epoch {epoch}")
+        self.shm.wake_all()  # shared-memory waits re-check who failed
 
     def _poll_decisions(self) -> None:
         """Learn decisions that no VIEW frame brought (the decider may be the very peer we
@@ -190,7 +191,7 @@ class GroupRuntime:
             latest = self.plane.latest_epoch()
             if latest > max(self.view.epoch, self._noted_epoch):
                 view = self.plane.view(latest, timeout=self.heartbeat_interval)
-                self._note_decision(latest, sum(1 << r for r in view.active))
+                self.note_decision(latest, view.active_mask)
         except Exception:  # noqa: BLE001 - the store may be gone at shutdown; retry next tick
             pass
 

@@ -15,10 +15,9 @@ Layout (int64 words; control words of different writers never share a cache line
   per buffer b in (0, 1) (posts alternate between the two buffers):
     ctl[TOK+8b]      token of the round whose raw data is posted in buffer b (0: none/being
                      rewritten), then in the same cache line, ctl[TOK+8b+1 ..+7], the
-                     descriptor: kind, dtype, numel, root, redop, stream bytes, ready mask
-                     (a reader that sees the token has the descriptor without another
-                     cache-line transfer; between cores of different dies each costs ~1 us)
-    ctl[EPOCH+b]     the poster's view epoch (read only to explain a mismatch)
+                     descriptor: kind | dtype << 8 | redop << 16, numel, root, stream bytes,
+                     ready mask, participants mask, view epoch (a reader that sees the token
+                     has the descriptor without another cache-line transfer)
     ctl[RED+8b]      token of the round whose reduced slice is posted; ctl[RED+8b+1]: the set
                      of ranks (bitmask) that slice includes
     ctl[TABLE(b)..]  per destination slot: (stream offset, bytes) for all_to_all
@@ -39,13 +38,12 @@ import torch
 
 from . import futex
 
-MAGIC = 0x45504753484D0003  # "EPGSHM", version 3
+MAGIC = 0x45504753484D0004  # "EPGSHM", version 4
 SLEEP = 4
 BELL = 8
-TOK = 16  # and the descriptor: TOK + 8b + 1 + (kind, dtype, numel, root, redop, bytes, ready)
-EPOCH = 32
-RED = 40
-TABLE0 = 56
+TOK = 16  # then the descriptor (module docstring)
+RED = 32
+TABLE0 = 48
 DEFAULT_WINDOW = 1 << 20  # small enough that the windows in flight stay in the cache
 _PAGE = 4096
 _BYTE = np.dtype(np.uint8)
