@@ -19,7 +19,7 @@ import torch
 
 from ..core.reduction import Reduce, reduce_into
 from ..core.schedules import even_splits
-from .shm_exchange import ShmOp, byte_view
+from .shm_exchange import ShmOp, byte_view, copy_bytes
 
 SMALL_NUMPY = 64 << 10  # bytes: below, all_reduce runs in numpy (lower fixed cost per call)
 LARGE_ALLREDUCE = 256 << 10  # bytes: above (and > 2 ranks), reduce-scatter + all-gather beats
@@ -38,7 +38,7 @@ def _copy_window(src: torch.Tensor, lo: int, needs: list[tuple[int, torch.Tensor
     for off, dest in needs:
         a, c = max(off, lo), min(off + dest.numel(), hi)
         if a < c:
-            dest[a - off:c - off].copy_(src[a - lo:c - lo])
+            copy_bytes(dest[a - off:c - off], src[a - lo:c - lo])
 
 
 def exchange(sx: ShmOp, segments: list[tuple[int, torch.Tensor]], stream_len: int,
@@ -163,14 +163,14 @@ def _allreduce_rs_ag(sx: ShmOp, t: torch.Tensor, tb: torch.Tensor, op: Reduce) -
         mine = sx.me.reduced(b)[a:e]
         _reduce_window(sx, k, b, order, a, e, mine, t.dtype, op)
         sx.post_reduced(b, k, mask)
-        tb[lo + a:lo + e].copy_(mine)
+        copy_bytes(tb[lo + a:lo + e], mine)
         for p in ctx.peers:
             a, e = slices[pos[p]]
             if a == e:
                 continue
             got = sx.wait_reduced(p, k) if p in order else None
             if got == mask:
-                tb[lo + a:lo + e].copy_(sx.regions[p].reduced(sx.bufs[p])[a:e])
+                copy_bytes(tb[lo + a:lo + e], sx.regions[p].reduced(sx.bufs[p])[a:e])
             else:  # its reducer is gone or counted other ranks: reduce the slice here
                 _reduce_window(sx, k, b, order, a, e, tb[lo + a:lo + e], t.dtype, op)
 
@@ -214,7 +214,7 @@ def allgather(sx: ShmOp, outs: Sequence[torch.Tensor], t: torch.Tensor,
               slot_of: Sequence[int]) -> None:
     ctx, tb = sx.ctx, byte_view(t)
     idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
-    byte_view(outs[idx[ctx.me]]).copy_(tb)
+    copy_bytes(byte_view(outs[idx[ctx.me]]), tb)
     exchange(sx, [(0, tb)], tb.numel(), _rounds(sx, tb.numel()),
              lambda p: [(0, byte_view(outs[idx[p]]))])
 
@@ -224,7 +224,7 @@ def gather(sx: ShmOp, outs: Sequence[torch.Tensor], t: torch.Tensor, root: int,
     ctx, tb = sx.ctx, byte_view(t)
     if ctx.me == root:
         idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
-        byte_view(outs[idx[ctx.me]]).copy_(tb)
+        copy_bytes(byte_view(outs[idx[ctx.me]]), tb)
         needs: Needs = lambda p: [(0, byte_view(outs[idx[p]]))]  # noqa: E731
     else:
         needs = lambda p: []  # noqa: E731
@@ -245,7 +245,7 @@ def scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int
     segs: list[tuple[int, torch.Tensor]] = []
     if ctx.me == root:
         segs = [(i * cb, byte_view(ins[slot_of[i]])) for i in range(n)]
-        ob.copy_(byte_view(ins[slot_of[ctx.participants.index(root)]]))
+        copy_bytes(ob, byte_view(ins[slot_of[ctx.participants.index(root)]]))
     at = ctx.participants.index(ctx.me) * cb
     exchange(sx, segs, cb * n if ctx.me == root else 0, _rounds(sx, cb * n),
              lambda p: [(at, ob)] if p == root and ctx.me != root else [])
@@ -265,7 +265,7 @@ def alltoall(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor
         segs.append((off, seg))
         table[2 * r], table[2 * r + 1] = off, seg.numel()
         off += seg.numel()
-    byte_view(outs[idx[ctx.me]]).copy_(byte_view(ins[idx[ctx.me]]))
+    copy_bytes(byte_view(outs[idx[ctx.me]]), byte_view(ins[idx[ctx.me]]))
 
     def needs(p: int) -> list[tuple[int, torch.Tensor]]:
         dest = byte_view(outs[idx[p]])

@@ -25,6 +25,7 @@ from ..errors import OperationTimeoutError
 from ..transport.shm import Region, host_id, window_bytes
 
 SPIN_SECONDS = 200e-6  # spin this long before sleeping, when every local rank has a core
+YIELD_SECONDS = 50e-6  # poll this long, yielding the core, when ranks outnumber cores
 
 
 class ShmPlane:
@@ -110,8 +111,10 @@ class ShmPlane:
         return a, a8
 
     def spin_for(self, participants: tuple[int, ...]) -> float:
-        """Spinning helps only when the rank we wait for has a core of its own."""
-        return SPIN_SECONDS if len(participants) <= self.cores else 0.0
+        """How to poll before sleeping (transport.shm.wait_for): spin when every participant
+        has a core of its own; with more ranks than cores, poll briefly while yielding the core,
+        which lets the rank we wait for run in our place instead of after a futex round trip."""
+        return SPIN_SECONDS if len(participants) <= self.cores else -YIELD_SECONDS
 
     def region(self, peer: int, timeout: float) -> Region | None:
         """The peer's mapped region, or None if it cannot be mapped (its process is gone)."""

@@ -204,8 +204,9 @@ class Region:
 def wait_for(region: Region, cond: Callable[[], bool], check: Callable[[], None],
              deadline: float, spin: float, mine: Region, peer: int,
              slice_s: float = 0.1) -> None:
-    """Return once `cond()` holds: spin for `spin` seconds, then sleep on `region`'s bell
-    (`region` is slot `peer`'s; `mine`, our own, tells the peer we sleep on it: see ring).
+    """Return once `cond()` holds: spin for `spin` seconds (or, if `spin` < 0, poll for -spin
+    seconds with sched_yield between polls), then sleep on `region`'s bell (`region` is slot
+    `peer`'s; `mine`, our own, tells the peer we sleep on it: see ring).
 
     `check()` raises when waiting is pointless (peer failed, abort, group closed); it runs
     before every sleep, and every failure, abort and close wakes the sleepers, so it runs at
@@ -216,6 +217,12 @@ def wait_for(region: Region, cond: Callable[[], bool], check: Callable[[], None]
     if spin > 0:
         end = time.perf_counter() + spin
         while time.perf_counter() < end:
+            if cond():
+                return
+    elif spin < 0:  # more ranks than cores: poll, but hand our core to a runnable rank each time
+        end = time.perf_counter() - spin
+        while time.perf_counter() < end:
+            os.sched_yield()
             if cond():
                 return
     bell32, addr = region.bell32, region.bell_addr
