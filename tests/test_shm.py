@@ -77,6 +77,34 @@ def test_collectives_over_shm_in_many_windows(pool, world):
         assert all(v.values()), (rank, v)
 
 
+def job_mixed_all_to_all_paths(rank: int, world: int, port: int) -> bool:
+    """Rank 1 sends 50k int32 to rank 2 and 3 to everyone else: ranks 1 and 2 take the
+    windowed path (rank 1's stream spans 4 windows of 64 KiB, its block for rank 3 in the
+    last), ranks 0 and 3 the latency path. They must interoperate, round by round."""
+    init_group(rank, world, port, env={"ELASTICPG_SHM_WINDOW": str(64 << 10)})
+
+    def n(src: int, dst: int) -> int:
+        return 50_000 if (src, dst) == (1, 2) else 3
+
+    ok = True
+    for step in range(3):
+        splits = [n(rank, p) for p in range(world)]
+        recv = [n(p, rank) for p in range(world)]
+        inp = torch.cat([torch.full((n(rank, p),), step * 100 + rank * 10 + p,
+                                    dtype=torch.int32) for p in range(world)])
+        out = torch.empty(sum(recv), dtype=torch.int32)
+        dist.all_to_all_single(out, inp, recv, splits)
+        want = torch.cat([torch.full((n(p, rank),), step * 100 + p * 10 + rank,
+                                     dtype=torch.int32) for p in range(world)])
+        ok = ok and bool(torch.equal(out, want))
+    dist.barrier()
+    return ok
+
+
+def test_all_to_all_latency_and_windowed_paths_interoperate(pool):
+    assert pool.run(job_mixed_all_to_all_paths) == [True] * 4
+
+
 def job_transport_choice(rank: int, world: int, port: int) -> dict:
     """Rank 0 opts out of shared memory: the default group's collectives must then all run
     over TCP (a decision every participant makes alike), a subgroup without rank 0 over shm."""

@@ -279,5 +279,60 @@ def alltoall(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor
     exchange(sx, segs, off, None, needs, table)
 
 
+def _flat_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+
+
+def alltoall_small(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int]],
+                   send: list[tuple[int, int]], sx: ShmOp) -> None:
+    """all_to_all_single of a few KB (latency path): numpy copies between byte ranges of the
+    two flat buffers; recv/send: (byte offset, bytes) of each participant's block.
+
+    Same protocol as `alltoall` (and so interoperable with it): a peer whose own stream spans
+    several windows (it sends more to others) is followed round by round."""
+    ctx, me = sx.ctx, sx.ctx.me
+    o8, i8 = _flat_bytes(out), _flat_bytes(t)
+    pos = ctx.participants.index(me)
+    if send[pos][1] != recv[pos][1]:
+        raise ValueError(f"all_to_all_single: rank {me} sends itself {send[pos][1]} bytes but "
+                         f"expects {recv[pos][1]}")
+    a, nb = send[pos]
+    ro = recv[pos][0]
+    o8[ro:ro + nb] = i8[a:a + nb]
+    table = [0] * (2 * sx.me.slots)
+    pieces, off = [], 0
+    for i, r in enumerate(ctx.participants):
+        if r != me:
+            a, nb = send[i]
+            table[2 * r], table[2 * r + 1] = off, nb
+            pieces.append(i8[a:a + nb])
+            off += nb
+    stream = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
+    want: dict[int, tuple[int, int, int]] = {}  # peer -> (stream offset, bytes, output offset)
+    k, total = 0, _rounds(sx, off)
+    while k < total:
+        lo, hi = k * sx.window, (k + 1) * sx.window
+        sx.post(k, stream[lo:hi], off, table)
+        for i, p in enumerate(ctx.participants):
+            if p == me:
+                continue
+            region = sx.wait_post(p, k)
+            if region is None:
+                continue
+            b = sx.bufs[p]
+            if k == 0:
+                at, got = region.table(b)[2 * me:2 * me + 2].tolist()
+                if got != recv[i][1]:
+                    ctx._mismatch(f"rank {p} sent {got} bytes, rank {me} expected "
+                                  f"{recv[i][1]} bytes")
+                want[p] = (at, got, recv[i][0])
+                total = max(total, _rounds(sx, sx.stream_len(p)))
+            at, got, dest = want[p]
+            x, y = max(at, lo), min(at + got, hi)
+            if x < y:
+                o8[dest + x - at:dest + y - at] = region.np_raw(b, y - lo)[x - lo:]
+        k += 1
+
+
 def barrier(sx: ShmOp) -> None:
     exchange(sx, [], 0, 1, lambda p: [])

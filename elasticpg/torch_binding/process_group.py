@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -337,31 +338,54 @@ class ElasticProcessGroup(dist.ProcessGroup):
         _same(out, t, "all_to_all_single output")
         parts = self.runtime.prepare()
         n = len(parts)
-        outs = self._split_rows(out, list(output_split_sizes), n, "output")
-        ins = self._split_rows(t, list(input_split_sizes), n, "input")
-        if len(outs) != len(ins):
+        out_rows = self._row_blocks(out, list(output_split_sizes), n, "output")
+        in_rows = self._row_blocks(t, list(input_split_sizes), n, "input")
+        if len(out_rows) != len(in_rows):
             raise ValueError("all_to_all_single: output and input splits have different lengths")
-        slot_of = self._slots_for(len(outs), "all_to_all_single splits", parts)
+        slot_of = self._slots_for(len(out_rows), "all_to_all_single splits", parts)
         spec = OpSpec(OpKind.ALLTOALL_SINGLE, dtype_code(t.dtype), 0)
+        lane = self.runtime.lane()
+        if (lane is not None and parts == lane.ctx.participants and not st.copy_back
+                and out.nbytes + t.nbytes <= shm_alg.SMALL_NUMPY):
+            # latency path: byte ranges of the two flat buffers, no per-block tensors
+            def blocks(x: torch.Tensor, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+                rb = x.nbytes // max(x.shape[0] if x.dim() else 1, 1)
+                return [(rows[i][0] * rb, rows[i][1] * rb) for i in slot_of]
+
+            small = partial(shm_alg.alltoall_small, out, t, blocks(out, out_rows),
+                            blocks(t, in_rows))
+            return self._collective(spec, st, [output], _either(
+                small,
+                lambda ctx: alg.alltoall(ctx, self._rows(out, out_rows),
+                                         self._rows(t, in_rows), slot_of)), parts)
+        outs = self._rows(out, out_rows)
+        ins = self._rows(t, in_rows)
         return self._collective(spec, st, [output],
                                 _either(shm_alg.alltoall, alg.alltoall, outs, ins, slot_of), parts)
 
     alltoall_base = all_to_all_single
 
     @staticmethod
-    def _split_rows(t: torch.Tensor, splits: list[int], n: int, what: str) -> list[torch.Tensor]:
+    def _row_blocks(t: torch.Tensor, splits: list[int], n: int,
+                    what: str) -> list[tuple[int, int]]:
+        """(first row, rows) of each block of `t`, by split sizes or evenly over n ranks."""
         rows = t.shape[0] if t.dim() else 1
-        row = t.numel() // rows if rows else 0
-        flat = t.reshape(-1)
         if not splits:
             if rows % n:
                 raise ValueError(f"all_to_all_single: {what} has {rows} rows, not divisible by "
                                  f"{n} ranks; pass split sizes")
-            return [flat[o * row:(o + c) * row] for o, c in even_splits(rows, n)]
+            return even_splits(rows, n)
         if sum(splits) != rows:
             raise ValueError(f"all_to_all_single: {what} split sizes {splits} sum to "
                              f"{sum(splits)}, but the tensor has {rows} rows")
-        return [flat[o * row:(o + c) * row] for o, c in split_offsets(splits)]
+        return split_offsets(splits)
+
+    @staticmethod
+    def _rows(t: torch.Tensor, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
+        rows = t.shape[0] if t.dim() else 1
+        row = t.numel() // rows if rows else 0
+        flat = t.reshape(-1)
+        return [flat[o * row:(o + c) * row] for o, c in blocks]
 
     def gather(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.GatherOptions()
