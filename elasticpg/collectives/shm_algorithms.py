@@ -74,6 +74,14 @@ def _reduce_window(sx: ShmOp, k: int, b: int, order: list[int], a: int, c: int,
     reduce_into(out.view(dtype), parts, op)
 
 
+def small_ufunc(t: torch.Tensor, op: Reduce, window: int) -> np.ufunc | None:
+    """The numpy ufunc for allreduce_small, if `t` is small enough and numpy can reduce it."""
+    n = t.nbytes
+    if 0 < n <= SMALL_NUMPY and n <= window:
+        return _np_ufunc(t.dtype, op)
+    return None
+
+
 def _np_ufunc(dtype: torch.dtype, op: Reduce) -> np.ufunc | None:
     """A numpy ufunc that computes exactly what torch's op does for this dtype, or None."""
     key = (dtype, op)
@@ -96,7 +104,7 @@ _NP_OPS = {Reduce.SUM: np.add, Reduce.PRODUCT: np.multiply, Reduce.MIN: np.minim
 _UFUNCS: dict[tuple[torch.dtype, Reduce], np.ufunc | None] = {}
 
 
-def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
+def allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
     """Latency path: numpy over the mapped windows (a torch call costs several times more)."""
     ctx = sx.ctx
     a, a8 = sx.plane.numpy_of(t)
@@ -114,11 +122,10 @@ def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
 
 
 def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
-    if t.numel() and t.numel() * t.element_size() <= min(SMALL_NUMPY, sx.window):
-        fn = _np_ufunc(t.dtype, op)
-        if fn is not None:
-            _allreduce_small(sx, t, fn)
-            return
+    fn = small_ufunc(t, op, sx.window)
+    if fn is not None:
+        allreduce_small(sx, t, fn)
+        return
     tb = byte_view(t)
     nbytes = tb.numel()
     if nbytes > LARGE_ALLREDUCE and len(sx.ctx.participants) > 2:

@@ -206,6 +206,21 @@ class ElasticProcessGroup(dist.ProcessGroup):
     # ---- collectives --------------------------------------------------------------------------
     def allreduce(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.AllreduceOptions()
+        rt = self.runtime
+        lane = rt.lane()
+        if lane is not None and type(tensors) is list and len(tensors) == 1:
+            # latency path (a few KB, plain CPU tensor, steady state): the same checks and
+            # algorithm as below, without the general plumbing's per-call objects
+            t = tensors[0]
+            if (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
+                    and t.dtype in _DTYPES and t.is_contiguous()):
+                op = self._redop(opts, t.dtype)
+                fn = shm_alg.small_ufunc(t, op, lane.sx.window)
+                if fn is not None:
+                    spec = OpSpec(OpKind.ALLREDUCE, dtype_code(t.dtype), t.numel(), -1, op)
+                    ctx = rt.run(lane.begin(spec),
+                                 lambda c: shm_alg.allreduce_small(c.shm, t, fn))
+                    return self._track(ElasticWork.completed(tensors, ctx.failed, rt.slots))
         st = _Staging()
         t = st.host(_one(tensors, "allreduce"), "tensor", output=True)
         op = self._redop(opts, t.dtype)
