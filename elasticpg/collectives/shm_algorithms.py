@@ -290,36 +290,33 @@ def _flat_bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
 
 
-def alltoall_small(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int]],
+def alltoall_bytes(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int]],
                    send: list[tuple[int, int]], sx: ShmOp) -> None:
-    """all_to_all_single of a few KB (latency path): numpy copies between byte ranges of the
-    two flat buffers; recv/send: (byte offset, bytes) of each participant's block.
-
-    Same protocol as `alltoall` (and so interoperable with it): a peer whose own stream spans
-    several windows (it sends more to others) is followed round by round."""
+    """all_to_all_single as byte ranges of the two flat buffers (recv/send: byte offset and
+    length of each participant's block), copied with numpy: no tensor per block, which is
+    what a small all_to_all spends its time on. Same rounds and stream layout as `alltoall`."""
     ctx, me = sx.ctx, sx.ctx.me
     o8, i8 = _flat_bytes(out), _flat_bytes(t)
     pos = ctx.participants.index(me)
     if send[pos][1] != recv[pos][1]:
         raise ValueError(f"all_to_all_single: rank {me} sends itself {send[pos][1]} bytes but "
                          f"expects {recv[pos][1]}")
-    a, nb = send[pos]
-    ro = recv[pos][0]
-    o8[ro:ro + nb] = i8[a:a + nb]
     table = [0] * (2 * sx.me.slots)
-    pieces, off = [], 0
+    segs, off = [], 0
     for i, r in enumerate(ctx.participants):
         if r != me:
             a, nb = send[i]
             table[2 * r], table[2 * r + 1] = off, nb
-            pieces.append(i8[a:a + nb])
+            segs.append((off, i8[a:a + nb]))
             off += nb
-    stream = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
+    a, nb = send[pos]
+    ro = recv[pos][0]
+    o8[ro:ro + nb] = i8[a:a + nb]
     want: dict[int, tuple[int, int, int]] = {}  # peer -> (stream offset, bytes, output offset)
     k, total = 0, _rounds(sx, off)
     while k < total:
         lo, hi = k * sx.window, (k + 1) * sx.window
-        sx.post(k, stream[lo:hi], off, table)
+        sx.post(k, segs, off, table)
         for i, p in enumerate(ctx.participants):
             if p == me:
                 continue

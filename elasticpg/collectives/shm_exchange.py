@@ -76,7 +76,8 @@ class ShmOp:
     def token(self, k: int) -> int:
         return (self.ctx.seq << 20) | (k + 1)
 
-    def post(self, k: int, segments: list[tuple[int, torch.Tensor]] | np.ndarray,
+    def post(self, k: int,
+             segments: list[tuple[int, torch.Tensor]] | list[tuple[int, np.ndarray]] | np.ndarray,
              stream_len: int,
              table: list[int] | None = None) -> int:
         """Copy the part of our stream inside window k into the next buffer, then publish it."""
@@ -90,6 +91,12 @@ class ShmOp:
         hi = lo + self.window
         if isinstance(segments, np.ndarray):  # one small numpy segment, for the fast path
             me.np_raw(b, segments.size)[:] = segments
+        elif segments and isinstance(segments[0][1], np.ndarray):  # numpy byte ranges
+            raw = me.np_raw(b, self.window)
+            for off, seg in segments:
+                a, c = max(off, lo), min(off + seg.size, hi)
+                if a < c:
+                    raw[a - lo:c - lo] = seg[a - off:c - off]
         elif segments:
             raw = me.raw(b)
             for off, seg in segments:

@@ -359,24 +359,17 @@ class ElasticProcessGroup(dist.ProcessGroup):
             raise ValueError("all_to_all_single: output and input splits have different lengths")
         slot_of = self._slots_for(len(out_rows), "all_to_all_single splits", parts)
         spec = OpSpec(OpKind.ALLTOALL_SINGLE, dtype_code(t.dtype), 0)
-        lane = self.runtime.lane()
-        if (lane is not None and parts == lane.ctx.participants and not st.copy_back
-                and out.nbytes + t.nbytes <= shm_alg.SMALL_NUMPY):
-            # latency path: byte ranges of the two flat buffers, no per-block tensors
-            def blocks(x: torch.Tensor, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
-                rb = x.nbytes // max(x.shape[0] if x.dim() else 1, 1)
-                return [(rows[i][0] * rb, rows[i][1] * rb) for i in slot_of]
 
-            small = partial(shm_alg.alltoall_small, out, t, blocks(out, out_rows),
-                            blocks(t, in_rows))
-            return self._collective(spec, st, [output], _either(
-                small,
-                lambda ctx: alg.alltoall(ctx, self._rows(out, out_rows),
-                                         self._rows(t, in_rows), slot_of)), parts)
-        outs = self._rows(out, out_rows)
-        ins = self._rows(t, in_rows)
-        return self._collective(spec, st, [output],
-                                _either(shm_alg.alltoall, alg.alltoall, outs, ins, slot_of), parts)
+        def blocks(x: torch.Tensor, rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+            rb = x.nbytes // max(x.shape[0] if x.dim() else 1, 1)  # bytes per row
+            return [(rows[i][0] * rb, rows[i][1] * rb) for i in slot_of]
+
+        # over shared memory the blocks stay byte ranges of the two buffers; TCP sends tensors
+        over_shm = partial(shm_alg.alltoall_bytes, out, t, blocks(out, out_rows),
+                           blocks(t, in_rows))
+        return self._collective(spec, st, [output], _either(
+            over_shm, lambda ctx: alg.alltoall(ctx, self._rows(out, out_rows),
+                                               self._rows(t, in_rows), slot_of)), parts)
 
     alltoall_base = all_to_all_single
 
