@@ -311,12 +311,14 @@ def alltoall_bytes(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int
             off += nb
     a, nb = send[pos]
     ro = recv[pos][0]
-    o8[ro:ro + nb] = i8[a:a + nb]
     want: dict[int, tuple[int, int, int]] = {}  # peer -> (stream offset, bytes, output offset)
     k, total = 0, _rounds(sx, off)
+    step = -(-nb // total)  # our own block moves in slices between posting and waiting
     while k < total:
         lo, hi = k * sx.window, (k + 1) * sx.window
         sx.post(k, segs, off, table)
+        x, y = min(k * step, nb), nb if k == total - 1 else min((k + 1) * step, nb)
+        o8[ro + x:ro + y] = i8[a + x:a + y]
         for i, p in enumerate(ctx.participants):
             if p == me:
                 continue
