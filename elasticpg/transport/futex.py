@@ -30,9 +30,9 @@ class _Timespec(ctypes.Structure):
 
 AVAILABLE = _SYS_FUTEX is not None
 # x86 orders every memory access around a locked instruction, which an uncontended lock's
-# acquire and release each execute: that is the full barrier `fence` needs. Elsewhere we do not
-# rely on it (posters then always wake, see transport.shm).
-HAS_FENCE = os.uname().machine in ("x86_64", "AMD64")
+# acquire and release each execute: that is the full barrier `fence` needs. Elsewhere there is
+# none, and shared memory stays off (transport.shm.host_id).
+HAS_FENCE = AVAILABLE and os.uname().machine in ("x86_64", "AMD64")
 _fence_lock = threading.Lock()
 
 

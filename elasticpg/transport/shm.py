@@ -52,10 +52,13 @@ _BYTE = np.dtype(np.uint8)
 def host_id() -> str:
     """Ranks whose host ids are equal can map each other's regions ("" if shm is off here).
 
-    On by default wherever Linux offers memfd and futexes; ELASTICPG_TRANSPORT=tcp keeps this
-    process's groups on TCP (for comparison, or where /proc/<pid>/fd of a peer is not readable).
+    On by default on x86-64 Linux; ELASTICPG_TRANSPORT=tcp keeps this process's groups on TCP
+    (for comparison, or where /proc/<pid>/fd of a peer is not readable). The protocol relies on
+    x86's store order (data, then descriptor, then token, seen in that order by readers) and on
+    its locked instructions as full fences; other architectures would need real barriers, which
+    Python cannot issue, so they use TCP.
     """
-    if os.environ.get("ELASTICPG_TRANSPORT", "").lower() == "tcp" or not futex.AVAILABLE \
+    if os.environ.get("ELASTICPG_TRANSPORT", "").lower() == "tcp" or not futex.HAS_FENCE \
             or not hasattr(os, "memfd_create"):
         return ""
     try:
@@ -163,9 +166,6 @@ class Region:
         futex call re-reads it in the kernel, behind a full barrier), and we bump the bell, fence,
         then read SLEEP, so one of the two sees the other's write."""
         self.bell32[2 * BELL] = (self.bell32[2 * BELL] + 1) & 0x7FFFFFFF
-        if not futex.HAS_FENCE:
-            futex.wake(self.bell_addr)
-            return
         futex.fence()
         tag = me + 1
         for r in readers:
