@@ -133,9 +133,12 @@ class ShmOp:
 
     def _wait(self, peer: int, region: Region, cond, token: int, what: str) -> bool:
         try:
+            self._check(peer, token, region)  # a peer already known gone: no spinning for it
             wait_for(region, cond, lambda: self._check(peer, token, region),
                      self.ctx.deadline, self.spin, self.me, peer)
         except _PeerGoneError:
+            if cond():  # it posted before it went: what it wrote whole still counts
+                return True
             self.ctx.failed.add(peer)
             return False
         except TimeoutError:
