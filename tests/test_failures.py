@@ -144,6 +144,57 @@ def test_rank_killed_inside_large_all_reduce(pool, transport):
             assert v["then"] == 3.0, v
 
 
+def job_view_lag(rank: int, world: int, port: int, transport: str) -> dict:
+    """Mode (b): after rank 3 dies, ranks 0 and 1 apply the new view, rank 2 not yet. An even
+    all_to_all_single then splits by 3 at ranks 0 and 1 and by 4 at rank 2: view lag, not a
+    program error. It must not poison the group nor exclude rank 2."""
+    init_group(rank, world, port, env={"ELASTICPG_TRANSPORT": transport},
+               pg_options=_opts(auto_sync_on_failure=False))
+    dist.barrier()
+    if rank == 3:
+        os._exit(0)
+    dist.all_reduce(torch.ones(1))  # sees rank 3 fail; mode (b) leaves the view alone
+    if rank in (0, 1):
+        elasticpg.sync_after_failure()
+    inp = torch.arange(12) + 100 * rank
+    out = torch.full((12,), -1, dtype=torch.int64)
+    work = dist.all_to_all_single(out, inp, async_op=True)
+    work.wait()
+    first = {"ok": elasticpg.get_local_success(work), "out": out.tolist(),
+             "hint": elasticpg.get_failed_ranks_hint(work, world).tolist()}
+    if rank == 2:
+        elasticpg.sync_after_failure()
+    out2 = torch.empty(12, dtype=torch.int64)
+    work = dist.all_to_all_single(out2, inp, async_op=True)
+    work.wait()
+    dist.barrier()
+    return {"first": first, "ok2": elasticpg.get_local_success(work), "out2": out2.tolist(),
+            "mask": elasticpg.get_active_ranks().tolist(), "epoch": elasticpg.get_current_epoch()}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_view_lag_skips_the_lagging_peer_without_poisoning(pool, transport):
+    res = pool.run_raw(job_view_lag, transport, timeout=90)
+    v = [res[r].value for r in range(3)]
+    assert all(res[r].status == "ok" for r in range(3)), v
+    for r in (0, 1):  # three blocks of 4: their own, each other's, rank 2's (skipped)
+        other = 1 - r
+        assert v[r]["first"]["ok"] is False, v[r]
+        want = [-1] * 12
+        want[4 * r:4 * r + 4] = [100 * r + 4 * r + i for i in range(4)]
+        want[4 * other:4 * other + 4] = [100 * other + 4 * r + i for i in range(4)]
+        assert v[r]["first"]["out"] == want, v[r]
+        assert v[r]["first"]["hint"] == [0, 0, 0, 0], v[r]  # rank 2 lagged, it did not fail
+    # rank 2 (four blocks of 3) kept only its own block: 0 and 1 lagged, 3 is dead
+    want2 = [-1] * 12
+    want2[6:9] = [200 + 6, 200 + 7, 200 + 8]
+    assert v[2]["first"]["out"] == want2 and v[2]["first"]["ok"] is False, v[2]
+    for r in range(3):  # then all agree again, nobody was excluded but the dead rank
+        assert v[r]["ok2"] is True and v[r]["mask"] == [1, 1, 1, 0], v[r]
+        assert v[r]["out2"] == [100 * p + 4 * r + i for p in range(3) for i in range(4)], v[r]
+    assert len({x["epoch"] for x in v}) == 1, v
+
+
 def job_p2p_peer_dies(rank: int, world: int, port: int) -> dict:
     init_group(rank, world, port, pg_options=_opts())
     dist.barrier()

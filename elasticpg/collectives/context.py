@@ -59,6 +59,7 @@ class OpContext:
     heard_ready: dict[int, int] = field(default_factory=dict)
     shm: Any = None  # a ShmOp when every participant shares this host (see runtime.new_op)
     peers: list[int] = field(init=False)  # everyone else, in this rank's ring order
+    lagged: set[int] = field(default_factory=set)  # skipped for view lag (see lag); in failed
 
     def __post_init__(self) -> None:
         self.peers = peer_order(self.me, self.participants)
@@ -103,12 +104,31 @@ class OpContext:
         expect_numel = self.spec.numel if msg_numel is None else msg_numel
         problem = self._compare(header, expect_numel, numel * dtype.itemsize)
         if problem:
+            if self.lag(peer, header.epoch):
+                return None
             self._mismatch(problem)
         self.heard_ready[peer] = header.ready
         return payload.view(dtype) if numel else payload[:0].view(dtype)
 
+    def lag(self, peer: int, peer_epoch: int) -> bool:
+        """Whether a disagreement with `peer` is view lag rather than a program error; if so,
+        skip `peer` for this operation.
+
+        While a membership change spreads, two ranks may run one operation under different
+        views, and sizes laid out by the number of participants (an even all_to_all split, a
+        flat buffer per active rank) then differ. That is no reason to poison the group: the
+        operation completes without that peer (local_success False, but no exclusion: the peer
+        is healthy) and the lagging rank applies the newer view at its next boundary."""
+        if peer_epoch == self.epoch:
+            return False
+        self.lagged.add(peer)
+        self.failed.add(peer)
+        return True
+
     def _vet(self, h: Header) -> str:
         """Check a frame of this collective from any rank (counts only where they are per-op)."""
+        if h.epoch != self.epoch:
+            return ""  # another view's layout: judged (as lag) when that frame is taken
         per_message = self.spec.kind in (OpKind.ALLTOALL, OpKind.ALLTOALL_SINGLE)
         return self._compare(h, h.numel if per_message else self.spec.numel,
                              h.nbytes if per_message else None)

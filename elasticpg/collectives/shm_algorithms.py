@@ -278,6 +278,8 @@ def alltoall(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor
         dest = byte_view(outs[idx[p]])
         at, nb = sx.regions[p].table(sx.bufs[p])[2 * ctx.me:2 * ctx.me + 2].tolist()
         if nb != dest.numel():
+            if ctx.lag(p, sx.epoch_of(p)):
+                return []
             o = outs[idx[p]]
             ctx._mismatch(f"rank {p} sent {nb // max(o.element_size(), 1)} elements ({nb} "
                           f"bytes), rank {ctx.me} expected {o.numel()} ({dest.numel()} bytes)")
@@ -329,6 +331,8 @@ def alltoall_bytes(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int
             if k == 0:
                 at, got = region.table(b)[2 * me:2 * me + 2].tolist()
                 if got != recv[i][1]:
+                    if ctx.lag(p, sx.epoch_of(p)):
+                        continue
                     ctx._mismatch(f"rank {p} sent {got} bytes, rank {me} expected "
                                   f"{recv[i][1]} bytes")
                 want[p] = (at, got, recv[i][0])

@@ -160,8 +160,6 @@ class ShmOp:
         b = 0 if ctl[TOK] == token else 1
         self.bufs[peer] = b
         d = TOK + 8 * b + 1
-        if ctl[d:d + 3].tolist() != self.expect:
-            self._mismatch(peer, b)
         ctx = self.ctx
         if ctl[d + 6] > ctx.epoch or not ctl[d + 5] >> ctx.me & 1:
             # It applied a newer view (learn it now, as from a VIEW frame), or it runs this
@@ -170,6 +168,10 @@ class ShmOp:
             if not ctl[d + 5] >> ctx.me & 1:
                 ctx.failed.add(peer)
                 return None
+        if ctl[d:d + 3].tolist() != self.expect:
+            if ctx.lag(peer, ctl[d + 6]):
+                return None
+            self._mismatch(peer, b)
         if k == 0:
             ctx.heard_ready[peer] = ctl[d + 4]
         return region
@@ -183,6 +185,10 @@ class ShmOp:
                                               f"reduced slice of window {k}"):
             return None
         return int(ctl[i + 1])
+
+    def epoch_of(self, peer: int) -> int:
+        """The view epoch of the peer's current post."""
+        return self.regions[peer].ctl[TOK + 8 * self.bufs[peer] + 7]
 
     def stream_len(self, peer: int) -> int:
         return self.regions[peer].ctl[TOK + 8 * self.bufs[peer] + 4]

@@ -43,6 +43,7 @@ class Lane:
         ctx.ready = rt._local_ready
         if ctx.failed:
             ctx.failed.clear()
+            ctx.lagged.clear()
         ctx.heard_ready.clear()
         sx.expect = expect_words(spec)
         return ctx

@@ -36,6 +36,12 @@ BACKEND_NAME = "elasticpg"
 _DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
+def _plain_cpu(t: object) -> bool:
+    """A dense, contiguous CPU tensor of a supported dtype: usable as it is (no staging)."""
+    return (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
+            and t.dtype in _DTYPES and t.is_contiguous())
+
+
 class _Staging:
     """Host copies of CUDA tensors (correct, not fast); CPU tensors pass through untouched."""
 
@@ -43,8 +49,7 @@ class _Staging:
         self.copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def host(self, t: torch.Tensor, name: str, output: bool) -> torch.Tensor:
-        if (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
-                and t.dtype in _DTYPES and t.is_contiguous()):
+        if _plain_cpu(t):
             return t  # the common case, checked first: this runs on every collective
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -155,7 +160,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         else:
             ctx = rt.run_op(spec, body, parts)
         staging.finish()
-        return self._track(ElasticWork.completed(outputs, ctx.failed, rt.slots))
+        return self._track(ElasticWork.completed(outputs, ctx.failed, rt.slots, ctx.lagged))
 
     def _track(self, work: ElasticWork) -> ElasticWork:
         if self._coalesced is not None:
@@ -212,15 +217,15 @@ class ElasticProcessGroup(dist.ProcessGroup):
             # latency path (a few KB, plain CPU tensor, steady state): the same checks and
             # algorithm as below, without the general plumbing's per-call objects
             t = tensors[0]
-            if (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
-                    and t.dtype in _DTYPES and t.is_contiguous()):
+            if _plain_cpu(t):
                 op = self._redop(opts, t.dtype)
                 fn = shm_alg.small_ufunc(t, op, lane.sx.window)
                 if fn is not None:
                     spec = OpSpec(OpKind.ALLREDUCE, dtype_code(t.dtype), t.numel(), -1, op)
                     ctx = rt.run(lane.begin(spec),
                                  lambda c: shm_alg.allreduce_small(c.shm, t, fn))
-                    return self._track(ElasticWork.completed(tensors, ctx.failed, rt.slots))
+                    return self._track(ElasticWork.completed(tensors, ctx.failed, rt.slots,
+                                                             ctx.lagged))
         st = _Staging()
         t = st.host(_one(tensors, "allreduce"), "tensor", output=True)
         op = self._redop(opts, t.dtype)

@@ -8,7 +8,7 @@ SPEC section 3.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import timedelta
 
 import torch
@@ -55,14 +55,17 @@ class ElasticWork(dist._Work):
         self.src = -1
 
     @classmethod
-    def completed(cls, outputs: Sequence[torch.Tensor], failed: Sequence[int] = (),
-                  group_slots: int = 0) -> ElasticWork:
+    def completed(cls, outputs: Sequence[torch.Tensor], failed: Collection[int] = (),
+                  group_slots: int = 0, lagged: Collection[int] = ()) -> ElasticWork:
+        """A finished operation; `failed`: peers it saw fail, `lagged`: peers it skipped for
+        view lag (they are in no failed-ranks hint, but the op was still not complete)."""
         w = cls.__new__(cls)  # skips __init__: the class attributes hold a completed work's state
         dist._Work.__init__(w)
         w._outputs = outputs
         w.group_slots = group_slots
         if failed:
-            w.failed_ranks = sorted(failed)
+            gone = [r for r in failed if r not in lagged]
+            w.failed_ranks = sorted(gone)
             w.local_success = False
         return w
 
