@@ -42,28 +42,22 @@ def _copy_window(src: torch.Tensor, lo: int, needs: list[tuple[int, torch.Tensor
 
 
 def exchange(sx: ShmOp, segments: list[tuple[int, torch.Tensor]], stream_len: int,
-             rounds: int | None, needs: Needs, table: list[int] | None = None) -> None:
+             rounds: int, needs: Needs) -> None:
     """Post our stream window by window; copy what `needs(peer)` asks for out of each peer's.
-
-    rounds None: streams differ in length (all_to_all); the count follows from round 0.
-    """
-    ctx, k, total = sx.ctx, 0, rounds or 1
+    Every participant's stream spans `rounds` windows (all_to_all, whose streams differ in
+    length, has its own loop)."""
+    ctx = sx.ctx
     wanted: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    while k < total:
-        sx.post(k, segments, stream_len, table)
+    for k in range(rounds):
+        sx.post(k, segments, stream_len)
         for p in ctx.peers:
             region = sx.wait_post(p, k)
             if region is None:
                 continue
             if k == 0:
                 wanted[p] = needs(p)
-                if rounds is None:
-                    total = max(total, _rounds(sx, stream_len), _rounds(sx, sx.stream_len(p)))
             if wanted[p]:
                 _copy_window(region.raw(sx.bufs[p]), k * sx.window, wanted[p])
-        if rounds is None and k == 0:
-            total = max(total, _rounds(sx, stream_len))
-        k += 1
 
 
 def _reduce_window(sx: ShmOp, k: int, b: int, order: list[int], a: int, c: int,
@@ -258,69 +252,52 @@ def scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int
              lambda p: [(at, ob)] if p == root and ctx.me != root else [])
 
 
-def alltoall(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor],
-             slot_of: Sequence[int]) -> None:
-    """outs[slot of p] = what p sent me; sizes may differ per pair (checked per message)."""
-    ctx = sx.ctx
-    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
-    table = [0] * (2 * sx.me.slots)
-    segs, off = [], 0
-    for r in ctx.participants:
-        if r == ctx.me:
-            continue  # our own block never enters the stream: it is copied directly below
-        seg = byte_view(ins[idx[r]])
-        segs.append((off, seg))
-        table[2 * r], table[2 * r + 1] = off, seg.numel()
-        off += seg.numel()
-    copy_bytes(byte_view(outs[idx[ctx.me]]), byte_view(ins[idx[ctx.me]]))
-
-    def needs(p: int) -> list[tuple[int, torch.Tensor]]:
-        dest = byte_view(outs[idx[p]])
-        at, nb = sx.regions[p].table(sx.bufs[p])[2 * ctx.me:2 * ctx.me + 2].tolist()
-        if nb != dest.numel():
-            if ctx.lag(p, sx.epoch_of(p)):
-                return []
-            o = outs[idx[p]]
-            ctx._mismatch(f"rank {p} sent {nb // max(o.element_size(), 1)} elements ({nb} "
-                          f"bytes), rank {ctx.me} expected {o.numel()} ({dest.numel()} bytes)")
-        return [(at, dest)]
-
-    exchange(sx, segs, off, None, needs, table)
-
-
-def _flat_bytes(t: torch.Tensor) -> np.ndarray:
+def flat_bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
 
 
 def alltoall_bytes(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int]],
                    send: list[tuple[int, int]], sx: ShmOp) -> None:
-    """all_to_all_single as byte ranges of the two flat buffers (recv/send: byte offset and
-    length of each participant's block), copied with numpy: no tensor per block, which is
-    what a small all_to_all spends its time on. Same rounds and stream layout as `alltoall`."""
+    """all_to_all_single: recv/send are (byte offset, length) of each participant's block in
+    the two flat buffers; the blocks stay views of them (no tensor per block)."""
+    o8, i8 = flat_bytes(out), flat_bytes(t)
+    alltoall(sx, [o8[a:a + n] for a, n in recv], [i8[a:a + n] for a, n in send])
+
+
+def alltoall_list(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor],
+                  slot_of: Sequence[int]) -> None:
+    """all_to_all with tensor lists: participant i's blocks are outs/ins[slot_of[i]]."""
+    alltoall(sx, [flat_bytes(outs[i]) for i in slot_of], [flat_bytes(ins[i]) for i in slot_of])
+
+
+def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -> None:
+    """outs[i] = what participant i sent us, ins[i] = what we send it (byte arrays, one per
+    participant; sizes may differ per pair and are checked per message), copied with numpy.
+
+    Our stream is the blocks for the others in participant order (our own block never enters
+    it: it is copied in slices between posting and waiting, using time a round would spend
+    waiting); the table in our post says where each destination's block starts."""
     ctx, me = sx.ctx, sx.ctx.me
-    o8, i8 = _flat_bytes(out), _flat_bytes(t)
     pos = ctx.participants.index(me)
-    if send[pos][1] != recv[pos][1]:
-        raise ValueError(f"all_to_all_single: rank {me} sends itself {send[pos][1]} bytes but "
-                         f"expects {recv[pos][1]}")
+    if ins[pos].size != outs[pos].size:
+        raise ValueError(f"all_to_all: rank {me} sends itself {ins[pos].size} bytes but "
+                         f"expects {outs[pos].size}")
     table = [0] * (2 * sx.me.slots)
     segs, off = [], 0
     for i, r in enumerate(ctx.participants):
         if r != me:
-            a, nb = send[i]
-            table[2 * r], table[2 * r + 1] = off, nb
-            segs.append((off, i8[a:a + nb]))
-            off += nb
-    a, nb = send[pos]
-    ro = recv[pos][0]
-    want: dict[int, tuple[int, int, int]] = {}  # peer -> (stream offset, bytes, output offset)
+            table[2 * r], table[2 * r + 1] = off, ins[i].size
+            segs.append((off, ins[i]))
+            off += ins[i].size
+    own_in, own_out, nb = ins[pos], outs[pos], ins[pos].size
+    want: dict[int, tuple[int, np.ndarray]] = {}  # peer -> (stream offset, destination)
     k, total = 0, _rounds(sx, off)
-    step = -(-nb // total)  # our own block moves in slices between posting and waiting
+    step = -(-nb // total)
     while k < total:
         lo, hi = k * sx.window, (k + 1) * sx.window
         sx.post(k, segs, off, table)
         x, y = min(k * step, nb), nb if k == total - 1 else min((k + 1) * step, nb)
-        o8[ro + x:ro + y] = i8[a + x:a + y]
+        own_out[x:y] = own_in[x:y]
         for i, p in enumerate(ctx.participants):
             if p == me:
                 continue
@@ -330,17 +307,17 @@ def alltoall_bytes(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int
             b = sx.bufs[p]
             if k == 0:
                 at, got = region.table(b)[2 * me:2 * me + 2].tolist()
-                if got != recv[i][1]:
+                if got != outs[i].size:
                     if ctx.lag(p, sx.epoch_of(p)):
                         continue
                     ctx._mismatch(f"rank {p} sent {got} bytes, rank {me} expected "
-                                  f"{recv[i][1]} bytes")
-                want[p] = (at, got, recv[i][0])
+                                  f"{outs[i].size} bytes")
+                want[p] = (at, outs[i])
                 total = max(total, _rounds(sx, sx.stream_len(p)))
-            at, got, dest = want[p]
-            x, y = max(at, lo), min(at + got, hi)
+            at, dest = want[p]
+            x, y = max(at, lo), min(at + dest.size, hi)
             if x < y:
-                o8[dest + x - at:dest + y - at] = region.np_raw(b, y - lo)[x - lo:]
+                dest[x - at:y - at] = region.np_raw(b, y - lo)[x - lo:]
         k += 1
 
 

@@ -347,8 +347,10 @@ class ElasticProcessGroup(dist.ProcessGroup):
         parts = self.runtime.prepare()
         slot_of = self._slots_for(len(outs), "all_to_all", parts)
         spec = OpSpec(OpKind.ALLTOALL, dtype_code(outs[0].dtype), 0)
+
         return self._collective(spec, st, output_tensors,
-                                _either(shm_alg.alltoall, alg.alltoall, outs, ins, slot_of), parts)
+                                _either(shm_alg.alltoall_list, alg.alltoall, outs, ins, slot_of),
+                                parts)
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,  # noqa: A002
                           opts=None) -> ElasticWork:
