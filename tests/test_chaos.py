@@ -21,7 +21,8 @@ import elasticpg
 
 from .harness import init_group
 
-OPS = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "barrier", "all_to_all")
+OPS = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "barrier", "all_to_all",
+       "even_all_to_all_single")
 FAILURE_TIMEOUT = 10.0  # crashes only here: closed links; see harness
 
 
@@ -80,10 +81,11 @@ def job_chaos(rank: int, world: int, port: int, seed: int, steps: int,
 def _run(op: str, rank: int, i: int, n: int, before: tuple[int, ...], slots: int):
     """Start one op; return its Work and a check(participants) -> problem ("" if right).
 
-    Buffers are sized by slots, not by the active count: ranks learn of a failure at different
-    moments, so buffers sized by what each saw before the call could differ across ranks (a
-    clear CollectiveMismatchError, but not what this test is about). Slot-sized buffers are
-    slot-indexed, with the slots of inactive ranks left untouched."""
+    Buffers are sized by slots (slot-indexed, the slots of inactive ranks left untouched),
+    except in the even all_to_all_single, which splits by the active set each rank settles on
+    at the call: ranks learn of a failure at different moments, so those splits can differ
+    across ranks for one op. That is view lag, never a mismatch: the op must complete
+    (local_success False where it skipped a lagging peer) and the group must stay usable."""
     me = _data(rank, i, n)
     if op == "all_reduce":
         t = me.clone()
@@ -117,6 +119,14 @@ def _run(op: str, rank: int, i: int, n: int, before: tuple[int, ...], slots: int
             return "; ".join(p for r in parts
                              if (p := _cmp(outs[r], _data(r, i, n).view(slots, -1)[rank])))
         return w, check_a2a
+    if op == "even_all_to_all_single":  # split by the active set the call itself settles on
+        out = torch.zeros(n, dtype=torch.float64)
+        w = dist.all_to_all_single(out, me, async_op=True)
+
+        def check_even(parts: tuple[int, ...]) -> str:
+            j = parts.index(rank)
+            return _cmp(out, torch.cat([_data(r, i, n).view(len(parts), -1)[j] for r in parts]))
+        return w, check_even
     w = dist.barrier(async_op=True)
     return w, lambda parts: ""
 
