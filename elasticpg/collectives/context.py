@@ -64,6 +64,11 @@ class OpContext:
     def __post_init__(self) -> None:
         self.peers = peer_order(self.me, self.participants)
 
+    @property
+    def failed_peers(self) -> set[int]:
+        """The peers that failed during this op (excludes those only skipped for view lag)."""
+        return self.failed - self.lagged if self.lagged else self.failed
+
     def header(self, step: int, nbytes: int, numel: int | None = None) -> Header:
         s = self.spec
         return Header(MsgType.COLL, self.me, nbytes, s.kind, s.dtype, s.redop, self.epoch,

@@ -68,8 +68,8 @@ def _reduce_window(sx: ShmOp, k: int, b: int, order: list[int], a: int, c: int,
     reduce_into(out.view(dtype), parts, op)
 
 
-def small_ufunc(t: torch.Tensor, op: Reduce, window: int) -> np.ufunc | None:
-    """The numpy ufunc for allreduce_small, if `t` is small enough and numpy can reduce it."""
+def _small_ufunc(t: torch.Tensor, op: Reduce, window: int) -> np.ufunc | None:
+    """The numpy ufunc for _allreduce_small, if `t` is small enough and numpy can reduce it."""
     n = t.nbytes
     if 0 < n <= SMALL_NUMPY and n <= window:
         return _np_ufunc(t.dtype, op)
@@ -98,7 +98,7 @@ _NP_OPS = {Reduce.SUM: np.add, Reduce.PRODUCT: np.multiply, Reduce.MIN: np.minim
 _UFUNCS: dict[tuple[torch.dtype, Reduce], np.ufunc | None] = {}
 
 
-def allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
+def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
     """Latency path: numpy over the mapped windows (a torch call costs several times more)."""
     ctx = sx.ctx
     a, a8 = sx.plane.numpy_of(t)
@@ -116,9 +116,9 @@ def allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
 
 
 def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
-    fn = small_ufunc(t, op, sx.window)
+    fn = _small_ufunc(t, op, sx.window)
     if fn is not None:
-        allreduce_small(sx, t, fn)
+        _allreduce_small(sx, t, fn)
         return
     tb = byte_view(t)
     nbytes = tb.numel()
@@ -252,22 +252,22 @@ def scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int
              lambda p: [(at, ob)] if p == root and ctx.me != root else [])
 
 
-def flat_bytes(t: torch.Tensor) -> np.ndarray:
-    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+def _flat_bytes(t: torch.Tensor) -> np.ndarray:
+    return byte_view(t).numpy()
 
 
 def alltoall_bytes(out: torch.Tensor, t: torch.Tensor, recv: list[tuple[int, int]],
                    send: list[tuple[int, int]], sx: ShmOp) -> None:
     """all_to_all_single: recv/send are (byte offset, length) of each participant's block in
     the two flat buffers; the blocks stay views of them (no tensor per block)."""
-    o8, i8 = flat_bytes(out), flat_bytes(t)
+    o8, i8 = _flat_bytes(out), _flat_bytes(t)
     alltoall(sx, [o8[a:a + n] for a, n in recv], [i8[a:a + n] for a, n in send])
 
 
 def alltoall_list(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor],
                   slot_of: Sequence[int]) -> None:
     """all_to_all with tensor lists: participant i's blocks are outs/ins[slot_of[i]]."""
-    alltoall(sx, [flat_bytes(outs[i]) for i in slot_of], [flat_bytes(ins[i]) for i in slot_of])
+    alltoall(sx, [_flat_bytes(outs[i]) for i in slot_of], [_flat_bytes(ins[i]) for i in slot_of])
 
 
 def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -> None:

@@ -34,8 +34,12 @@ class _PeerGoneError(Exception):
 _MEMMOVE_FROM = 64 << 10  # bytes: from here on libc's memmove beats Tensor.copy_ by ~25%
 
 
-def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[:] = src for contiguous byte tensors of equal length (the shared-memory copies)."""
+def copy_bytes(dst: torch.Tensor | np.ndarray, src: torch.Tensor | np.ndarray) -> None:
+    """dst[:] = src for contiguous byte tensors (or numpy byte arrays) of equal length: the
+    shared-memory copies."""
+    if isinstance(dst, np.ndarray):
+        dst[:] = src  # numpy copies contiguous bytes with memcpy itself
+        return
     n = src.numel()
     if n >= _MEMMOVE_FROM:
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
@@ -91,16 +95,11 @@ class ShmOp:
         hi = lo + self.window
         if isinstance(segments, np.ndarray):  # one small numpy segment, for the fast path
             me.np_raw(b, segments.size)[:] = segments
-        elif segments and isinstance(segments[0][1], np.ndarray):  # numpy byte ranges
-            raw = me.np_raw(b, self.window)
+        elif segments:  # (stream offset, byte tensor or numpy byte array) pieces
+            raw = me.np_raw(b, self.window) if isinstance(segments[0][1], np.ndarray) \
+                else me.raw(b)
             for off, seg in segments:
-                a, c = max(off, lo), min(off + seg.size, hi)
-                if a < c:
-                    raw[a - lo:c - lo] = seg[a - off:c - off]
-        elif segments:
-            raw = me.raw(b)
-            for off, seg in segments:
-                a, c = max(off, lo), min(off + seg.numel(), hi)
+                a, c = max(off, lo), min(off + len(seg), hi)
                 if a < c:
                     copy_bytes(raw[a - lo:c - lo], seg[a - off:c - off])
         d = TOK + 8 * b + 1

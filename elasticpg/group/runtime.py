@@ -441,10 +441,9 @@ class GroupRuntime:
                 raise CollectiveMismatchError(self._poison)
             if ctx.spec.kind in AGREEING_KINDS:
                 self._agree_ready(ctx)
-            gone = ctx.failed - ctx.lagged if ctx.lagged else ctx.failed
-            if gone and self.auto_deactivate and self.auto_sync:
+            if ctx.failed_peers and self.auto_deactivate and self.auto_sync:
                 # mode (a): the failed operation returns only once the hole is in the view
-                self.views.exclude(gone, self._seq)
+                self.views.exclude(ctx.failed_peers, self._seq)
         except CollectiveMismatchError as exc:
             self._poison = self._poison or str(exc)
             raise

@@ -160,7 +160,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         else:
             ctx = rt.run_op(spec, body, parts)
         staging.finish()
-        return self._track(ElasticWork.completed(outputs, ctx.failed, rt.slots, ctx.lagged))
+        return self._track(ElasticWork.completed(outputs, ctx.failed_peers, rt.slots,
+                                                 incomplete=bool(ctx.failed)))
 
     def _track(self, work: ElasticWork) -> ElasticWork:
         if self._coalesced is not None:
@@ -211,21 +212,6 @@ class ElasticProcessGroup(dist.ProcessGroup):
     # ---- collectives --------------------------------------------------------------------------
     def allreduce(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.AllreduceOptions()
-        rt = self.runtime
-        lane = rt.lane()
-        if lane is not None and type(tensors) is list and len(tensors) == 1:
-            # latency path (a few KB, plain CPU tensor, steady state): the same checks and
-            # algorithm as below, without the general plumbing's per-call objects
-            t = tensors[0]
-            if _plain_cpu(t):
-                op = self._redop(opts, t.dtype)
-                fn = shm_alg.small_ufunc(t, op, lane.sx.window)
-                if fn is not None:
-                    spec = OpSpec(OpKind.ALLREDUCE, dtype_code(t.dtype), t.numel(), -1, op)
-                    ctx = rt.run(lane.begin(spec),
-                                 lambda c: shm_alg.allreduce_small(c.shm, t, fn))
-                    return self._track(ElasticWork.completed(tensors, ctx.failed, rt.slots,
-                                                             ctx.lagged))
         st = _Staging()
         t = st.host(_one(tensors, "allreduce"), "tensor", output=True)
         op = self._redop(opts, t.dtype)
@@ -347,7 +333,6 @@ class ElasticProcessGroup(dist.ProcessGroup):
         parts = self.runtime.prepare()
         slot_of = self._slots_for(len(outs), "all_to_all", parts)
         spec = OpSpec(OpKind.ALLTOALL, dtype_code(outs[0].dtype), 0)
-
         return self._collective(spec, st, output_tensors,
                                 _either(shm_alg.alltoall_list, alg.alltoall, outs, ins, slot_of),
                                 parts)

@@ -38,34 +38,30 @@ class ElasticWork(dist._Work):
     src = -1
 
     def __init__(self, outputs: Sequence[torch.Tensor], timeout: float,
-                 on_timeout: Callable[[], bool] | None = None, *, pending: bool = True) -> None:
+                 on_timeout: Callable[[], bool] | None = None) -> None:
+        """A pending work (sends, receives): it gets an Event to wait on and a lock that orders
+        finish against get_future; everything else starts from the class defaults."""
         super().__init__()
         self._outputs = list(outputs)
         self._timeout = timeout
         self._on_timeout = on_timeout
         self._complete = False
-        self._done = threading.Event() if pending else None
-        self._lock = threading.Lock() if pending else None  # orders finish vs get_future
-        self._error: BaseException | None = None
-        self._future: torch.futures.Future | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
         self._finalizers: list[Callable[[], None]] = []  # type: ignore[misc]
-        self.local_success = True
-        self.failed_ranks: list[int] = []
-        self.group_slots = 0  # length of the failed-ranks hint mask
-        self.src = -1
 
     @classmethod
     def completed(cls, outputs: Sequence[torch.Tensor], failed: Collection[int] = (),
-                  group_slots: int = 0, lagged: Collection[int] = ()) -> ElasticWork:
-        """A finished operation; `failed`: peers it saw fail, `lagged`: peers it skipped for
-        view lag (they are in no failed-ranks hint, but the op was still not complete)."""
+                  group_slots: int = 0, incomplete: bool = False) -> ElasticWork:
+        """A finished operation: `failed`, the peers it saw fail (the failed-ranks hint);
+        `incomplete`, it left out peers for another reason (view lag), so it is no success."""
         w = cls.__new__(cls)  # skips __init__: the class attributes hold a completed work's state
         dist._Work.__init__(w)
         w._outputs = outputs
         w.group_slots = group_slots
         if failed:
-            gone = [r for r in failed if r not in lagged]
-            w.failed_ranks = sorted(gone)
+            w.failed_ranks = sorted(failed)
+        if failed or incomplete:
             w.local_success = False
         return w
 
@@ -74,7 +70,7 @@ class ElasticWork(dist._Work):
         self._finalizers.append(fn)
 
     def finish(self, error: BaseException | None = None, failed: Sequence[int] = ()) -> None:
-        if self._complete or self._lock is None:
+        if self._complete:
             return
         with self._lock:
             if self._complete:
