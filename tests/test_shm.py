@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import elasticpg
+from elasticpg.transport import memcopy
 
 from .harness import init_group
 
@@ -40,8 +41,19 @@ def _cpu_seconds() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def job_windows(rank: int, world: int, port: int) -> dict:
-    """Tiny windows force every collective through several rounds and both buffers."""
+def job_windows(rank: int, world: int, port: int, streaming: bool) -> dict:
+    """Tiny windows force every collective through several rounds and both buffers;
+    `streaming` copies every output with the streaming-store helper (normally only outputs of
+    several MiB), at the unaligned offsets these sizes give."""
+    saved = memcopy.STREAM_FROM
+    memcopy.STREAM_FROM = 0 if streaming else saved
+    try:
+        return _windows(rank, world, port)
+    finally:
+        memcopy.STREAM_FROM = saved
+
+
+def _windows(rank: int, world: int, port: int) -> dict:
     init_group(rank, world, port, env={"ELASTICPG_SHM_WINDOW": "4096"})
     rt = _runtime()
     out = {}
@@ -65,14 +77,26 @@ def job_windows(rank: int, world: int, port: int) -> dict:
     o = torch.empty(sum(recv), dtype=torch.int16)
     dist.all_to_all_single(o, inp, recv, splits)
     out["a2a"] = o.tolist() == sum(([p] * recv[p] for p in range(world)), [])
+    outs = [torch.empty(777 * (p + 1), dtype=torch.uint8) for p in range(world)]
+    dist.all_to_all(outs, [torch.full((777 * (rank + 1),), 10 * rank + p, dtype=torch.uint8)
+                           for p in range(world)])
+    out["a2a_list"] = all(bool((o == 10 * p + rank).all()) for p, o in enumerate(outs))
+    gathered = [torch.empty(2500, dtype=torch.int16) for _ in range(world)] if rank == 1 else None
+    dist.gather(torch.full((2500,), rank, dtype=torch.int16), gathered, dst=1)
+    out["gather"] = rank != 1 or all(bool((g == p).all()) for p, g in enumerate(gathered))
+    sc = torch.empty(3001, dtype=torch.uint8)
+    dist.scatter(sc, [torch.full((3001,), p, dtype=torch.uint8) for p in range(world)]
+                 if rank == 0 else None, src=0)
+    out["scatter"] = bool((sc == rank).all())
     dist.barrier()
     out["shm_peers"] = sorted(rt.shm._peers)
     return out
 
 
+@pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("world", [4, 2])  # 2 ranks reduce in place, more reduce-scatter
-def test_collectives_over_shm_in_many_windows(pool, world):
-    for rank, v in enumerate(pool.run(job_windows, world=world, timeout=120)):
+def test_collectives_over_shm_in_many_windows(pool, world, streaming):
+    for rank, v in enumerate(pool.run(job_windows, streaming, world=world, timeout=120)):
         assert v.pop("shm_peers") == [r for r in range(world) if r != rank], v
         assert all(v.values()), (rank, v)
 

@@ -19,7 +19,8 @@ import torch
 
 from ..core.reduction import Reduce, reduce_into
 from ..core.schedules import even_splits
-from .shm_exchange import ShmOp, byte_view, copy_bytes
+from ..transport.memcopy import copy_bytes, streams
+from .shm_exchange import ShmOp, byte_view
 
 SMALL_NUMPY = 64 << 10  # bytes: below, all_reduce runs in numpy (lower fixed cost per call)
 LARGE_ALLREDUCE = 256 << 10  # bytes: above (and > 2 ranks), reduce-scatter + all-gather beats
@@ -33,19 +34,20 @@ def _rounds(sx: ShmOp, nbytes: int) -> int:
     return max(1, -(-nbytes // sx.window))
 
 
-def _copy_window(src: torch.Tensor, lo: int, needs: list[tuple[int, torch.Tensor]]) -> None:
+def _copy_window(src: torch.Tensor, lo: int, needs: list[tuple[int, torch.Tensor]],
+                 streaming: bool) -> None:
     hi = lo + src.numel()
     for off, dest in needs:
         a, c = max(off, lo), min(off + dest.numel(), hi)
         if a < c:
-            copy_bytes(dest[a - off:c - off], src[a - lo:c - lo])
+            copy_bytes(dest[a - off:c - off], src[a - lo:c - lo], streaming)
 
 
 def exchange(sx: ShmOp, segments: list[tuple[int, torch.Tensor]], stream_len: int,
-             rounds: int, needs: Needs) -> None:
-    """Post our stream window by window; copy what `needs(peer)` asks for out of each peer's.
-    Every participant's stream spans `rounds` windows (all_to_all, whose streams differ in
-    length, has its own loop)."""
+             rounds: int, needs: Needs, streaming: bool = False) -> None:
+    """Post our stream window by window; copy what `needs(peer)` asks for out of each peer's
+    (`streaming`: see memcopy.streams). Every participant's stream spans `rounds` windows
+    (all_to_all, whose streams differ in length, has its own loop)."""
     ctx = sx.ctx
     wanted: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for k in range(rounds):
@@ -57,7 +59,7 @@ def exchange(sx: ShmOp, segments: list[tuple[int, torch.Tensor]], stream_len: in
             if k == 0:
                 wanted[p] = needs(p)
             if wanted[p]:
-                _copy_window(region.raw(sx.bufs[p]), k * sx.window, wanted[p])
+                _copy_window(region.raw(sx.bufs[p]), k * sx.window, wanted[p], streaming)
 
 
 def _reduce_window(sx: ShmOp, k: int, b: int, order: list[int], a: int, c: int,
@@ -215,28 +217,31 @@ def allgather(sx: ShmOp, outs: Sequence[torch.Tensor], t: torch.Tensor,
               slot_of: Sequence[int]) -> None:
     ctx, tb = sx.ctx, byte_view(t)
     idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
-    copy_bytes(byte_view(outs[idx[ctx.me]]), tb)
+    streaming = streams(tb.numel() * len(idx))
+    copy_bytes(byte_view(outs[idx[ctx.me]]), tb, streaming)
     exchange(sx, [(0, tb)], tb.numel(), _rounds(sx, tb.numel()),
-             lambda p: [(0, byte_view(outs[idx[p]]))])
+             lambda p: [(0, byte_view(outs[idx[p]]))], streaming)
 
 
 def gather(sx: ShmOp, outs: Sequence[torch.Tensor], t: torch.Tensor, root: int,
            slot_of: Sequence[int]) -> None:
     ctx, tb = sx.ctx, byte_view(t)
+    streaming = ctx.me == root and streams(tb.numel() * len(ctx.participants))
     if ctx.me == root:
         idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
-        copy_bytes(byte_view(outs[idx[ctx.me]]), tb)
+        copy_bytes(byte_view(outs[idx[ctx.me]]), tb, streaming)
         needs: Needs = lambda p: [(0, byte_view(outs[idx[p]]))]  # noqa: E731
     else:
         needs = lambda p: []  # noqa: E731
-    exchange(sx, [(0, tb)], tb.numel(), _rounds(sx, tb.numel()), needs)
+    exchange(sx, [(0, tb)], tb.numel(), _rounds(sx, tb.numel()), needs, streaming)
 
 
 def broadcast(sx: ShmOp, t: torch.Tensor, root: int) -> None:
     tb = byte_view(t)
     mine = sx.ctx.me == root
     exchange(sx, [(0, tb)] if mine else [], tb.numel() if mine else 0,
-             _rounds(sx, tb.numel()), lambda p: [(0, tb)] if p == root and not mine else [])
+             _rounds(sx, tb.numel()), lambda p: [(0, tb)] if p == root and not mine else [],
+             streams(tb.numel()))
 
 
 def scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int,
@@ -249,7 +254,7 @@ def scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int
         copy_bytes(ob, byte_view(ins[slot_of[ctx.participants.index(root)]]))
     at = ctx.participants.index(ctx.me) * cb
     exchange(sx, segs, cb * n if ctx.me == root else 0, _rounds(sx, cb * n),
-             lambda p: [(at, ob)] if p == root and ctx.me != root else [])
+             lambda p: [(at, ob)] if p == root and ctx.me != root else [], streams(cb))
 
 
 def _flat_bytes(t: torch.Tensor) -> np.ndarray:
@@ -290,6 +295,7 @@ def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -
             segs.append((off, ins[i]))
             off += ins[i].size
     own_in, own_out, nb = ins[pos], outs[pos], ins[pos].size
+    streaming = streams(sum(o.size for o in outs))
     want: dict[int, tuple[int, np.ndarray]] = {}  # peer -> (stream offset, destination)
     k, total = 0, _rounds(sx, off)
     step = -(-nb // total)
@@ -297,7 +303,7 @@ def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -
         lo, hi = k * sx.window, (k + 1) * sx.window
         sx.post(k, segs, off, table)
         x, y = min(k * step, nb), nb if k == total - 1 else min((k + 1) * step, nb)
-        own_out[x:y] = own_in[x:y]
+        copy_bytes(own_out[x:y], own_in[x:y], streaming)
         for i, p in enumerate(ctx.participants):
             if p == me:
                 continue
@@ -317,7 +323,7 @@ def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -
             at, dest = want[p]
             x, y = max(at, lo), min(at + dest.size, hi)
             if x < y:
-                dest[x - at:y - at] = region.np_raw(b, y - lo)[x - lo:]
+                copy_bytes(dest[x - at:y - at], region.np_raw(b, y - lo)[x - lo:], streaming)
         k += 1
 
 

@@ -14,7 +14,6 @@ declared failed before that is recorded in ctx.failed and skipped.
 
 from __future__ import annotations
 
-import ctypes
 import time
 
 import numpy as np
@@ -23,28 +22,13 @@ import torch
 from ..core.framing import Header, MsgType, OpKind
 from ..errors import CollectiveMismatchError, OperationTimeoutError
 from ..group.shm_plane import ShmPlane
+from ..transport.memcopy import copy_bytes
 from ..transport.shm import RED, TOK, Region, wait_for
 from .context import OpContext, OpSpec
 
 
 class _PeerGoneError(Exception):
     pass
-
-
-_MEMMOVE_FROM = 64 << 10  # bytes: from here on libc's memmove beats Tensor.copy_ by ~25%
-
-
-def copy_bytes(dst: torch.Tensor | np.ndarray, src: torch.Tensor | np.ndarray) -> None:
-    """dst[:] = src for contiguous byte tensors (or numpy byte arrays) of equal length: the
-    shared-memory copies."""
-    if isinstance(dst, np.ndarray):
-        dst[:] = src  # numpy copies contiguous bytes with memcpy itself
-        return
-    n = src.numel()
-    if n >= _MEMMOVE_FROM:
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
-    elif n:
-        dst.copy_(src)
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
