@@ -102,17 +102,39 @@ def test_scenario6_sigstopped_rank_detected_within_bound(pool):
 
 
 WINDOW = 1 << 20  # the shared-memory window (bytes): the unit a contribution arrives in
+DIE_AFTER = 5  # shm variant: rank 3 exits right after posting this window (of 16)
 
 
-def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float,
+def _exit_after_posting(window: int) -> None:
+    """Make this process die (os._exit) the moment it has posted shared-memory `window` of
+    its next collective: a real death at a known point inside the operation."""
+    from elasticpg.collectives.shm_exchange import ShmOp
+
+    post = ShmOp.post
+
+    def post_then_die(self, k, *args, **kwargs):
+        b = post(self, k, *args, **kwargs)
+        if k == window:
+            os._exit(1)
+        return b
+
+    ShmOp.post = post_then_die
+
+
+def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float | None,
                           transport: str) -> dict:
+    """Rank 3 dies inside a 16 MB all_reduce: `delay` seconds after starting it, or (None)
+    right after posting window DIE_AFTER (shared memory only)."""
     init_group(rank, world, port, pg_options=_opts(),
                env={"ELASTICPG_TRANSPORT": transport, "ELASTICPG_SHM_WINDOW": str(WINDOW)})
     n = 4 << 20  # 16 MB of float32 per rank
     t = torch.full((n,), float(rank + 1))
     dist.barrier()
     if rank == 3:
-        threading.Timer(delay, os._exit, (1,)).start()
+        if delay is None:
+            _exit_after_posting(DIE_AFTER)
+        else:
+            threading.Timer(delay, os._exit, (1,)).start()
     work = dist.all_reduce(t, async_op=True)
     work.wait()
     if rank == 3:
@@ -120,13 +142,16 @@ def job_die_mid_allreduce(rank: int, world: int, port: int, delay: float,
     ok = elasticpg.get_local_success(work)
     windows = [torch.unique(w).tolist() for w in t.split(WINDOW // 4)]
     return {"ok": ok, "windows": windows, "mask": elasticpg.get_active_ranks().tolist(),
+            "hint": elasticpg.get_failed_ranks_hint(work, 4).tolist(),
             "then": _sum_again(rank)}
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_rank_killed_inside_large_all_reduce(pool, transport):
-    for delay in (0.0, 0.02):
+    delays = (0.0, 0.02) if transport == "tcp" else (None, 0.0, 0.02)
+    for delay in delays:
         res = pool.run_raw(job_die_mid_allreduce, delay, transport, timeout=90)
+        assert res[3].status == "dead"
         for r in (0, 1, 2):
             v = res[r].value
             assert res[r].status == "ok", v
@@ -138,9 +163,14 @@ def test_rank_killed_inside_large_all_reduce(pool, transport):
                 assert len(set(sums)) == 1, sums
             else:  # the windows it completed before dying, then none
                 assert sums == sorted(sums, reverse=True), sums
-            if v["ok"]:
+            if delay is None:  # died at a known point: exactly its posted windows count
+                assert sums == [10.0] * (DIE_AFTER + 1) + [6.0] * (15 - DIE_AFTER), sums
+                assert v["ok"] is False, v
+            if v["ok"]:  # a timed death can come after rank 3 finished the operation
                 assert set(sums) == {10.0}, v
-            assert v["mask"] == [1, 1, 1, 0], v
+            else:  # mode (a): a failed operation returns with the hole already in the view
+                assert v["hint"] == [0, 0, 0, 1], v
+                assert v["mask"] == [1, 1, 1, 0], v
             assert v["then"] == 3.0, v
 
 
