@@ -44,16 +44,18 @@ def _copy_window(src: torch.Tensor, lo: int, needs: list[tuple[int, torch.Tensor
 
 
 def exchange(sx: ShmOp, segments: list[tuple[int, torch.Tensor]], stream_len: int,
-             rounds: int, needs: Needs, streaming: bool = False) -> None:
+             rounds: int, needs: Needs, streaming: bool = False,
+             positional: bool = False) -> None:
     """Post our stream window by window; copy what `needs(peer)` asks for out of each peer's
-    (`streaming`: see memcopy.streams). Every participant's stream spans `rounds` windows
-    (all_to_all, whose streams differ in length, has its own loop)."""
+    (`streaming`: see memcopy.streams; `positional`: see ShmOp.wait_post). Every
+    participant's stream spans `rounds` windows (all_to_all, whose streams differ in length,
+    has its own loop)."""
     ctx = sx.ctx
     wanted: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for k in range(rounds):
         sx.post(k, segments, stream_len)
         for p in ctx.peers:
-            region = sx.wait_post(p, k)
+            region = sx.wait_post(p, k, positional)
             if region is None:
                 continue
             if k == 0:
@@ -171,7 +173,8 @@ def _allreduce_rs_ag(sx: ShmOp, t: torch.Tensor, tb: torch.Tensor, op: Reduce) -
             a, e = slices[pos[p]]
             if a == e:
                 continue
-            got = sx.wait_reduced(p, k) if p in order else None
+            # a peer over other participants slices otherwise (or does not slice at all)
+            got = sx.wait_reduced(p, k) if p in order and sx.same_participants(p) else None
             if got == mask:
                 copy_bytes(tb[lo + a:lo + e], sx.regions[p].reduced(sx.bufs[p])[a:e])
             else:  # its reducer is gone or counted other ranks: reduce the slice here
@@ -204,7 +207,7 @@ def reduce_scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], op
     for k in range(_rounds(sx, stream)):
         b = sx.post(k, segs, stream)
         for p in ctx.peers:
-            sx.wait_post(p, k)
+            sx.wait_post(p, k, positional=True)
         lo = k * sx.window
         a, c = max(mine, lo), min(mine + cb, lo + sx.window)
         if a < c:
@@ -254,7 +257,8 @@ def scatter(sx: ShmOp, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int
         copy_bytes(ob, byte_view(ins[slot_of[ctx.participants.index(root)]]))
     at = ctx.participants.index(ctx.me) * cb
     exchange(sx, segs, cb * n if ctx.me == root else 0, _rounds(sx, cb * n),
-             lambda p: [(at, ob)] if p == root and ctx.me != root else [], streams(cb))
+             lambda p: [(at, ob)] if p == root and ctx.me != root else [], streams(cb),
+             positional=True)
 
 
 def _flat_bytes(t: torch.Tensor) -> np.ndarray:

@@ -31,6 +31,10 @@ class _PeerGoneError(Exception):
     pass
 
 
+def _ranks(mask: int) -> list[int]:
+    return [r for r in range(mask.bit_length()) if mask >> r & 1]
+
+
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     flat = t.reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
@@ -129,8 +133,12 @@ class ShmOp:
                                         f"#{self.ctx.seq} ({what})") from None
         return True
 
-    def wait_post(self, peer: int, k: int) -> Region | None:
-        """The peer's region once its window k is posted (descriptor checked), else None."""
+    def wait_post(self, peer: int, k: int, positional: bool = False) -> Region | None:
+        """The peer's region once its window k is posted (descriptor checked), else None.
+
+        `positional`: the post's stream holds blocks at the positions of the poster's
+        participants (reduce_scatter, scatter), so a poster that runs over other participants
+        cannot be read (see _other_view)."""
         region = self.regions.get(peer)
         if region is None or peer in self.ctx.failed:
             return None
@@ -144,13 +152,9 @@ class ShmOp:
         self.bufs[peer] = b
         d = TOK + 8 * b + 1
         ctx = self.ctx
-        if ctl[d + 6] > ctx.epoch or not ctl[d + 5] >> ctx.me & 1:
-            # It applied a newer view (learn it now, as from a VIEW frame), or it runs this
-            # operation without us: then its contribution is not ours to count.
-            ctx.link.note_decision(ctl[d + 6], ctl[d + 5])
-            if not ctl[d + 5] >> ctx.me & 1:
-                ctx.failed.add(peer)
-                return None
+        if (ctl[d + 5] != self.parts_mask or ctl[d + 6] > ctx.epoch) and \
+                self._other_view(peer, ctl[d + 6], ctl[d + 5], positional):
+            return None
         if ctl[d:d + 3].tolist() != self.expect:
             if ctx.lag(peer, ctl[d + 6]):
                 return None
@@ -158,6 +162,34 @@ class ShmOp:
         if k == 0:
             ctx.heard_ready[peer] = ctl[d + 4]
         return region
+
+    def _other_view(self, peer: int, epoch: int, parts: int, positional: bool) -> bool:
+        """The peer applied another view than ours: whether to skip its post.
+
+        A newer view is learnt at once, as from a VIEW frame. A peer that runs this operation
+        without us is skipped: its contribution is not ours to count. Otherwise its post is
+        read unless `positional` and its participants differ from ours: then our blocks sit
+        elsewhere in its stream, and it is skipped as view lag (local_success False, no
+        exclusion). TCP frames are addressed per destination, so there only a size
+        disagreement is lag."""
+        ctx = self.ctx
+        if epoch > ctx.epoch or not parts >> ctx.me & 1:
+            ctx.link.note_decision(epoch, parts)
+        if not parts >> ctx.me & 1:
+            ctx.failed.add(peer)
+            return True
+        if not positional or parts == self.parts_mask:
+            return False
+        if not ctx.lag(peer, epoch):
+            ctx._mismatch(f"rank {peer} runs collective #{ctx.seq} over ranks "
+                          f"{_ranks(parts)}, rank {ctx.me} over {list(ctx.participants)} "
+                          f"in the same view")
+        return True
+
+    def same_participants(self, peer: int) -> bool:
+        """Whether the peer's current post runs over our participants (then it slices and
+        chooses algorithms as we do)."""
+        return self.regions[peer].ctl[TOK + 8 * self.bufs[peer] + 6] == self.parts_mask
 
     def wait_reduced(self, peer: int, k: int) -> int | None:
         """The included-ranks mask of the peer's reduced slice of window k, or None."""
