@@ -247,6 +247,19 @@ def job_async_and_futures(rank: int, world: int, port: int) -> list[str]:
     dist.all_reduce(big)
     if not torch.equal(big, torch.full((1 << 20,), 10.0)):
         bad.append("large all_reduce wrong")
+    # parameters and tensors that require grad (broadcasting the initial weights, as DDP
+    # does): communication is outside autograd, on the data in place, small and large
+    for n in (5, 1 << 20):
+        w = torch.nn.Parameter(torch.full((n,), float(rank)))
+        dist.broadcast(w, src=2)
+        g = torch.full((n,), float(rank), requires_grad=True)
+        dist.all_reduce(g)
+        out = torch.zeros(world * n)
+        dist.all_gather_into_tensor(out, g)
+        if not (torch.equal(w.detach(), torch.full((n,), 2.0)) and w.requires_grad
+                and torch.equal(g.detach(), torch.full((n,), 6.0))
+                and torch.equal(out, torch.full((world * n,), 6.0))):
+            bad.append(f"collectives on tensors that require grad ({n} elements)")
     return bad
 
 

@@ -37,9 +37,10 @@ _DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
 def _plain_cpu(t: object) -> bool:
-    """A dense, contiguous CPU tensor of a supported dtype: usable as it is (no staging)."""
+    """A dense, contiguous CPU tensor of a supported dtype, outside autograd: usable as it is
+    (no staging)."""
     return (type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided
-            and t.dtype in _DTYPES and t.is_contiguous())
+            and t.dtype in _DTYPES and not t.requires_grad and t.is_contiguous())
 
 
 class _Staging:
@@ -61,7 +62,9 @@ class _Staging:
             raise ValueError(f"{name}: sparse tensors are not supported")
         dtype_code(t.dtype)  # raises TypeError for an unsupported dtype
         if t.device.type == "cpu":
-            return t
+            # a Parameter or a tensor that requires grad: communication is not part of the
+            # graph (as with every c10d backend), so work on its data, in place
+            return t.detach()
         h = t.detach().cpu()
         if output:
             self.copy_back.append((h, t))
