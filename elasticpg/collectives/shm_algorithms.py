@@ -66,10 +66,27 @@ def exchange(sx: ShmOp, segments: list[tuple[int, torch.Tensor]], stream_len: in
 
 def _reduce_window(sx: ShmOp, k: int, b: int, order: list[int], a: int, c: int,
                    out: torch.Tensor, dtype: torch.dtype, op: Reduce) -> None:
-    """out = reduction over `order` of stream bytes [a, c) of window k (window-relative)."""
-    parts = [(sx.me.raw(b) if r == sx.ctx.me else sx.regions[r].raw(sx.bufs[r]))[a:c].view(dtype)
-             for r in order]
-    reduce_into(out.view(dtype), parts, op)
+    """out = reduction over `order` of stream bytes [a, c) of window k (window-relative).
+
+    Through numpy where it computes exactly what torch does (_np_ufunc): on one thread it
+    reduces a window faster than torch, and numpy views of the windows cost less to make."""
+    me = sx.ctx.me
+    fn = _np_ufunc(dtype, op) if len(order) > 1 else None
+    if fn is None:
+        reduce_into(out.view(dtype), [(sx.me.raw(b) if r == me else sx.regions[r].raw(
+            sx.bufs[r]))[a:c].view(dtype) for r in order], op)
+        return
+    o = out.view(dtype).numpy()
+    _np_fold(fn, o, [(sx.me.raw_bytes(b, a, c) if r == me else sx.regions[r].raw_bytes(
+        sx.bufs[r], a, c)).view(o.dtype) for r in order])
+
+
+def _np_fold(fn: np.ufunc, out: np.ndarray, parts: list[np.ndarray]) -> None:
+    """out = fn(...fn(fn(parts[0], parts[1]), parts[2])...), in this order; out may alias
+    parts[0]."""
+    fn(parts[0], parts[1], out=out)
+    for x in parts[2:]:
+        fn(out, x, out=out)
 
 
 def _small_ufunc(t: torch.Tensor, op: Reduce, window: int) -> np.ufunc | None:
@@ -112,11 +129,8 @@ def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
     failed, dt, n = ctx.failed, a.dtype, a.size
     parts = [(sx.me.np_raw(b, n, dt) if r == ctx.me else sx.regions[r].np_raw(sx.bufs[r], n, dt))
              for r in ctx.participants if r not in failed]  # participants are ascending
-    if len(parts) == 1:
-        return  # a already holds our own contribution
-    fn(parts[0], parts[1], out=a)
-    for x in parts[2:]:
-        fn(a, x, out=a)
+    if len(parts) > 1:  # else a already holds our own contribution
+        _np_fold(fn, a, parts)
 
 
 def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
@@ -130,6 +144,8 @@ def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
         _allreduce_rs_ag(sx, t, tb, op)
         return
     ctx = sx.ctx
+    fn = _np_ufunc(t.dtype, op)  # see _reduce_window
+    a, size = (sx.plane.numpy_of(t)[0] if fn is not None else None), t.element_size()
     for k in range(_rounds(sx, nbytes)):
         b = sx.post(k, [(0, tb)], nbytes)
         for p in ctx.peers:
@@ -144,8 +160,13 @@ def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
             # Every reduce op is commutative for two operands (same bits either way round),
             # so fold the peer's window into ours in place: one pass instead of copy + pass.
             (peer,) = (r for r in order if r != ctx.me)
-            other = sx.regions[peer].raw(sx.bufs[peer])[:c]
-            reduce_into(out.view(t.dtype), [out.view(t.dtype), other.view(t.dtype)], op)
+            if a is not None:
+                mine = a[lo // size:(lo + c) // size]
+                _np_fold(fn, mine, [mine, sx.regions[peer].np_raw(sx.bufs[peer], c // size,
+                                                                  a.dtype)])
+            else:
+                other = sx.regions[peer].raw(sx.bufs[peer])[:c]
+                reduce_into(out.view(t.dtype), [out.view(t.dtype), other.view(t.dtype)], op)
         else:
             _reduce_window(sx, k, b, order, 0, c, out, t.dtype, op)
 
