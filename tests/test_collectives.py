@@ -7,6 +7,8 @@ fails with every wrong case listed, and the suite pays process start-up once.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -83,24 +85,29 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def job_all_reduce_every_dtype_and_op(rank: int, world: int, port: int,
                                       transport: str) -> list[str]:
-    init_group(rank, world, port, env={"ELASTICPG_TRANSPORT": transport})
+    # 4 KiB shared-memory windows: 6 elements take the latency path, 5000 the windowed one,
+    # 70000 (of 4 bytes and more, with 4 ranks) reduce-scatter + all-gather
+    init_group(rank, world, port, env={"ELASTICPG_TRANSPORT": transport,
+                                       "ELASTICPG_SHM_WINDOW": "4096"})
     root = min(2, world - 1)
     bad = []
-    for dtype in DTYPES:
+    for dtype, n in itertools.product(DTYPES, (6, 5000, 70_000)):
         for name, op in OPS.items():
             if not _valid(name, dtype):
                 continue
-            t = _input(rank, dtype)
+            t = _input(rank, dtype, n)
             dist.all_reduce(t, op=op)
-            want = _reference(name, dtype, world)
+            want = _reference(name, dtype, world, n)
             if not _same(t, want):
-                bad.append(f"all_reduce {name} {dtype}: got {t.tolist()} want {want.tolist()}")
-            t = _input(rank, dtype)
+                bad.append(f"all_reduce {name} {dtype} x{n}: got {t[:8].tolist()}... want "
+                           f"{want[:8].tolist()}...")
+            t = _input(rank, dtype, n)
             dist.reduce(t, dst=root, op=op)
             if rank == root and not _same(t, want):
-                bad.append(f"reduce {name} {dtype}: got {t.tolist()} want {want.tolist()}")
-            if rank != root and not _same(t, _input(rank, dtype)):
-                bad.append(f"reduce {name} {dtype}: non-root tensor changed")
+                bad.append(f"reduce {name} {dtype} x{n}: got {t[:8].tolist()}... want "
+                           f"{want[:8].tolist()}...")
+            if rank != root and not _same(t, _input(rank, dtype, n)):
+                bad.append(f"reduce {name} {dtype} x{n}: non-root tensor changed")
     # the last op is rooted: non-roots return first, and leaving (destroying the group) before
     # the root has run its part would rightly exclude them there
     dist.barrier()
