@@ -205,3 +205,18 @@ def test_no_leaks_after_destroy_and_idle_cpu(pool):
         assert v["before"] == 0 and v["after"] == 0 and v["threads"] == [], v
         assert v["mapped"] >= 4, v  # our region and the three peers' mappings
         assert v["idle"] < 0.02, v
+
+
+def test_window_size_from_the_environment(monkeypatch):
+    from elasticpg.transport.shm import DEFAULT_WINDOW, window_bytes
+
+    monkeypatch.delenv("ELASTICPG_SHM_WINDOW", raising=False)
+    assert window_bytes() == DEFAULT_WINDOW
+    monkeypatch.setenv("ELASTICPG_SHM_WINDOW", "10000")
+    assert window_bytes() == 8192  # whole pages
+    monkeypatch.setenv("ELASTICPG_SHM_WINDOW", "100")
+    assert window_bytes() == 4096
+    for bad in ("4M", "0", "-4096"):
+        monkeypatch.setenv("ELASTICPG_SHM_WINDOW", bad)
+        with pytest.raises(ValueError, match="ELASTICPG_SHM_WINDOW"):
+            window_bytes()
