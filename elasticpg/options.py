@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -63,3 +65,18 @@ class Options:
         if isinstance(self.timeout, timedelta):
             return self.timeout.total_seconds()
         return float(self.timeout)
+
+
+def positive_env(name: str, unit: str, parse: Callable[[str], float] = float) -> float | None:
+    """$name as a positive number, None when unset: settings an operator tunes for a machine
+    without changing code (a bad value is a clear error, never silently ignored)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of {unit}, got {raw!r}")
+    return value

@@ -27,7 +27,7 @@ from ..errors import (
     OperationTimeoutError,
     PeerFailedError,
 )
-from ..options import Options
+from ..options import Options, positive_env
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import TcpTransport
 from .lane import Lane
@@ -44,17 +44,7 @@ AGREEING_KINDS = frozenset({OpKind.ALLREDUCE, OpKind.ALLGATHER, OpKind.ALLGATHER
 def env_failure_timeout() -> float | None:
     """$ELASTICPG_FAILURE_TIMEOUT (seconds): the hang-detection bound when Options gives none,
     so that operators can tune it for a loaded machine without changing code."""
-    raw = os.environ.get("ELASTICPG_FAILURE_TIMEOUT")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"ELASTICPG_FAILURE_TIMEOUT must be a positive number of seconds, "
-                         f"got {raw!r}")
-    return value
+    return positive_env("ELASTICPG_FAILURE_TIMEOUT", "seconds")
 
 
 def default_host() -> str:

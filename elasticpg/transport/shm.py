@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from ..options import positive_env
 from . import futex
 
 MAGIC = 0x45504753484D0004  # "EPGSHM", version 4
@@ -75,16 +76,8 @@ def host_id() -> str:
 
 def window_bytes() -> int:
     """The window size: $ELASTICPG_SHM_WINDOW bytes (rounded down to pages) or the default."""
-    raw = os.environ.get("ELASTICPG_SHM_WINDOW")
-    if not raw:
-        return DEFAULT_WINDOW
-    try:
-        w = int(raw)
-    except ValueError:
-        w = 0
-    if w <= 0:
-        raise ValueError(f"ELASTICPG_SHM_WINDOW must be a positive number of bytes, got {raw!r}")
-    return max(_PAGE, w // _PAGE * _PAGE)
+    w = positive_env("ELASTICPG_SHM_WINDOW", "bytes", int)
+    return DEFAULT_WINDOW if w is None else max(_PAGE, int(w) // _PAGE * _PAGE)
 
 
 def _ctl_bytes(slots: int) -> int:
