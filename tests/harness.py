@@ -16,7 +16,7 @@ import queue
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -184,3 +184,16 @@ def error_name(fn: Callable[[], Any]) -> str:
     except Exception as exc:  # noqa: BLE001 - reporting is the point
         return type(exc).__name__
     return "ok"
+
+
+def serving_steps(seconds: float = 30.0) -> Iterator[int]:
+    """The steps of a healthy ranks' serving loop (one collective each), bounded by time, not
+    by count: over shared memory a step takes a fraction of a millisecond, so no step count
+    bounds how long a joiner may take to warm up on a loaded machine. Breaking out of the loop
+    is the success path; running out of time raises AssertionError."""
+    deadline = time.monotonic() + seconds
+    step = 0
+    while time.monotonic() < deadline:
+        yield step
+        step += 1
+    raise AssertionError(f"the joiner was not ready after {seconds:.0f} s ({step} steps)")

@@ -18,7 +18,7 @@ import elasticpg
 import elasticpg.api
 from elasticpg.compat import mooncake as compat
 
-from .harness import HOST
+from .harness import HOST, serving_steps
 
 REPLACEMENT = 4  # pool worker that plays the replacement process
 
@@ -148,7 +148,7 @@ def job_deferred_join(rank: int, world: int, port: int, style: str = "serving") 
     if store.add("survivors", 1) == 3:
         store.set("survivors-ready", "1")
     sums = set()
-    for _ in range(5000):  # serving loop: one collective per step, poll, admit when ready
+    for _ in serving_steps():  # serving loop: one collective per step, poll, admit when ready
         sums.add(_sum(rank + 1))
         if style == "wait_loop" and not _wait_until_ready(pg, backend, [1]):
             raise AssertionError("replacement never seen ready")
@@ -202,7 +202,7 @@ def job_extend_group_size(rank: int, world: int, port: int) -> dict:
     _init(rank, 3, store, pg.MooncakeBackendOptions(mirror, False, 4))
     backend = _backend()
     out = {"world": dist.get_world_size(), "mirror0": mirror.tolist(), "before": _sum(rank + 1)}
-    for _ in range(5000):
+    for _ in serving_steps():
         if pg.get_peer_state(backend, [3]) == [True]:
             out["synced"] = pg.get_num_synced_ranks(backend)
             out["status"] = pg.extend_group_size_to(backend, 4).status.name
@@ -236,7 +236,7 @@ def job_leave_and_rejoin(rank: int, world: int, port: int) -> dict:
         pg.join_group(backend)  # in-place rejoin
     else:
         out["without"] = _sum(rank + 1)
-        for _ in range(5000):
+        for _ in serving_steps():
             if pg.get_peer_state(backend, [3]) == [True]:
                 out["recover"] = pg.activate_ranks(backend, [3]).status.name
                 break

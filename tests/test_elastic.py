@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import elasticpg
 
-from .harness import HOST, error_name
+from .harness import HOST, error_name, serving_steps
 
 REPLACEMENT = 4  # the pool worker that plays the replacement process
 
@@ -33,10 +33,10 @@ def _sum(x: float, group=None) -> float:
     return t.item()
 
 
-def _serve_until_admitted(rank: int, joiner: int, steps: int = 4000) -> dict:
+def _serve_until_admitted(rank: int, joiner: int) -> dict:
     """The healthy ranks' serving loop: one all_reduce per step, poll, admit when ready."""
     worst, before, stall, seen_at = 0.0, set(), None, None
-    for _ in range(steps):
+    for _ in serving_steps():
         t0 = time.perf_counter()
         before.add(_sum(float(rank)))
         worst = max(worst, time.perf_counter() - t0)
@@ -47,7 +47,7 @@ def _serve_until_admitted(rank: int, joiner: int, steps: int = 4000) -> dict:
             stall = time.perf_counter() - t0
             return {"worst_step": worst, "sums_before": sorted(before), "stall": stall,
                     "status": res.status.value, "epoch": res.new_epoch, "seen_at": seen_at}
-    raise AssertionError("joiner never became ready")
+    raise AssertionError("unreachable: serving_steps raises when time is up")
 
 
 def job_scenario3(rank: int, world: int, port: int) -> dict:
@@ -110,13 +110,13 @@ def test_scenario3_deferred_join_of_a_replacement(pool):
         assert v["seen_at"] >= j["join_called"], (v, j)
 
 
-def _admit_when_ready(joiner: int, group=None, steps: int = 4000) -> str:
+def _admit_when_ready(joiner: int, group=None) -> str:
     """Serve (one all_reduce per step) until the joiner is agreed ready, then admit it."""
-    for _ in range(steps):
+    for _ in serving_steps():
         _sum(1.0, group)
         if elasticpg.get_peer_state(group, [joiner]) == [True]:
             return elasticpg.recover_ranks(group, [joiner]).status.value
-    raise AssertionError("joiner never became ready")
+    raise AssertionError("unreachable: serving_steps raises when time is up")
 
 
 def job_scenario4(rank: int, world: int, port: int) -> dict:
