@@ -144,8 +144,8 @@ def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
         _allreduce_rs_ag(sx, t, tb, op)
         return
     ctx = sx.ctx
-    fn = _np_ufunc(t.dtype, op)  # see _reduce_window
-    a, size = (sx.plane.numpy_of(t)[0] if fn is not None else None), t.element_size()
+    fold = _np_ufunc(t.dtype, op)  # numpy where it can, as in _reduce_window
+    flat = sx.plane.numpy_of(t)[0] if fold is not None else None
     for k in range(_rounds(sx, nbytes)):
         b = sx.post(k, [(0, tb)], nbytes)
         for p in ctx.peers:
@@ -160,10 +160,11 @@ def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
             # Every reduce op is commutative for two operands (same bits either way round),
             # so fold the peer's window into ours in place: one pass instead of copy + pass.
             (peer,) = (r for r in order if r != ctx.me)
-            if a is not None:
-                mine = a[lo // size:(lo + c) // size]
-                _np_fold(fn, mine, [mine, sx.regions[peer].np_raw(sx.bufs[peer], c // size,
-                                                                  a.dtype)])
+            if flat is not None:
+                n = t.element_size()
+                mine = flat[lo // n:(lo + c) // n]
+                _np_fold(fold, mine, [mine, sx.regions[peer].np_raw(sx.bufs[peer], c // n,
+                                                                    flat.dtype)])
             else:
                 other = sx.regions[peer].raw(sx.bufs[peer])[:c]
                 reduce_into(out.view(t.dtype), [out.view(t.dtype), other.view(t.dtype)], op)
