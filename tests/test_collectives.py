@@ -8,6 +8,7 @@ fails with every wrong case listed, and the suite pays process start-up once.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -270,6 +271,23 @@ def job_async_and_futures(rank: int, world: int, port: int) -> list[str]:
     return bad
 
 
+def job_float_specials(rank: int, world: int, port: int) -> list[str]:
+    """Overflow to inf and NaNs reduce silently, as torch computes them (no warnings, so
+    nothing raises under -W error), on the latency path and the windowed one."""
+    init_group(rank, world, port)
+    bad = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (1, 2 << 20):  # 8 MiB: several windows, reduce-scatter + all-gather
+            big = torch.full((n,), 3e38)
+            dist.all_reduce(big)
+            nan = torch.full((n,), float("nan") if rank == 1 else float(rank))
+            dist.all_reduce(nan, op=dist.ReduceOp.MIN)
+            if not (big.isinf().all() and nan.isnan().all()):
+                bad.append(f"{n} elements: {big[0].item()}, {nan[0].item()}")
+    return bad
+
+
 def job_p2p(rank: int, world: int, port: int) -> list[str]:
     init_group(rank, world, port)
     bad = []
@@ -390,6 +408,10 @@ def test_reduce_scatter_every_dtype(pool):
 
 def test_async_works_futures_and_sizes(pool):
     assert pool.run(job_async_and_futures) == [[]] * W
+
+
+def test_float_overflow_and_nan_are_silent(pool):
+    assert pool.run(job_float_specials) == [[]] * W
 
 
 def test_point_to_point(pool):

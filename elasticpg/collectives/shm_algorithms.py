@@ -83,7 +83,16 @@ def _reduce_window(sx: ShmOp, k: int, b: int, order: list[int], a: int, c: int,
 
 def _np_fold(fn: np.ufunc, out: np.ndarray, parts: list[np.ndarray]) -> None:
     """out = fn(...fn(fn(parts[0], parts[1]), parts[2])...), in this order; out may alias
-    parts[0]."""
+    parts[0]. Float overflow and NaNs stay silent, as in torch: numpy would warn (and raise
+    under `-W error`); integer ufuncs never warn, and skip the ~1 us errstate costs."""
+    if out.dtype.kind == "f":
+        with np.errstate(all="ignore"):
+            _fold(fn, out, parts)
+    else:
+        _fold(fn, out, parts)
+
+
+def _fold(fn: np.ufunc, out: np.ndarray, parts: list[np.ndarray]) -> None:
     fn(parts[0], parts[1], out=out)
     for x in parts[2:]:
         fn(out, x, out=out)
