@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -272,19 +273,29 @@ def job_async_and_futures(rank: int, world: int, port: int) -> list[str]:
 
 
 def job_float_specials(rank: int, world: int, port: int) -> list[str]:
-    """Overflow to inf and NaNs reduce silently, as torch computes them (no warnings, so
-    nothing raises under -W error), on the latency path and the windowed one."""
+    """Overflow to inf and NaNs reduce silently, as torch computes them: no warning shows, and
+    nothing raises where warnings are errors or numpy is set to raise, on the latency path and
+    the windowed one."""
     init_group(rank, world, port)
     bad = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for n in (1, 2 << 20):  # 8 MiB: several windows, reduce-scatter + all-gather
-            big = torch.full((n,), 3e38)
-            dist.all_reduce(big)
-            nan = torch.full((n,), float("nan") if rank == 1 else float(rank))
-            dist.all_reduce(nan, op=dist.ReduceOp.MIN)
-            if not (big.isinf().all() and nan.isnan().all()):
-                bad.append(f"{n} elements: {big[0].item()}, {nan[0].item()}")
+
+    def reduce_specials(n: int) -> None:
+        big = torch.full((n,), 3e38)
+        dist.all_reduce(big)
+        nan = torch.full((n,), float("nan") if rank == 1 else float(rank))
+        dist.all_reduce(nan, op=dist.ReduceOp.MIN)
+        if not (big.isinf().all() and nan.isnan().all()):
+            bad.append(f"{n} elements: {big[0].item()}, {nan[0].item()}")
+
+    for n in (1, 2 << 20):  # 8 MiB: several windows, reduce-scatter + all-gather
+        with warnings.catch_warnings(record=True) as shown:
+            reduce_specials(n)
+        bad.extend(f"{n} elements: warned {w.message}" for w in shown)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            reduce_specials(n)
+        with np.errstate(all="raise"):
+            reduce_specials(n)
     return bad
 
 
