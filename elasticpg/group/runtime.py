@@ -243,6 +243,9 @@ class GroupRuntime:
         get_peer_state return the same answer on every member at the same step."""
         if ctx.failed or len(ctx.heard_ready) != len(ctx.peers):  # heard only from peers
             return
+        if not ctx.ready:  # the steady state: nobody is waiting to join, as far as we know
+            self.agreed_ready = 0
+            return
         agreed = ctx.ready
         for m in ctx.heard_ready.values():
             agreed &= m
