@@ -132,7 +132,7 @@ def job_forged_peer(rank: int, world: int, port: int) -> dict:
     import socket
 
     init_group(rank, world, port)
-    host, p, _ = dist.group.WORLD.runtime.plane.endpoint(1 - rank)
+    host, p, _ = dist.group.WORLD.runtime.control.endpoint(1 - rank)
     res = {}
     if rank == 0:
         with socket.create_connection((host, p), timeout=5) as s:

@@ -1,4 +1,4 @@
-"""The collectives over shared memory (all participants on one host), in windows of the plane.
+"""The collectives over shared memory (all participants on one host), in windows.
 
 Data movement copies straight from the peers' mapped windows into the outputs. Reductions run
 torch ops over views of the windows, in ascending rank order, so results are bit-identical on
@@ -138,7 +138,7 @@ _UFUNCS: dict[tuple[torch.dtype, Reduce], np.ufunc | None] = {}
 def _allreduce_small(sx: ShmOp, t: torch.Tensor, fn: np.ufunc) -> None:
     """Latency path: numpy over the mapped windows (a torch call costs several times more)."""
     ctx = sx.ctx
-    a, a8 = sx.plane.numpy_of(t)
+    a, a8 = sx.host.numpy_of(t)
     b = sx.post(0, a8, a8.size)
     for p in ctx.peers:
         sx.wait_post(p, 0)
@@ -161,7 +161,7 @@ def allreduce(sx: ShmOp, t: torch.Tensor, op: Reduce) -> None:
         return
     ctx = sx.ctx
     fold = _np_ufunc(t.dtype, op)  # numpy where it can, as in _reduce_window
-    flat = sx.plane.numpy_of(t)[0] if fold is not None else None
+    flat = sx.host.numpy_of(t)[0] if fold is not None else None
     for k in range(_rounds(sx, nbytes)):
         b = sx.post(k, [(0, tb)], nbytes)
         for p in ctx.peers:

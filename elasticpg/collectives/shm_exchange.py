@@ -21,7 +21,7 @@ import torch
 
 from ..core.framing import Header, MsgType, OpKind
 from ..errors import CollectiveMismatchError, OperationTimeoutError
-from ..group.shm_plane import ShmPlane
+from ..group.shm_host import ShmHost
 from ..transport.memcopy import copy_bytes
 from ..transport.shm import RED, TOK, Region, wait_for
 from .context import OpContext, OpSpec
@@ -47,15 +47,15 @@ def expect_words(spec: OpSpec) -> list[int]:
 
 
 class ShmOp:
-    """One collective's use of the shared-memory plane (see module docstring)."""
+    """One collective's use of shared memory (see module docstring)."""
 
-    def __init__(self, ctx: OpContext, plane: ShmPlane, regions: dict[int, Region]) -> None:
-        """`regions`: the peers' mapped regions (ShmPlane.regions_for); read, never changed."""
+    def __init__(self, ctx: OpContext, host: ShmHost, regions: dict[int, Region]) -> None:
+        """`regions`: the peers' mapped regions (ShmHost.regions_for); read, never changed."""
         self.ctx = ctx
-        self.plane = plane
-        self.me = plane.mine
-        self.window = plane.window
-        self.spin = plane.spin_for(ctx.participants)
+        self.host = host
+        self.me = host.mine
+        self.window = host.window
+        self.spin = host.spin_for(ctx.participants)
         self.regions = regions
         if len(regions) < len(ctx.peers):
             # a process that is gone: nothing of it can be read
@@ -73,9 +73,9 @@ class ShmOp:
              stream_len: int,
              table: list[int] | None = None) -> int:
         """Copy the part of our stream inside window k into the next buffer, then publish it."""
-        plane, me, ctx = self.plane, self.me, self.ctx
-        b = 1 - plane.last_buffer
-        plane.last_buffer = b
+        host, me, ctx = self.host, self.me, self.ctx
+        b = 1 - host.last_buffer
+        host.last_buffer = b
         ctl = me.ctl
         ctl[TOK + 8 * b] = 0
         ctl[RED + 8 * b] = 0

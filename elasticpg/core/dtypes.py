@@ -29,13 +29,6 @@ def dtype_code(dtype: torch.dtype) -> int:
         raise TypeError(f"elasticpg does not support dtype {dtype}") from None
 
 
-def dtype_from_code(code: int) -> torch.dtype:
-    try:
-        return _BY_CODE[code]
-    except KeyError:
-        raise TypeError(f"unknown dtype code {code} on the wire") from None
-
-
 def dtype_name(code: int) -> str:
     dt = _BY_CODE.get(code)
     return str(dt).removeprefix("torch.") if dt is not None else f"<code {code}>"

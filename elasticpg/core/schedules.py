@@ -45,11 +45,3 @@ def split_offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
         off += s
     return out
 
-
-def position(rank: int, ranks: Sequence[int]) -> int:
-    """Index of `rank` among `ranks` (the active set), with a clear error when absent."""
-    try:
-        return list(ranks).index(rank)
-    except ValueError:
-        raise ValueError(f"rank {rank} is not among the participating ranks "
-                         f"{list(ranks)}") from None

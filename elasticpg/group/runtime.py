@@ -1,6 +1,6 @@
 """GroupRuntime: one group's state in one process, and the glue between the shells.
 
-It owns the data-plane transport and the mailbox, talks to the store through StorePlane, and
+It owns the data-plane transport and the mailbox, talks to the store through GroupStore, and
 holds the applied View. The ProcessGroup binding asks it for an OpContext per collective; the
 algorithms move frames through it. No algorithm or torch binding code lives here.
 """
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..collectives.context import OpContext, OpSpec
 from ..collectives.shm_exchange import ShmOp
-from ..control.store_plane import StorePlane
+from ..control.group_store import GroupStore
 from ..core.dtypes import dtype_code
 from ..core.framing import Header, MsgType, OpKind
 from ..core.membership import ExecMode, View
@@ -31,7 +31,7 @@ from ..options import Options, positive_env
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import TcpTransport
 from .lane import Lane
-from .shm_plane import ShmPlane
+from .shm_host import ShmHost
 from .views import ViewKeeper
 
 DEFAULT_FAILURE_TIMEOUT = 3.0  # seconds; a hung peer is declared failed after this much silence
@@ -63,7 +63,7 @@ class GroupRuntime:
         self.group_id = group_id
         self.options = options
         self.timeout = options.timeout_seconds() or timeout
-        self.plane = StorePlane(store, self.timeout)
+        self.control = GroupStore(store, self.timeout)
         self.mailbox = Mailbox()
         self.mode = ExecMode.ISOLATED if options.is_extension else ExecMode.NORMAL
         self.failure_timeout = (options.failure_timeout or env_failure_timeout()
@@ -85,22 +85,22 @@ class GroupRuntime:
         self._link_locks: dict[int, threading.Lock] = {}
         self._linked_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
         self._lock = threading.Lock()
-        self.views = ViewKeeper(self.plane, rank, View.initial(self.slots, range(world_size)),
+        self.views = ViewKeeper(self.control, rank, View.initial(self.slots, range(world_size)),
                                 on_applied=self._view_applied, announce=self._announce_view)
 
-        secret = self.plane.secret()
-        self.incarnation = self.plane.register(rank)
+        secret = self.control.secret()
+        self.incarnation = self.control.register(rank)
         # published before the TCP endpoint: whoever can reach us knows whether we share a host
-        self.shm = ShmPlane(self.plane, rank, self.slots)
+        self.shm = ShmHost(self.control, rank, self.slots)
         self.shm.publish()
         self.transport = TcpTransport(
             rank, secret, scope=group_id, host=options.host or default_host(),
             on_frame=self._on_frame, on_lost=self._on_lost,
             on_connected=self._on_connected, incarnation=self.incarnation)
         host, port = self.transport.endpoint
-        self.plane.publish_endpoint(rank, host, port, self.incarnation)
+        self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
-            self.plane.store.set("founders", str(world_size))
+            self.control.store.set("founders", str(world_size))
         self._mirror_mask()
         self._threads = [threading.Thread(target=self._liveness_loop, daemon=True,
                                           name=f"elasticpg-liveness-r{rank}")]
@@ -178,9 +178,9 @@ class GroupRuntime:
         if self.mode != ExecMode.NORMAL or not self.view.is_active(self.rank):
             return
         try:
-            latest = self.plane.latest_epoch()
+            latest = self.control.latest_epoch()
             if latest > max(self.view.epoch, self._noted_epoch):
-                view = self.plane.view(latest, timeout=self.heartbeat_interval)
+                view = self.control.view(latest, timeout=self.heartbeat_interval)
                 self.note_decision(latest, view.active_mask)
         except Exception:  # noqa: BLE001 - the store may be gone at shutdown; retry next tick
             pass
@@ -325,7 +325,7 @@ class GroupRuntime:
             if self.transport.connected(peer):
                 return
             left = deadline - time.monotonic()
-            host, port, inc = self.plane.endpoint(peer, timeout=max(left, 0.001))
+            host, port, inc = self.control.endpoint(peer, timeout=max(left, 0.001))
             try:
                 self.transport.connect(peer, host, port, max(deadline - time.monotonic(), 0.01))
                 self._linked_inc[peer] = inc
@@ -505,7 +505,7 @@ class GroupRuntime:
         self.views.decide(make)
         admitted = [r for r in admit if self.view.is_active(r)]
         for r in admitted:
-            self.plane.store.set(f"joined/{r}/{incs[r]}", str(self.view.epoch))
+            self.control.store.set(f"joined/{r}/{incs[r]}", str(self.view.epoch))
         return self.view, admitted, dropped
 
     def join(self, timeout: float | None = None) -> View:
@@ -534,8 +534,8 @@ class GroupRuntime:
                 except (PeerFailedError, OperationTimeoutError, OSError):
                     pass  # a dead member will be excluded by the others
             key = f"joined/{self.rank}/{self.incarnation}"
-            epoch = int(self.plane.wait_key(key, max(deadline - time.monotonic(), 0.001)))
-            view = self.plane.view(epoch)
+            epoch = int(self.control.wait_key(key, max(deadline - time.monotonic(), 0.001)))
+            view = self.control.view(epoch)
             with self.views.lock:
                 self.views._apply(view)
             for r in view.active:  # a rejoiner may have written its peers off while it was out
@@ -553,10 +553,10 @@ class GroupRuntime:
 
     def _live_view(self, deadline: float) -> View:
         """The latest decided view, waiting (bounded) until our slot is free in it."""
-        founders = int(self.plane.wait_key("founders", max(deadline - time.monotonic(), 0.001)))
+        founders = int(self.control.wait_key("founders", max(deadline - time.monotonic(), 0.001)))
         while True:
-            latest = self.plane.latest_epoch()
-            view = (self.plane.view(latest) if latest else
+            latest = self.control.latest_epoch()
+            view = (self.control.view(latest) if latest else
                     View.initial(self.slots, range(founders)))
             if not view.is_active(self.rank):
                 return view
@@ -567,7 +567,7 @@ class GroupRuntime:
                     f"slot {self.rank} is still active in the live group (epoch {view.epoch}); "
                     f"its previous process must be excluded before a replacement can join")
             try:
-                self.plane.view(latest + 1, timeout=left)
+                self.control.view(latest + 1, timeout=left)
             except OperationTimeoutError:
                 pass
 

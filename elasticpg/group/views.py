@@ -1,6 +1,6 @@
 """ViewKeeper: decides membership views in the store and applies them locally.
 
-Decisions are compare-and-set on `view/<epoch>` (StorePlane.propose_view), so two ranks that see
+Decisions are compare-and-set on `view/<epoch>` (GroupStore.propose_view), so two ranks that see
 the same failure produce one decision, and every member applies the same sequence of views. The
 decider pushes a VIEW frame to everyone it can reach, so the others learn of a decision without
 polling the store on the hot path; they apply it at their next operation boundary.
@@ -11,15 +11,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
-from ..control.store_plane import StorePlane
+from ..control.group_store import GroupStore
 from ..core.membership import View
 
 
 class ViewKeeper:
-    def __init__(self, plane: StorePlane, me: int, initial: View,
+    def __init__(self, control: GroupStore, me: int, initial: View,
                  on_applied: Callable[[View, View], None],
                  announce: Callable[[View], None]) -> None:
-        self.plane = plane
+        self.control = control
         self.me = me
         self.applied = initial
         self._on_applied = on_applied
@@ -33,9 +33,9 @@ class ViewKeeper:
     def decided(self, after: int) -> list[View]:
         """Views decided in the store with epochs above `after`, in order."""
         out = []
-        latest = self.plane.latest_epoch()
+        latest = self.control.latest_epoch()
         for e in range(after + 1, latest + 1):
-            out.append(self.plane.view(e))
+            out.append(self.control.view(e))
         return out
 
     def catch_up(self, only_if: Callable[[View], bool] | None = None) -> bool:
@@ -69,7 +69,7 @@ class ViewKeeper:
                 proposal = make(base)
                 if proposal is None:
                     break
-                won = self.plane.propose_view(proposal)
+                won = self.control.propose_view(proposal)
                 if won == proposal:
                     mine = won
                 if apply:

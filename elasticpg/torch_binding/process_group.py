@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..collectives import algorithms as alg
 from ..collectives import shm_algorithms as shm_alg
 from ..collectives.context import OpContext, OpSpec
-from ..core.dtypes import SUPPORTED_DTYPES, dtype_code
+from ..core.dtypes import SUPPORTED_DTYPES, dtype_code, dtype_name
 from ..core.framing import Header, MsgType, OpKind
 from ..core.membership import ExecMode
 from ..core.reduction import Reduce, check_supported, from_torch
@@ -491,7 +491,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
             if header.dtype != dtype_code(t.dtype) or header.numel != t.numel():
                 work.finish(ElasticPGError(
                     f"recv from rank {header.src} (tag {tag}): got {header.numel} elements of "
-                    f"dtype code {header.dtype}, expected {t.numel()} of {t.dtype}"))
+                    f"{dtype_name(header.dtype)}, expected {t.numel()} of {t.dtype}"))
                 return
             if t.numel():
                 t.reshape(-1).copy_(payload.view(t.dtype))

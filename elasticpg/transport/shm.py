@@ -187,15 +187,6 @@ class Region:
     def wake(self) -> None:
         futex.wake(self.bell_addr)
 
-    def find(self, token: int) -> int:
-        """The buffer holding the raw post of round `token`, or -1."""
-        ctl = self.ctl
-        if ctl[TOK] == token:
-            return 0
-        if ctl[TOK + 8] == token:
-            return 1
-        return -1
-
     def close(self) -> None:
         """Unmap (once no tensor views of it remain; otherwise the GC unmaps it later)."""
         views = (self.ctl, self.bell32, self._mv)

@@ -8,7 +8,6 @@ import torch
 from elasticpg.core.dtypes import (
     SUPPORTED_DTYPES,
     dtype_code,
-    dtype_from_code,
     dtype_name,
     is_integral,
 )
@@ -33,7 +32,6 @@ def test_codes_match_the_fixed_wire_table():
         if dt is None:
             continue
         assert dtype_code(dt) == code, name
-        assert dtype_from_code(code) is dt, name
         assert dtype_name(code) == name
 
 
@@ -48,7 +46,7 @@ def test_required_dtypes_are_supported():
 def test_round_trip_and_codes_fit_in_a_header_byte(dt):
     code = dtype_code(dt)
     assert 1 <= code <= 255  # the header's dtype field is one unsigned byte; 0 means "none"
-    assert dtype_from_code(code) is dt
+    assert dtype_name(code) == str(dt).removeprefix("torch.")
 
 
 def test_codes_are_unique():
@@ -75,19 +73,15 @@ def test_non_dtype_is_a_type_error():
 
 
 @pytest.mark.parametrize("code", [0, -1, 22, 100, 255, 256, 2**40])
-def test_unknown_code_is_a_type_error(code):
-    with pytest.raises(TypeError, match=f"unknown dtype code {code}"):
-        dtype_from_code(code)
+def test_unknown_code_is_named_as_such(code):
     assert dtype_name(code) == f"<code {code}>"
 
 
-def test_every_unused_byte_code_is_rejected():
+def test_every_unused_byte_code_is_named_unknown():
     used = {dtype_code(dt) for dt in SUPPORTED_DTYPES}
     for code in range(256):
-        if code in used:
-            continue
-        with pytest.raises(TypeError):
-            dtype_from_code(code)
+        if code not in used:
+            assert dtype_name(code) == f"<code {code}>"
 
 
 @pytest.mark.parametrize("dt", SUPPORTED_DTYPES, ids=str)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elasticpg.core.schedules import even_splits, peer_order, position, split_offsets
+from elasticpg.core.schedules import even_splits, peer_order, split_offsets
 
 FAST = settings(max_examples=50, deadline=None)
 
@@ -135,21 +135,3 @@ def test_split_offsets_rejects_negative_sizes(sizes, neg, data):
     bad = sizes[:at] + [neg] + sizes[at:]
     with pytest.raises(ValueError, match="non-negative"):
         split_offsets(bad)
-
-
-# ---------------------------------------------------------------- position
-
-
-@FAST
-@given(rank_sets, st.data())
-def test_position(ranks, data):
-    r = data.draw(st.sampled_from(ranks))
-    assert ranks[position(r, ranks)] == r
-    assert position(r, tuple(ranks)) == ranks.index(r)
-
-
-def test_position_absent_rank():
-    with pytest.raises(ValueError, match="rank 3 is not among the participating ranks"):
-        position(3, [0, 1, 2])
-    with pytest.raises(ValueError):
-        position(0, [])

@@ -18,9 +18,8 @@ import weakref
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from ..control.store_plane import StorePlane
+from ..control.group_store import GroupStore
 from ..errors import OperationTimeoutError
 from ..transport.shm import Region, host_id, window_bytes
 
@@ -28,37 +27,30 @@ SPIN_SECONDS = 200e-6  # spin this long before sleeping, when every local rank h
 YIELD_SECONDS = 50e-6  # poll this long, yielding the core, when ranks outnumber cores
 
 
-class ShmPlane:
-    def __init__(self, plane: StorePlane, rank: int, slots: int) -> None:
-        self.plane = plane
+class ShmHost:
+    def __init__(self, control: GroupStore, rank: int, slots: int) -> None:
+        self.control = control
         self.rank = rank
         self.slots = slots
-        self.host = host_id()
+        self.host_id = host_id()
         self.window = window_bytes()
         self.cores = len(os.sched_getaffinity(0))
-        self.mine: Region | None = Region.create(slots, self.window) if self.host else None
+        self.mine: Region | None = Region.create(slots, self.window) if self.host_id else None
         self._hosts: dict[int, str] = {}
         self._peers: dict[int, Region] = {}
         self._sets: dict[tuple[int, ...], dict[int, Region]] = {}  # see regions_for
         self._lock = threading.Lock()
         self.last_buffer = 1  # the buffer of our latest post; posts alternate
         self._last_np: tuple | None = None  # see numpy_of
-        self.round = 0
-
-    @property
-    def store(self) -> dist.Store:
-        return self.plane.store
 
     def publish(self) -> None:
-        if self.mine is None:
-            self.store.set(f"shm/{self.rank}", "")
-            return
-        self.store.set(f"shm/{self.rank}", f"{self.host}|{os.getpid()}|{self.mine.fd}|"
-                                          f"{self.mine.region_id}|{self.slots}|{self.window}")
+        info = "" if self.mine is None else (f"{self.host_id}|{os.getpid()}|{self.mine.fd}|"
+                                             f"{self.mine.region_id}|{self.slots}|{self.window}")
+        self.control.publish_shm(self.rank, info)
 
     def _info(self, peer: int, timeout: float) -> str:
         try:
-            return self.plane.wait_key(f"shm/{peer}", timeout).decode()
+            return self.control.shm_info(peer, timeout)
         except OperationTimeoutError:
             return ""
 
@@ -73,7 +65,7 @@ class ShmPlane:
             if host is None:
                 host = self._info(p, timeout).split("|", 1)[0]
                 self._hosts[p] = host
-            if host != self.host:
+            if host != self.host_id:
                 return False
         return True
 

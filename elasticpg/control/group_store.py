@@ -5,6 +5,8 @@ backend a store already prefixed with the group name, so keys here are group-loc
 
   secret              per-group random secret (first compare_set wins)
   ep/<rank>           "host:port:incarnation" of that rank's data-plane listener
+  shm/<rank>          "host id|pid|fd|region id|slots|window" of its shared-memory region
+                      ("" when it does not use shared memory)
   inc/<rank>          counter: how many processes have registered for that slot
   view/<epoch>        an encoded View; written once, by compare_set, so one decision per epoch
   view/latest         the highest decided epoch (monotonic, written after view/<epoch>)
@@ -21,7 +23,7 @@ from ..core.membership import View
 from ..errors import OperationTimeoutError
 
 
-class StorePlane:
+class GroupStore:
     def __init__(self, store: dist.Store, timeout: float) -> None:
         self.store = store
         self.timeout = timeout
@@ -49,6 +51,12 @@ class StorePlane:
     def endpoint(self, rank: int, timeout: float | None = None) -> tuple[str, int, int]:
         host, port, inc = self.wait_key(f"ep/{rank}", timeout).decode().rsplit(":", 2)
         return host, int(port), int(inc)
+
+    def publish_shm(self, rank: int, info: str) -> None:
+        self.store.set(f"shm/{rank}", info)
+
+    def shm_info(self, rank: int, timeout: float | None = None) -> str:
+        return self.wait_key(f"shm/{rank}", timeout).decode()
 
     # ---- views ------------------------------------------------------------------------------
     def propose_view(self, view: View) -> View:
