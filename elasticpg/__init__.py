@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from .api import (
     ProposalResult,
     ProposalStatus,
@@ -30,11 +32,16 @@ from .errors import (
     OperationTimeoutError,
     PeerFailedError,
 )
+from .events import configure_from_env, log_events
 from .options import Options
 from .torch_binding.process_group import BACKEND_NAME, ElasticProcessGroup
 from .torch_binding.registration import register_backend
 
 register_backend(BACKEND_NAME)
+# A library logs, the application decides where to: nothing is printed unless it asks
+# (logging.basicConfig, elasticpg.log_events, or ELASTICPG_LOG=json|text).
+logging.getLogger("elasticpg").addHandler(logging.NullHandler())
+configure_from_env()
 
 __all__ = [
     "BACKEND_NAME", "CollectiveMismatchError", "ElasticPGError", "ElasticProcessGroup",
@@ -43,4 +50,5 @@ __all__ = [
     "get_active_ranks", "get_current_epoch", "get_failed_ranks_hint", "get_local_success",
     "register_backend", "sync_after_failure", "activate_ranks", "recover_ranks",
     "extend_group_size_to", "get_num_synced_ranks", "get_peer_state", "join_group",
+    "log_events",
 ]

@@ -134,14 +134,13 @@ def get_peer_state(group: object | None, ranks: object) -> list[bool]:
 def activate_ranks(group: object | None, ranks: object) -> ProposalResult:
     """Collective: admit the ready ones of `ranks`; from the next collective on they take part."""
     rt = runtime_of(group)
-    requested = _ranks(ranks)
-    view, admitted, dropped = rt.activate(requested)
+    view, admitted, dropped = rt.activate(_ranks(ranks))
+    names = sorted(dropped)
     if not admitted and dropped:
-        return ProposalResult(ProposalStatus.Rejected, view.epoch, dropped,
-                              f"rank(s) {dropped} not ready: not registered, or not waiting "
-                              f"in join_group, or not yet seen ready by every active member")
+        reason = "; ".join(f"rank {r}: {why}" for r, why in sorted(dropped.items()))
+        return ProposalResult(ProposalStatus.Rejected, view.epoch, names, reason)
     status = ProposalStatus.AppliedWithDroppedRanks if dropped else ProposalStatus.Applied
-    return ProposalResult(status, view.epoch, dropped)
+    return ProposalResult(status, view.epoch, names)
 
 
 recover_ranks = activate_ranks
@@ -157,7 +156,7 @@ def join_group(group: object | None = None, timeout: float | None = None) -> int
 def get_num_synced_ranks(group: object | None = None) -> int:
     """Diagnostics: active ranks plus joiners every active member has seen ready."""
     rt = runtime_of(group)
-    return len(rt.view.active) + bin(rt.agreed_ready).count("1")
+    return len(rt.view.active) + rt.num_agreed_ready()
 
 
 def extend_group_size_to(group: object | None, size: int) -> ProposalResult:

@@ -28,3 +28,8 @@ class OperationTimeoutError(ElasticPGError):
 
 class GroupStateError(ElasticPGError):
     """The group cannot run this call now: destroyed, quiescing, or this rank is not active."""
+
+
+class ControlPlaneError(ElasticPGError):
+    """The group's store could not be reached or failed a request (membership cannot change
+    until it answers again)."""

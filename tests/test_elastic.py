@@ -159,6 +159,47 @@ def test_scenario4_scale_up_into_reserved_slot(pool):
         assert v["rs"] == [float(10 * (2 * r)), float(10 * (2 * r + 1))], v
 
 
+def job_abandoned_join(rank: int, world: int, port: int) -> dict:
+    """Scale-up joiner whose join_group gives up while the founders serve without polling;
+    the founders then poll and try to admit it; later it joins for real."""
+    if rank == 3:
+        store = _init(3, 4, port, is_extension=True, max_group_size=4)
+        t0 = time.monotonic()
+        out = {"first_join": error_name(lambda: elasticpg.join_group(timeout=1.0)),
+               "gave_up_after": time.monotonic() - t0, "isolated_sum": _sum(3.0)}
+        store.set("gave-up", "1")
+        store.wait(["founders-checked"], timedelta(seconds=60))
+        elasticpg.join_group(timeout=30)
+        out["after"] = _sum(3.0)
+        return out
+    store = _init(rank, 3, port, max_group_size=4)
+    while _sum(float(store.check(["gave-up"]))) == 0:  # stop together, at the same step
+        pass
+    out = {"peer_state": elasticpg.get_peer_state(None, [3])}
+    res = elasticpg.recover_ranks(None, [3])
+    out["recover"] = (res.status.value, res.dropped_ranks)
+    out["sum_after_recover"] = _sum(float(rank))  # before the fix: timed out on rank 3
+    out["epoch"] = elasticpg.get_current_epoch()
+    if store.add("checked", 1) == 3:
+        store.set("founders-checked", "1")
+    out["second"] = _admit_when_ready(3)
+    out["after"] = _sum(float(rank))
+    return out
+
+
+def test_a_join_that_gave_up_leaves_the_live_group_unharmed(pool):
+    res = pool.run(job_abandoned_join, world=4, timeout=120)
+    j = res[3]
+    assert j["first_join"] == "OperationTimeoutError" and j["isolated_sum"] == 3.0, j
+    assert j["gave_up_after"] < 1.0 + 10, j  # bounded by its timeout (generous: loaded CI)
+    assert j["after"] == 6.0
+    for v in res[:3]:
+        assert v["peer_state"] == [False] or v["recover"][0] == "Rejected", v
+        assert v["recover"] == ("Rejected", [3]), v
+        assert v["sum_after_recover"] == 3.0 and v["epoch"] == 0, v
+        assert v["second"] == "Applied" and v["after"] == 6.0, v
+
+
 def job_leave_and_rejoin(rank: int, world: int, port: int) -> dict:
     """Graceful leave of rank 3; rank 2 deactivated and rejoining in place; P2P across it."""
     _init(rank, 4, port)

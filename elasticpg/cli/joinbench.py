@@ -7,6 +7,9 @@ every step and call recover_ranks once it turns True. Reported per trial:
 * baseline step: the founders' median step latency before the joiner exists;
 * worst step during warm-up: the founders' slowest step while the joiner warms up;
 * admission stall: how long recover_ranks blocks the founders;
+* admission pause: what the healthy ranks really lose to the admission: recover_ranks plus
+  their first step with the joiner, minus a normal step (that first collective is where new
+  links, mapped memory and the joiner's own catching up would show);
 * ready visible: from the joiner's join_group call to get_peer_state turning True;
 * start to active: from the joiner's process start (before `import torch`) to join_group
   returning, and the same minus its warm-up.
@@ -62,12 +65,14 @@ def _founder(rank: int, world: int, port: int, out: Any) -> None:
             t0 = time.perf_counter()
             res = elasticpg.recover_ranks(None, [1])
             stall = time.perf_counter() - t0
+            first = step()  # the first step with the joiner
             break
     if stall is None or res.status.value != "Applied":
         raise RuntimeError("the joiner was not admitted within 60 s")
     after = [step() for _ in range(50)]
     out.put((rank, {"baseline": statistics.median(base), "worst": worst, "stall": stall,
-                    "seen": seen, "after": statistics.median(after)}))
+                    "pause": stall + first - statistics.median(base), "seen": seen,
+                    "after": statistics.median(after)}))
     dist.destroy_process_group()
 
 
@@ -142,6 +147,7 @@ def _trial(world: int, warmup: float) -> dict[str, float]:
         "baseline_step_ms": 1e3 * statistics.median(f["baseline"] for f in founders),
         "worst_step_during_warmup_ms": 1e3 * max(f["worst"] for f in founders),
         "admission_stall_ms": 1e3 * max(f["stall"] for f in founders),
+        "admission_pause_ms": 1e3 * max(f["pause"] for f in founders),
         "ready_visible_ms": 1e3 * (max(f["seen"] for f in founders) - j["called"]),
         "start_to_active_s": j["start_to_active"],
         "start_to_active_minus_warmup_s": j["start_to_active"] - warmup,

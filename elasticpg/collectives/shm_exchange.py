@@ -174,7 +174,7 @@ class ShmOp:
         disagreement is lag."""
         ctx = self.ctx
         if epoch > ctx.epoch or not parts >> ctx.me & 1:
-            ctx.link.note_decision(epoch, parts)
+            ctx.link.note_decision(epoch, frozenset(_ranks(parts)))
         if not parts >> ctx.me & 1:
             ctx.failed.add(peer)
             return True

@@ -1,26 +1,40 @@
-"""The group's keys in a c10d Store.
+"""The group's keys in a c10d Store: every key elasticpg reads or writes is named here.
 
 Only set/get/add/compare_set/wait/check are used, so any c10d store works. torch hands each
 backend a store already prefixed with the group name, so keys here are group-local.
 
-  secret              per-group random secret (first compare_set wins)
-  ep/<rank>           "host:port:incarnation" of that rank's data-plane listener
-  shm/<rank>          "host id|pid|fd|region id|slots|window" of its shared-memory region
-                      ("" when it does not use shared memory)
-  inc/<rank>          counter: how many processes have registered for that slot
-  view/<epoch>        an encoded View; written once, by compare_set, so one decision per epoch
-  view/latest         the highest decided epoch (monotonic, written after view/<epoch>)
+  secret                    per-group random secret (first compare_set wins)
+  founders                  the founding world size (written by every founder)
+  ep/<rank>                 "host:port:incarnation" of that rank's data-plane listener
+  shm/<rank>                "host id|pid|fd|region id|slots|window" of its shared-memory
+                            region ("" when it does not use shared memory)
+  inc/<rank>                counter: how many processes have registered for that slot
+  view/<epoch>              an encoded View; written once, by compare_set: one decision per epoch
+  view/latest               the highest decided epoch (monotonic, written after view/<epoch>)
+  join/<rank>/<inc>.<n>     one join attempt: "waiting", then exactly one of "admitting@<seq>"
+                            (the members won) or "abandoned" (the joiner gave up first), by
+                            compare_set, so the two sides can never both win
+  joined/<rank>/<inc>.<n>   the epoch of the view that activated that attempt
+
+A store that fails a request raises ControlPlaneError (a wait that runs out of time raises
+OperationTimeoutError), so callers never mistake a store outage for anything else.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch.distributed as dist
 
+from ..core.group_state import JoinAttempt
 from ..core.membership import View
-from ..errors import OperationTimeoutError
+from ..errors import ControlPlaneError, OperationTimeoutError
+
+T = TypeVar("T")
+WAITING, ABANDONED = "waiting", "abandoned"
 
 
 class GroupStore:
@@ -28,32 +42,50 @@ class GroupStore:
         self.store = store
         self.timeout = timeout
 
+    def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return fn(*args)
+        except dist.DistError as exc:
+            raise ControlPlaneError(f"the group's store failed to {what}: {exc}") from None
+
     def wait_key(self, key: str, timeout: float | None = None) -> bytes:
         t = self.timeout if timeout is None else timeout
         try:
             self.store.wait([key], timedelta(seconds=max(t, 0.001)))
-        except Exception as exc:  # c10d raises DistStoreError/RuntimeError on timeout
+        except dist.DistStoreError as exc:  # c10d's timeout (also a refused wait)
             raise OperationTimeoutError(f"store key {key!r} did not appear within {t:.1f}s: "
                                         f"{exc}") from None
-        return self.store.get(key)
+        except dist.DistError as exc:
+            raise ControlPlaneError(f"the group's store failed while waiting for {key!r}: "
+                                    f"{exc}") from None
+        return self._call(f"read {key!r}", self.store.get, key)
 
     def secret(self) -> bytes:
         mine = os.urandom(32).hex()
-        return bytes.fromhex(self.store.compare_set("secret", "", mine).decode())
+        got = self._call("agree on the group secret", self.store.compare_set, "secret", "",
+                         mine)
+        return bytes.fromhex(got.decode())
 
     def register(self, rank: int) -> int:
         """Count this process as the next incarnation of slot `rank`."""
-        return int(self.store.add(f"inc/{rank}", 1))
+        return int(self._call("register", self.store.add, f"inc/{rank}", 1))
+
+    def announce_founders(self, world_size: int) -> None:
+        self._call("announce the founders", self.store.set, "founders", str(world_size))
+
+    def founders(self, timeout: float) -> int:
+        return int(self.wait_key("founders", timeout))
 
     def publish_endpoint(self, rank: int, host: str, port: int, incarnation: int) -> None:
-        self.store.set(f"ep/{rank}", f"{host}:{port}:{incarnation}")
+        self._call("publish an endpoint", self.store.set, f"ep/{rank}",
+                   f"{host}:{port}:{incarnation}")
 
     def endpoint(self, rank: int, timeout: float | None = None) -> tuple[str, int, int]:
         host, port, inc = self.wait_key(f"ep/{rank}", timeout).decode().rsplit(":", 2)
         return host, int(port), int(inc)
 
     def publish_shm(self, rank: int, info: str) -> None:
-        self.store.set(f"shm/{rank}", info)
+        self._call("publish a shared-memory region", self.store.set, f"shm/{rank}", info)
 
     def shm_info(self, rank: int, timeout: float | None = None) -> str:
         return self.wait_key(f"shm/{rank}", timeout).decode()
@@ -61,8 +93,9 @@ class GroupStore:
     # ---- views ------------------------------------------------------------------------------
     def propose_view(self, view: View) -> View:
         """Try to decide `view` as epoch view.epoch; return whichever view won that epoch."""
-        won = View.decode(self.store.compare_set(f"view/{view.epoch}", "",
-                                                 view.encode().decode()))
+        raw = self._call("decide a view", self.store.compare_set, f"view/{view.epoch}", "",
+                         view.encode().decode())
+        won = View.decode(raw)
         self._raise_latest(won.epoch)
         return won
 
@@ -70,15 +103,45 @@ class GroupStore:
         """view/latest only grows: compare-and-set it up to `epoch`."""
         cur = ""
         while True:
-            got = self.store.compare_set("view/latest", cur, str(epoch)).decode()
+            got = self._call("record the latest view", self.store.compare_set, "view/latest",
+                             cur, str(epoch)).decode()
             if got == str(epoch) or (got and int(got) >= epoch):
                 return
             cur = got
 
     def latest_epoch(self) -> int:
-        if not self.store.check(["view/latest"]):
+        if not self._call("read the latest view", self.store.check, ["view/latest"]):
             return 0
-        return int(self.store.get("view/latest"))
+        return int(self._call("read the latest view", self.store.get, "view/latest"))
 
     def view(self, epoch: int, timeout: float | None = None) -> View:
         return View.decode(self.wait_key(f"view/{epoch}", timeout))
+
+    # ---- joins --------------------------------------------------------------------------------
+    @staticmethod
+    def _join_key(kind: str, join: JoinAttempt) -> str:
+        return f"{kind}/{join.slot}/{join.incarnation}.{join.attempt}"
+
+    def open_join(self, join: JoinAttempt) -> None:
+        self._call("open a join", self.store.set, self._join_key("join", join), WAITING)
+
+    def admit_join(self, join: JoinAttempt, start_seq: int) -> bool:
+        """Members: claim the attempt for admission at `start_seq`. Every member calls it with
+        the same arguments; all of them see the same answer (False: the joiner gave up first)."""
+        mine = f"admitting@{start_seq}"
+        got = self._call("admit a joiner", self.store.compare_set,
+                         self._join_key("join", join), WAITING, mine).decode()
+        return got == mine
+
+    def abandon_join(self, join: JoinAttempt) -> bool:
+        """Joiner: give the attempt up; False if the members claimed it first."""
+        got = self._call("abandon a join", self.store.compare_set,
+                         self._join_key("join", join), WAITING, ABANDONED).decode()
+        return got == ABANDONED
+
+    def announce_joined(self, join: JoinAttempt, epoch: int) -> None:
+        self._call("announce an activation", self.store.set, self._join_key("joined", join),
+                   str(epoch))
+
+    def wait_joined(self, join: JoinAttempt, timeout: float) -> int:
+        return int(self.wait_key(self._join_key("joined", join), timeout))

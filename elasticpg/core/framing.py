@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAGIC = 0xE1A5
@@ -21,8 +22,8 @@ class MsgType(enum.IntEnum):
     ABORT = 3  # "collective seq N failed here, because ...": payload is a UTF-8 reason
     HEARTBEAT = 4  # liveness probe; carries nothing
     GOODBYE = 5  # orderly close: the peer is leaving, not crashing
-    VIEW = 6  # "a new view was decided": `epoch` is its epoch; fetch it from the store
-    JOIN = 7  # a joiner (in join_group) is ready to be activated; `epoch`: its incarnation
+    VIEW = 6  # "a new view was decided": `epoch` is its epoch, the payload its active slots
+    JOIN = 7  # a joiner (in join_group) asks to be activated; payload: its JoinPayload
 
 
 class OpKind(enum.IntEnum):
@@ -42,6 +43,9 @@ class OpKind(enum.IntEnum):
     SEND = 13
     MEMBERSHIP = 14  # the exchange inside activate_ranks / deactivate_ranks
 
+
+# Above this, a header's byte count cannot be real: the link is corrupt (or the peer hostile).
+MAX_PAYLOAD = 1 << 40
 
 # magic, type, kind, dtype, redop, src, epoch, seq, step, numel, root, tag, nbytes, ready
 _HEADER = struct.Struct("<HBBBBiIQIQiqQQ")
@@ -66,7 +70,7 @@ class Header:
     numel: int = 0
     root: int = -1
     tag: int = 0
-    ready: int = 0  # bitmask of joiners the sender has seen ready (piggybacked for agreement)
+    ready: int = 0  # digest of the joiners the sender has seen ready (core.group_state)
 
     def pack(self) -> bytes:
         return _HEADER.pack(
@@ -82,9 +86,38 @@ class Header:
          nbytes, ready) = _HEADER.unpack(buf)
         if magic != MAGIC:
             raise FramingError(f"bad magic 0x{magic:04x}")
+        if nbytes > MAX_PAYLOAD:
+            raise FramingError(f"frame claims {nbytes} payload bytes (limit {MAX_PAYLOAD})")
         try:
             mtype, okind = MsgType(typ), OpKind(kind)
         except ValueError as exc:
             raise FramingError(str(exc)) from None
         return cls(mtype, src, nbytes, okind, dtype, redop, epoch, seq, step, numel, root, tag,
                    ready)
+
+
+# ---- payloads of membership frames ---------------------------------------------------------
+_JOIN = struct.Struct("<QQ")  # incarnation, attempt
+
+
+def pack_join(incarnation: int, attempt: int) -> bytes:
+    return _JOIN.pack(incarnation, attempt)
+
+
+def unpack_join(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
+    if len(payload) != _JOIN.size:
+        raise FramingError(f"JOIN payload must be {_JOIN.size} bytes, got {len(payload)}")
+    return _JOIN.unpack(payload)
+
+
+def pack_slots(slots: Iterable[int]) -> bytes:
+    """A set of slots as a little-endian bit set (any number of slots)."""
+    bits = 0
+    for r in slots:
+        bits |= 1 << r
+    return bits.to_bytes((bits.bit_length() + 7) // 8, "little")
+
+
+def unpack_slots(payload: bytes | bytearray | memoryview) -> frozenset[int]:
+    bits = int.from_bytes(bytes(payload), "little")
+    return frozenset(r for r in range(bits.bit_length()) if bits >> r & 1)

@@ -15,17 +15,12 @@ from dataclasses import dataclass, field, replace
 
 
 class MemberState(enum.IntEnum):
-    NONE = 0  # never registered
-    INACTIVE = 1  # registered (or failed/deactivated), not participating
-    AWAITING_ACTIVATION = 2  # called join_group and waits
-    ACTIVE = 3  # participates in collectives
-    LEFT = 4  # destroyed its group
+    """A slot's state in a view. (A joiner waiting for activation is not a view state: that
+    is its join attempt's key in the store, see control/group_store.py.)"""
 
-
-class RankState(enum.IntEnum):
-    OFFLINE = 0
-    SYNCED = 1
-    HEALTHY = 2
+    NONE = 0  # never a member
+    INACTIVE = 1  # was a member (failed, left or deactivated), not participating
+    ACTIVE = 2  # participates in collectives
 
 
 class ExecMode(enum.IntEnum):
@@ -43,6 +38,7 @@ class View:
     epoch: int
     members: tuple[MemberState, ...]
     start_seq: int = 0  # the first collective sequence number this view governs
+    cause: str = field(default="", compare=False)  # why it was decided (for operators)
     # derived once: every collective asks for them
     active: tuple[int, ...] = field(init=False, repr=False, compare=False)
     active_mask: int = field(init=False, repr=False, compare=False)
@@ -75,18 +71,19 @@ class View:
 
     def encode(self) -> bytes:
         return json.dumps({"e": self.epoch, "m": [int(s) for s in self.members],
-                           "s": self.start_seq}).encode()
+                           "s": self.start_seq, "c": self.cause}).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> View:
         d = json.loads(raw)
-        return cls(d["e"], tuple(MemberState(s) for s in d["m"]), d["s"])
+        return cls(d["e"], tuple(MemberState(s) for s in d["m"]), d["s"], d.get("c", ""))
 
-    def _with(self, changes: dict[int, MemberState], start_seq: int) -> View:
+    def _with(self, changes: dict[int, MemberState], start_seq: int, cause: str) -> View:
         members = list(self.members)
         for r, s in changes.items():
             members[r] = s
-        return replace(self, epoch=self.epoch + 1, members=tuple(members), start_seq=start_seq)
+        return replace(self, epoch=self.epoch + 1, members=tuple(members), start_seq=start_seq,
+                       cause=cause)
 
     def _check_ranks(self, ranks: Iterable[int]) -> list[int]:
         ranks = sorted(set(int(r) for r in ranks))
@@ -95,24 +92,28 @@ class View:
             raise MembershipError(f"ranks {bad} outside the group's slots 0..{self.size - 1}")
         return ranks
 
-    def after_failure(self, failed: Iterable[int], start_seq: int) -> View | None:
+    def after_failure(self, failed: Iterable[int], start_seq: int,
+                      cause: str = "") -> View | None:
         """The next view without `failed`; None when none of them is active (nothing to do)."""
         hit = [r for r in self._check_ranks(failed) if self.members[r] == MemberState.ACTIVE]
         if not hit:
             return None
-        return self._with({r: MemberState.INACTIVE for r in hit}, start_seq)
+        return self._with({r: MemberState.INACTIVE for r in hit}, start_seq,
+                          cause or f"ranks {hit} failed")
 
-    def after_deactivation(self, ranks: Iterable[int], start_seq: int) -> View:
+    def after_deactivation(self, ranks: Iterable[int], start_seq: int,
+                           cause: str = "") -> View:
         ranks = self._check_ranks(ranks)
         not_active = [r for r in ranks if self.members[r] != MemberState.ACTIVE]
         if not_active:
             raise MembershipError(f"cannot deactivate ranks {not_active}: not active")
         if len(ranks) >= len(self.active):
             raise MembershipError("cannot deactivate every active rank")
-        return self._with({r: MemberState.INACTIVE for r in ranks}, start_seq)
+        return self._with({r: MemberState.INACTIVE for r in ranks}, start_seq,
+                          cause or f"ranks {ranks} deactivated")
 
-    def after_activation(self, ranks: Iterable[int], ready: set[int],
-                         start_seq: int) -> tuple[View | None, list[int]]:
+    def after_activation(self, ranks: Iterable[int], ready: set[int], start_seq: int,
+                         cause: str = "") -> tuple[View | None, list[int]]:
         """Activate the ready ones of `ranks`. Returns (view or None, ranks dropped as not ready).
 
         Ranks already active are neither activated again nor counted as dropped.
@@ -123,11 +124,5 @@ class View:
         dropped = [r for r in todo if r not in ready]
         if not admit:
             return None, dropped
-        return self._with({r: MemberState.ACTIVE for r in admit}, start_seq), dropped
-
-    def with_member_state(self, rank: int, state: MemberState) -> View:
-        """Record a non-active state change (registration, awaiting activation, left)."""
-        self._check_ranks([rank])
-        if state == MemberState.ACTIVE or self.members[rank] == MemberState.ACTIVE:
-            raise MembershipError("activation and deactivation go through their own transitions")
-        return replace(self, members=self.members[:rank] + (state,) + self.members[rank + 1:])
+        return self._with({r: MemberState.ACTIVE for r in admit}, start_seq,
+                          cause or f"ranks {admit} activated"), dropped

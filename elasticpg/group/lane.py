@@ -40,7 +40,7 @@ class Lane:
         rt._seq += 1
         ctx.spec = spec
         ctx.deadline = time.monotonic() + rt.timeout
-        ctx.ready = rt._local_ready
+        ctx.ready = rt.state.joiners.digest
         if ctx.failed:
             ctx.failed.clear()
             ctx.lagged.clear()

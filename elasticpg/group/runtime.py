@@ -1,12 +1,62 @@
-"""GroupRuntime: one group's state in one process, and the glue between the shells.
+"""GroupRuntime: one group's live state in one process, and the glue between the shells.
 
-It owns the data-plane transport and the mailbox, talks to the store through GroupStore, and
-holds the applied View. The ProcessGroup binding asks it for an OpContext per collective; the
-algorithms move frames through it. No algorithm or torch binding code lives here.
+Theory of operation
+-------------------
+What state a group handle is in, and what moves it, is in `core/group_state.py` (a pure state
+machine). This module is its shell: it feeds the machine events from its threads, under one
+lock (`self._lock`), and carries out the decisions with I/O — links (`transport/tcp.py`),
+frames matched to waiting operations (`transport/mailbox.py`), shared memory (`shm_host.py`),
+the store (`control/group_store.py`), views (`views.py`).
+
+Threads, and what each may write:
+
+* the **caller** (the application's thread) runs every operation, the operation boundary
+  (settling membership), join_group and the membership calls. It alone applies views (through
+  ViewKeeper, under its lock) and advances the sequence number `_seq`.
+* one **reader** per incoming link (transport) hands frames to the mailbox, and reports JOIN,
+  VIEW and ABORT frames and broken links here. It never blocks on I/O of ours except a link-back
+  thread start, and an exception while it handles a frame fails that link, reported.
+* the **liveness** thread (`liveness.py`): heartbeats, silence, closed links, one store read per
+  tick for decisions no VIEW frame brought.
+* a short-lived **link-back** thread per JOIN: opens our link to the joiner and maps its
+  shared memory, then counts it ready.
+* in mode (b) at most one **decider** thread: decides failure views in the store, applies none.
+* the **completion** thread of `torch_binding/work.py`: resolves Futures of receives, so user
+  callbacks never run on a transport thread.
+
+Every thread writes GroupState only under `self._lock` and never does I/O while holding it.
+
+A failure, from a closed socket to an applied view: the kernel closes a dead peer's sockets; a
+reader sees EOF (or the liveness thread sees the outgoing link readable at EOF, or a send
+fails, or silence lasts past `failure_timeout`) and calls `fail_peer`. The machine records it
+(once); the shell drops the peer's links, fails its waiters in the mailbox and wakes every
+shared-memory sleeper, so the running collective completes without it (exclusion rule,
+`collectives/context.py`). At the end of that collective, in mode (a), `run` decides the view
+without it (compare-and-set of `view/<epoch>`; the winner tells everyone with a VIEW frame) and
+applies it before returning. In mode (b) the decider thread decides in the background and
+`sync_after_failure` applies; in mode (c) nothing happens until `deactivate_ranks`. Every other
+rank applies the decided view at its next operation boundary (`prepare`).
+
+The join handshake (joiner J for slot r, members M):
+  1. J (in join_group, phase JOINING) waits until slot r is free in the live view, takes that
+     view, writes `join/r/<inc>.<n>` = "waiting", links to every member, maps their shared
+     memory and sends each a JOIN frame naming the attempt.
+  2. Each M links back to J (and maps J's shared memory), then counts the attempt READY. Every
+     all-to-all collective carries each member's readiness digest; when all are equal, every
+     member agrees on the same ready set at the same step, and get_peer_state reports it.
+  3. The members call recover_ranks (a collective exchange of the requested ranks); each
+     compare-and-sets the attempt's key "waiting" -> "admitting@<seq>" (all with the same
+     value, all see the same outcome), decides the view that activates the winners, and writes
+     `joined/...` = epoch.
+  4. J waits for `joined/...`. If its bound runs out first it compare-and-sets "waiting" ->
+     "abandoned": if that wins, no member can admit it any more; J leaves its links (the
+     members forget the attempt: nothing of it remains) and raises. If the members won, J
+     finishes joining. Admitted, J applies the view and takes the group's sequence number.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -15,14 +65,25 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .. import events
 from ..collectives.context import OpContext, OpSpec
 from ..collectives.shm_exchange import ShmOp
 from ..control.group_store import GroupStore
 from ..core.dtypes import dtype_code
-from ..core.framing import Header, MsgType, OpKind
+from ..core.framing import Header, MsgType, OpKind, pack_join, pack_slots, unpack_join, unpack_slots
+from ..core.group_state import (
+    BoundaryAction,
+    Call,
+    CallRefusedError,
+    Event,
+    GroupState,
+    JoinAttempt,
+    Phase,
+)
 from ..core.membership import ExecMode, View
 from ..errors import (
     CollectiveMismatchError,
+    ControlPlaneError,
     GroupStateError,
     OperationTimeoutError,
     PeerFailedError,
@@ -31,14 +92,18 @@ from ..options import Options, positive_env
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import TcpTransport
 from .lane import Lane
+from .liveness import Liveness
 from .shm_host import ShmHost
 from .views import ViewKeeper
+
+log = logging.getLogger("elasticpg.runtime")
 
 DEFAULT_FAILURE_TIMEOUT = 3.0  # seconds; a hung peer is declared failed after this much silence
 # collectives in which every participant receives a frame from every other participant
 AGREEING_KINDS = frozenset({OpKind.ALLREDUCE, OpKind.ALLGATHER, OpKind.ALLGATHER_INTO_TENSOR,
                             OpKind.REDUCE_SCATTER, OpKind.REDUCE_SCATTER_TENSOR, OpKind.ALLTOALL,
                             OpKind.ALLTOALL_SINGLE, OpKind.BARRIER, OpKind.MEMBERSHIP})
+STORE_TROUBLE = (ControlPlaneError, OperationTimeoutError)
 
 
 def env_failure_timeout() -> float | None:
@@ -65,28 +130,26 @@ class GroupRuntime:
         self.timeout = options.timeout_seconds() or timeout
         self.control = GroupStore(store, self.timeout)
         self.mailbox = Mailbox()
-        self.mode = ExecMode.ISOLATED if options.is_extension else ExecMode.NORMAL
         self.failure_timeout = (options.failure_timeout or env_failure_timeout()
                                 or min(self.timeout, DEFAULT_FAILURE_TIMEOUT))
         self.heartbeat_interval = options.heartbeat_interval or self.failure_timeout / 6
         self.auto_deactivate = options.auto_deactivate_on_failure
         self.auto_sync = options.auto_sync_on_failure
+        self._lock = threading.Lock()  # guards self.state (see the theory of operation)
+        self.state = GroupState(rank, Phase.ISOLATED if options.is_extension else Phase.ACTIVE,
+                                self.auto_deactivate, self.auto_sync)
         self._seq = 0
-        self._poison: str | None = None
-        self._destroyed = False
-        self._dirty = False  # a failure or a foreign view decision awaits the next op boundary
         self._lane: Lane | None = None  # see lane()
-        self._local_ready = 0  # bitmask: joiners whose JOIN we got and whom we linked back to
-        self._joiner_inc: dict[int, int] = {}  # joiner slot -> incarnation that asked to join
-        self.agreed_ready = 0  # bitmask every active member agreed on (see _agree_ready)
         self._peek_seq = -1  # op sequence number at the last peer_state call
-        self._noted_epoch = 0  # newest decided epoch whose consequences were noted
-        self._joining = False
+        self._join_attempts = 0
+        self._helpers: list[threading.Thread] = []  # link-back, decider, connect threads
         self._link_locks: dict[int, threading.Lock] = {}
         self._linked_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
-        self._lock = threading.Lock()
-        self.views = ViewKeeper(self.control, rank, View.initial(self.slots, range(world_size)),
-                                on_applied=self._view_applied, announce=self._announce_view)
+        self._newest_inc: dict[int, int] = {}  # the newest process seen in each slot
+        initial = View.initial(self.slots, range(world_size))
+        self.views = ViewKeeper(self.control, rank, initial, on_applied=self._view_applied,
+                                announce=self._announce_view)
+        self.state.view_applied(0, initial.active)
 
         secret = self.control.secret()
         self.incarnation = self.control.register(rank)
@@ -100,156 +163,211 @@ class GroupRuntime:
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
-            self.control.store.set("founders", str(world_size))
+            self.control.announce_founders(world_size)
         self._mirror_mask()
-        self._threads = [threading.Thread(target=self._liveness_loop, daemon=True,
-                                          name=f"elasticpg-liveness-r{rank}")]
-        if self.mode == ExecMode.NORMAL:
+        self.liveness = Liveness(self)
+        self.liveness.start()
+        if self.state.phase is Phase.ACTIVE:
             # Open our outgoing links now, so that every peer holds a socket from us and sees
             # at once when this process dies, even before the first collective.
-            self._threads.append(threading.Thread(target=self._connect_all, daemon=True,
-                                                  name=f"elasticpg-connect-r{rank}"))
-        for t in self._threads:
-            t.start()
+            self._spawn(self._connect_all, "connect")
 
     @property
     def view(self) -> View:
         return self.views.applied
 
+    @property
+    def mode(self) -> ExecMode:
+        return self.state.exec_mode
+
+    def _spawn(self, target: Callable, what: str, *args: object) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True,
+                             name=f"elasticpg-{what}-r{self.rank}")
+        with self._lock:
+            self._helpers = [h for h in self._helpers if h.is_alive()]
+            self._helpers.append(t)
+        t.start()
+
+    def _event(self, kind: str, level: int = logging.INFO, **fields: object) -> None:
+        events.emit(kind, self.group_id, self.rank, level, **fields)
+
     # ---- data-plane callbacks (reader threads) ------------------------------------------------
     def _on_frame(self, header: Header, payload: torch.Tensor) -> None:
-        if header.type == MsgType.COLL:
+        t = header.type
+        if t == MsgType.COLL:
             self.mailbox.deliver_coll(header, payload)
-        elif header.type == MsgType.P2P:
+        elif t == MsgType.P2P:
             self.mailbox.deliver_p2p(header, payload)
-        elif header.type == MsgType.VIEW:
-            self.note_decision(header.epoch, header.ready)  # `ready` carries the active mask
-        elif header.type == MsgType.JOIN:
-            threading.Thread(target=self._link_back, args=(header.src, header.epoch),
-                             daemon=True, name=f"elasticpg-linkback-r{self.rank}").start()
-        elif header.type == MsgType.ABORT:
-            reason = bytes(payload.numpy()).decode(errors="replace")
-            self._poison = self._poison or reason
-            self.mailbox.abort(header.seq, reason)
-            self.shm.wake_all()
+        elif t == MsgType.VIEW:
+            self.note_decision(header.epoch, unpack_slots(payload.numpy()))
+        elif t == MsgType.JOIN:
+            self._joiner_announced(JoinAttempt(header.src, *unpack_join(payload.numpy())))
+        elif t == MsgType.ABORT:
+            self._aborted(header.src, header.seq, bytes(payload.numpy()).decode(errors="replace"))
 
-    def _on_lost(self, peer: int, reason: str) -> None:
-        self.fail_peer(peer, reason)
+    def _on_lost(self, peer: int, reason: str, incarnation: int) -> None:
+        how = "left" if reason == "peer left the group" else "eof"
+        self.fail_peer(peer, reason, how=how, incarnation=incarnation)
 
     def _on_connected(self, peer: int, incarnation: int) -> None:
+        self._seen_incarnation(peer, incarnation)
         self.mailbox.revive_peer(peer)
+        with self._lock:
+            self.state.revived(peer)
 
-    def fail_peer(self, peer: int, reason: str) -> None:
-        """Record that `peer` is gone; membership reacts at the next operation boundary."""
-        if self._destroyed or self.mailbox.is_failed(peer):
+    def _seen_incarnation(self, peer: int, incarnation: int) -> None:
+        with self._lock:
+            if incarnation > self._newest_inc.get(peer, 0):
+                self._newest_inc[peer] = incarnation
+
+    def _aborted(self, src: int, seq: int, reason: str) -> None:
+        """A participant reported a mismatch in collective `seq`: the group is poisoned."""
+        with self._lock:
+            if self.state.phase not in (Phase.ACTIVE, Phase.POISONED):
+                return  # not a participant of anything: a straggler from before we left
+            self.state.mismatch(reason)
+        self._event("mismatch", logging.WARNING, seq=seq, reported_by=src, reason=reason)
+        self.mailbox.abort(seq, reason)
+        self.shm.wake_all()
+
+    # ---- failures and decisions ---------------------------------------------------------------
+    def fail_peer(self, peer: int, reason: str, how: str = "",
+                  incarnation: int | None = None) -> None:
+        """Record that `peer` is gone; membership reacts at the next operation boundary.
+
+        `incarnation`: the process the report is about, if known. A report about a process
+        older than the newest one seen in that slot (a dead predecessor's link closing late,
+        a connect to its old endpoint failing) is about nobody alive and changes nothing."""
+        with self._lock:
+            if self.state.phase is Phase.DESTROYED:
+                return
+            if incarnation is not None and incarnation < self._newest_inc.get(peer, 0):
+                log.debug("rank %d: ignoring a failure of rank %d's earlier process %d: %s",
+                          self.rank, peer, incarnation, reason)
+                return
+            note = self.state.note_failure(peer, reason)
+            member = peer in self.state.active
+        if not note.first:
             return
-        self._local_ready &= ~(1 << peer)
+        self._event("peer_failed", logging.WARNING if member else logging.INFO, peer=peer,
+                    reason=reason, how=how or "other", member=member)
         self.transport.drop(peer)
         self.transport.drop_incoming(peer)
         self.mailbox.fail_peer(peer, reason)
         self.shm.wake_all()  # a wait on its shared memory ends as fast as one on its socket
-        if self.view.is_active(peer):
-            self._dirty = True
-            if self.auto_deactivate and not self.auto_sync:
-                # mode (b): decide in the background, apply in sync_after_failure
-                threading.Thread(target=self._decide_quietly, args=([peer],), daemon=True,
-                                 name=f"elasticpg-decide-r{self.rank}").start()
+        if note.start_decider:
+            self._spawn(self._decide_in_background, "decide")
 
-    def note_decision(self, epoch: int, active_mask: int) -> None:
+    def link_broke(self, peer: int, reason: str, how: str, sock: object = None) -> None:
+        """Our link to `peer` (the link `sock`, if given) broke. Wait for its incoming link to
+        close too, so every frame it sent before going away is delivered first; fail it now if
+        it has none."""
+        inc = self.transport.drop(peer, sock)
+        if sock is not None and inc is None:
+            return  # a newer link replaced that one meanwhile: nothing of it broke
+        if not self.transport.has_incoming(peer):
+            self.fail_peer(peer, reason, how=how, incarnation=inc)
+
+    def note_decision(self, epoch: int, active: frozenset[int]) -> None:
         """A view newer than ours was decided: release at once every wait it makes pointless.
 
         Waits on peers it excluded end (their contribution is not coming), and if it excluded
         this rank, all of its waits end: the operation then settles and reports the exclusion
         instead of waiting out its timeout for peers that no longer send to us."""
-        if epoch <= self.view.epoch or epoch <= self._noted_epoch:
-            return
-        self._noted_epoch = epoch
-        self._dirty = True
-        me_out = not active_mask >> self.rank & 1
+        with self._lock:
+            if not self.state.note_decision(epoch):
+                return
+        me_out = self.rank not in active
         for r in self.view.active:
-            if r != self.rank and (me_out or not active_mask >> r & 1):
+            if r != self.rank and (me_out or r not in active):
                 self.mailbox.fail_peer(r, f"rank {self.rank} was excluded in epoch {epoch}"
                                        if me_out else f"excluded in epoch {epoch}")
         self.shm.wake_all()  # shared-memory waits re-check who failed
 
-    def _poll_decisions(self) -> None:
-        """Learn decisions that no VIEW frame brought (the decider may be the very peer we
-        were cut off from): one store read per liveness tick."""
-        if self.mode != ExecMode.NORMAL or not self.view.is_active(self.rank):
+    def poll_decisions(self) -> None:
+        """Liveness thread: one store read per tick for decisions no VIEW frame brought."""
+        if self.state.phase is not Phase.ACTIVE:
             return
         try:
             latest = self.control.latest_epoch()
-            if latest > max(self.view.epoch, self._noted_epoch):
+            if latest > max(self.view.epoch, self.state.noted_epoch):
                 view = self.control.view(latest, timeout=self.heartbeat_interval)
-                self.note_decision(latest, view.active_mask)
-        except Exception:  # noqa: BLE001 - the store may be gone at shutdown; retry next tick
-            pass
+                self.note_decision(latest, frozenset(view.active))
+        except STORE_TROUBLE as exc:
+            log.debug("rank %d: polling the store for views failed (retrying): %s",
+                      self.rank, exc)
 
-    def _decide_quietly(self, failed: list[int]) -> None:
-        try:
-            self.views.exclude(failed, self._seq, apply=False)
-        except Exception:  # noqa: BLE001 - the store may be gone at shutdown
-            pass
-
-    def _peer_closed(self, peer: int, reason: str) -> None:
-        """A link to `peer` broke from our side. Wait for its incoming link to close too, so
-        every frame it sent before going away is delivered first; fail it now if it has none."""
-        self.transport.drop(peer)
-        if not self.transport.has_incoming(peer):
-            self.fail_peer(peer, reason)
-
-    def _liveness_loop(self) -> None:
-        """Heartbeats out, silence and closed links in: the bound on noticing a hung peer."""
-        bound, tick = self.failure_timeout, self.heartbeat_interval
-        last = time.monotonic()
-        while not self._destroyed:
-            for peer in self.transport.closed_outgoing(tick):
-                self._peer_closed(peer, "connection closed")
-            if self._destroyed:
+    def _decide_in_background(self) -> None:
+        """Mode (b): decide failure views in the store; sync_after_failure applies them."""
+        while True:
+            with self._lock:
+                todo = self.state.decider_work()
+            if not todo:
                 return
-            now = time.monotonic()
-            if now - last > bound / 2:
-                # we were stalled ourselves (SIGSTOP, overload): nobody's silence is evidence
-                self.transport.forgive_silence()
-            last = now
-            for peer in self.transport.heartbeat(tick, bound):
-                self._peer_closed(peer, "stopped reading (heartbeat not accepted)")
-            for peer in self.transport.silent(bound):
-                self.fail_peer(peer, f"no heartbeat for more than {bound:.2f}s (hung?)")
-            self._poll_decisions()
+            try:
+                self.views.exclude(todo, self._seq, apply=False, cause=self._failure_cause(todo))
+            except STORE_TROUBLE as exc:
+                log.warning("rank %d: deciding the exclusion of %s failed: %s (sync_after_"
+                            "failure will retry)", self.rank, todo, exc)
+                with self._lock:
+                    self.state.deciding = False
+                return
 
-    # ---- joiners (healthy side) ------------------------------------------------------------------
-    def _link_back(self, joiner: int, incarnation: int) -> None:
-        """A joiner announced itself: open our link to its new incarnation, then count it ready."""
+    def _failure_cause(self, peers: list[int]) -> str:
+        with self._lock:
+            why = {p: self.state.failed.get(p, "failed") for p in peers}
+        return "; ".join(f"rank {p}: {r} (seen by rank {self.rank})" for p, r in why.items())
+
+    # ---- joiners (member side) -----------------------------------------------------------------
+    def _joiner_announced(self, join: JoinAttempt) -> None:
+        with self._lock:
+            if self.state.phase is not Phase.ACTIVE or not self.state.joiners.announced(join):
+                return
+        self._spawn(self._link_back, "linkback", join)
+
+    def _link_back(self, join: JoinAttempt) -> None:
+        """A joiner announced itself: open our link to its process, map its shared memory,
+        then count the attempt ready (see the join handshake)."""
+        r = join.slot
         # No "still active?" check: a rank rejoining in place may announce itself before we
-        # applied the view that deactivated it. A JOIN is never late (activation needs our
-        # readiness first), and readiness of an active rank is masked out in _agree_ready.
-        if self._linked_inc.get(joiner) != incarnation:
+        # applied the view that deactivated it; readiness of active slots never counts.
+        self._seen_incarnation(r, join.incarnation)
+        if self._linked_inc.get(r) != join.incarnation:
             # a new process in that slot: our link (if any) goes to its dead predecessor. An
             # in-place rejoin keeps the live link: dropping it could make the rejoiner see us
             # as failed before our new link arrived.
-            self.transport.drop(joiner)
-        self.mailbox.revive_peer(joiner)
+            self.transport.drop(r)
+        self.mailbox.revive_peer(r)
+        with self._lock:
+            self.state.revived(r)
+        deadline = time.monotonic() + self.timeout
         try:
-            self.ensure_link(joiner, time.monotonic() + self.timeout)
-        except (PeerFailedError, OperationTimeoutError):
+            self.ensure_link(r, deadline)
+            self.shm.prepare(r, max(deadline - time.monotonic(), 0.001))
+        except (PeerFailedError, *STORE_TROUBLE) as exc:
+            with self._lock:
+                self.state.joiners.forget(r, join)
+            log.info("rank %d: linking back to joiner %s failed: %s", self.rank, join, exc)
             return
-        self._joiner_inc[joiner] = incarnation
-        self._local_ready |= 1 << joiner
+        with self._lock:
+            ready = self.state.joiners.linked(join)
+        if ready:
+            self._event("joiner_ready", slot=r, incarnation=join.incarnation,
+                        attempt=join.attempt)
 
     def _agree_ready(self, ctx: OpContext) -> None:
         """After a collective in which every participant heard every other one, all of them
-        hold the same set of ready-mask values: their AND is the agreed readiness. That makes
-        get_peer_state return the same answer on every member at the same step."""
+        hold the same readiness digests: see core.group_state.agree."""
         if ctx.failed or len(ctx.heard_ready) != len(ctx.peers):  # heard only from peers
             return
-        if not ctx.ready:  # the steady state: nobody is waiting to join, as far as we know
-            self.agreed_ready = 0
-            return
-        agreed = ctx.ready
-        for m in ctx.heard_ready.values():
-            agreed &= m
-        self.agreed_ready = agreed & ~self.view.active_mask
+        joiners = self.state.joiners
+        if not ctx.ready and not joiners.agreed and not any(ctx.heard_ready.values()):
+            return  # the steady state: nobody is waiting to join
+        with self._lock:
+            if joiners.digest == ctx.ready:
+                joiners.settle_agreement(ctx.heard_ready.values())
+            else:
+                joiners.agreed = frozenset()  # ours changed during the op: agree next time
 
     def peer_state(self, ranks: list[int]) -> list[bool]:
         """Readiness as agreed at the last all-to-all collective, so that every member of a
@@ -258,60 +376,78 @@ class GroupRuntime:
         readiness instead: recover_ranks re-agrees in its own exchange, so that is safe too."""
         idle = self._seq == self._peek_seq
         self._peek_seq = self._seq
-        ready = self._local_ready if idle else self.agreed_ready
-        return [self.view.is_active(r) or bool(ready >> r & 1) for r in ranks]
+        with self._lock:
+            ready = self.state.joiners.ready_slots(agreed=not idle)
+        return [self.view.is_active(r) or r in ready for r in ranks]
+
+    def num_agreed_ready(self) -> int:
+        return len(self.state.joiners.agreed)
 
     # ---- views ----------------------------------------------------------------------------------
     def _view_applied(self, old: View, new: View) -> None:
         for r in range(self.slots):
             was, now = old.is_active(r), new.is_active(r)
-            if was != now and r != self.rank:
-                self.shm.forget(r)  # a replacement is another process with another region
-            if was and not now and r != self.rank:
+            if r == self.rank or was == now:
+                continue
+            if was:
+                self.shm.forget(r)  # its process left: a replacement has another region
                 self.mailbox.fail_peer(r, f"deactivated in epoch {new.epoch}")
-            elif now and not was and r != self.rank:
-                self.mailbox.revive_peer(r)
-                self._local_ready &= ~(1 << r)
-                self.agreed_ready &= ~(1 << r)
+                dropped = self.mailbox.discard_p2p(r)
+                if dropped:
+                    log.info("rank %d: dropped %d unreceived message(s) from rank %d, which "
+                             "left the group", self.rank, dropped, r)
+            else:
+                self.mailbox.revive_peer(r)  # mapped already when it became ready
+        if old.active != new.active:
+            self.shm.membership_changed()
+        with self._lock:
+            self.state.view_applied(new.epoch, new.active)
         self._mirror_mask()
+        self._event("view_applied", epoch=new.epoch, active=list(new.active),
+                    cause=new.cause)
 
     def _announce_view(self, view: View) -> None:
+        self._event("view_decided", epoch=view.epoch, active=list(view.active),
+                    cause=view.cause)
+        payload = pack_slots(view.active)
+        header = Header(MsgType.VIEW, self.rank, len(payload), epoch=view.epoch)
+        deadline = time.monotonic() + min(self.timeout, 1.0)
         for peer in range(self.slots):
             if peer != self.rank and self.transport.connected(peer):
                 try:
-                    self.transport.send(peer, Header(MsgType.VIEW, self.rank, 0,
-                                                     epoch=view.epoch,
-                                                     ready=sum(1 << r for r in view.active)))
+                    self.transport.send(peer, header, payload, deadline)
                 except OSError:
-                    pass
+                    pass  # a peer we cannot tell learns the view from the store within a tick
 
     def _settle(self) -> None:
         """At an operation boundary: bring membership up to date according to the mode."""
-        self._dirty = False
+        with self._lock:
+            action = self.state.boundary_action()
+            token = self.state.begin_settle()
+            failed = sorted(self.state.failed)
         try:
-            if self.auto_deactivate and self.auto_sync:
-                known = [r for r in self.mailbox.failed() if self.view.is_active(r)]
-                if known:
-                    self.views.exclude(known, self._seq)
-                else:
-                    self.views.catch_up()
-            else:
+            if action is BoundaryAction.EXCLUDE:
+                self.views.exclude(failed, self._seq, cause=self._failure_cause(failed))
+            elif action is BoundaryAction.CATCH_UP:
+                self.views.catch_up()
+            elif action is BoundaryAction.CATCH_UP_IF_REMOVED:
                 # modes (b) and (c) apply failure views only when asked, but a view that
                 # removes this rank is applied at once so that it gets a clear error
                 if any(not v.is_active(self.rank) for v in self.views.decided(self.view.epoch)):
                     self.views.catch_up()
-        except (OperationTimeoutError, RuntimeError) as exc:
-            self._dirty = True
+        except STORE_TROUBLE as exc:
             raise GroupStateError(f"cannot reach the store to settle membership: {exc}") from exc
+        with self._lock:
+            self.state.end_settle(token)
 
     # ---- links --------------------------------------------------------------------------------
     def _connect_all(self) -> None:
         for peer in self.view.active:
-            if peer == self.rank or self._destroyed:
+            if peer == self.rank or self.state.phase is Phase.DESTROYED:
                 continue
             try:
                 self.ensure_link(peer, time.monotonic() + self.timeout)
-            except (PeerFailedError, OperationTimeoutError):
+            except (PeerFailedError, *STORE_TROUBLE):
                 pass  # recorded; the operation that needs this peer reports it
 
     def ensure_link(self, peer: int, deadline: float) -> None:
@@ -327,10 +463,11 @@ class GroupRuntime:
             left = deadline - time.monotonic()
             host, port, inc = self.control.endpoint(peer, timeout=max(left, 0.001))
             try:
-                self.transport.connect(peer, host, port, max(deadline - time.monotonic(), 0.01))
+                self.transport.connect(peer, host, port, max(deadline - time.monotonic(), 0.01),
+                                       incarnation=inc)
                 self._linked_inc[peer] = inc
             except OSError as exc:
-                self.fail_peer(peer, f"cannot connect: {exc}")
+                self.fail_peer(peer, f"cannot connect: {exc}", how="connect", incarnation=inc)
                 raise PeerFailedError([peer], f"cannot connect: {exc}") from None
 
     def send_frame(self, peer: int, header: Header, payload: memoryview | bytes,
@@ -342,48 +479,47 @@ class GroupRuntime:
             return
         self.ensure_link(peer, deadline)
         try:
-            self.transport.send(peer, header, payload)
+            self.transport.send(peer, header, payload, deadline)
         except OSError as exc:
             # Declare the peer failed only once its incoming link has closed too, so every
             # frame it sent before going away (an ABORT, its last contribution) is seen first.
-            self.transport.drop(peer)
-            if not self.transport.has_incoming(peer):
-                self.fail_peer(peer, f"send failed: {exc}")
+            self.link_broke(peer, f"send failed: {exc}", how="send")
             raise PeerFailedError([peer], f"send failed: {exc}") from None
 
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None:
         """Tell the other participants that collective `seq` is broken, then poison the group."""
-        self._poison = self._poison or reason
+        with self._lock:
+            if self.state.phase is Phase.ACTIVE:
+                self.state.mismatch(reason)
+        self._event("mismatch", logging.WARNING, seq=seq, reported_by=self.rank, reason=reason)
         data = reason.encode()
         for p in peers:
             try:
                 self.send_frame(p, Header(MsgType.ABORT, self.rank, len(data), seq=seq), data,
                                 time.monotonic() + 1.0)
-            except (PeerFailedError, OperationTimeoutError):
-                pass
+            except (PeerFailedError, *STORE_TROUBLE):
+                pass  # a peer we cannot tell sees the mismatch itself, or is gone
 
     # ---- operations ---------------------------------------------------------------------------
+    def refuse(self, call: Call) -> None:
+        """Raise the caller's GroupStateError if this handle's phase does not run `call`."""
+        try:
+            self.state.check(call, self.group_id)
+        except CallRefusedError as exc:
+            raise GroupStateError(str(exc)) from None
+
     def check_usable(self) -> None:
-        if self._destroyed:
-            raise GroupStateError(f"group {self.group_id!r} was destroyed")
-        if self._poison is not None:
-            raise GroupStateError(f"group {self.group_id!r} is unusable after an earlier "
-                                  f"collective mismatch: {self._poison}")
-        if self.mode == ExecMode.QUIESCING:
-            raise GroupStateError("group is quiescing inside join_group: no new work")
-        if self.mode == ExecMode.NORMAL and not self.view.is_active(self.rank):
-            raise GroupStateError(f"rank {self.rank} is not active in group {self.group_id!r} "
-                                  f"(epoch {self.view.epoch}); call join_group to rejoin")
+        self.refuse(Call.COLLECTIVE)
 
     def participants(self) -> tuple[int, ...]:
-        return (self.rank,) if self.mode == ExecMode.ISOLATED else self.view.active
+        return (self.rank,) if self.state.phase is Phase.ISOLATED else self.view.active
 
     def prepare(self) -> tuple[int, ...]:
         """Bring membership up to date at this operation boundary; return who takes part.
 
         The binding lays out list/flat buffers by these participants, so the operation must then
         run over exactly them: pass them to run_op (views change only on this thread)."""
-        if self._dirty and self.mode == ExecMode.NORMAL:
+        if self.state.dirty:
             self._settle()
         self.check_usable()
         return self.participants()
@@ -396,7 +532,7 @@ class GroupRuntime:
         seq = self._seq
         self._seq += 1
         ctx = OpContext(self, self.rank, participants, seq, self.view.epoch, spec,
-                        time.monotonic() + self.timeout, ready=self._local_ready)
+                        time.monotonic() + self.timeout, ready=self.state.joiners.digest)
         if spec.kind != OpKind.MEMBERSHIP:
             regions = self.shm.regions_for(participants, self.timeout)
             if regions is not None:
@@ -410,15 +546,15 @@ class GroupRuntime:
     def lane(self) -> Lane | None:
         """The reusable per-op state of the healthy steady state (see group.lane), or None when
         the general path must run: membership to settle, poison, join in progress, no shm."""
-        lane = self._lane
-        if (self._dirty or self._poison is not None or self._destroyed
-                or self.mode != ExecMode.NORMAL):
+        st = self.state
+        if st.phase is not Phase.ACTIVE or st.generation != st.settled_generation:
             return None
+        lane = self._lane
         view = self.view
         if lane is not None and lane.view is view:
             return lane
         self._lane = None
-        if not view.is_active(self.rank) or len(view.active) < 2:
+        if len(view.active) < 2:
             return None
         regions = self.shm.regions_for(view.active, self.timeout)
         if regions is None or len(regions) < len(view.active) - 1:
@@ -430,15 +566,18 @@ class GroupRuntime:
         """Run one collective's body, then what every collective needs afterwards."""
         try:
             body(ctx)
-            if self._poison is not None:  # a peer reported a mismatch while we ran
-                raise CollectiveMismatchError(self._poison)
+            if self.state.poison is not None:  # a peer reported a mismatch while we ran
+                raise CollectiveMismatchError(self.state.poison)
             if ctx.spec.kind in AGREEING_KINDS:
                 self._agree_ready(ctx)
             if ctx.failed_peers and self.auto_deactivate and self.auto_sync:
                 # mode (a): the failed operation returns only once the hole is in the view
-                self.views.exclude(ctx.failed_peers, self._seq)
+                failed = sorted(ctx.failed_peers)
+                self.views.exclude(failed, self._seq, cause=self._failure_cause(failed))
         except CollectiveMismatchError as exc:
-            self._poison = self._poison or str(exc)
+            with self._lock:
+                if self.state.phase is Phase.ACTIVE:
+                    self.state.mismatch(str(exc))
             raise
         finally:
             self.mailbox.forget_seq(ctx.seq)
@@ -451,6 +590,7 @@ class GroupRuntime:
         Members that called with different sets still agree: everyone computes the union of
         what it received. A member that fails during the exchange simply contributes nothing.
         """
+        self.refuse(Call.MEMBERSHIP)
         bad = [r for r in ranks if not 0 <= r < self.slots]
         if bad:
             raise ValueError(f"ranks {bad} outside the group's slots 0..{self.slots - 1}")
@@ -477,87 +617,149 @@ class GroupRuntime:
 
         def make(base: View) -> View | None:
             todo = [r for r in agreed if base.is_active(r)]
-            return base.after_deactivation(todo, start) if todo else None
+            return base.after_deactivation(todo, start, f"ranks {sorted(todo)} deactivated "
+                                                        f"by the members") if todo else None
 
         self.views.decide(make)
+        self._event("ranks_deactivated", ranks=sorted(agreed), epoch=self.view.epoch)
         return self.view
 
-    def activate(self, ranks: list[int]) -> tuple[View, list[int], list[int]]:
-        """Collective: admit the agreed-ready ones of `ranks`. Returns (view, admitted, dropped).
+    def activate(self, ranks: list[int]) -> tuple[View, list[int], dict[int, str]]:
+        """Collective: admit the agreed-ready ones of `ranks`. Returns (view, admitted, dropped
+        ranks with the reason for each).
 
         The MEMBERSHIP exchange itself refreshes the agreed readiness, so members that polled
-        get_peer_state on different steps still admit the same set, at the same sequence number.
+        get_peer_state on different steps still admit the same set, at the same sequence
+        number; the store then settles, per joiner, its race against its own give-up.
         """
         agreed = self.agree_on_ranks(ranks, kind_code=1)
         todo = sorted(r for r in agreed if not self.view.is_active(r))
-        admit = [r for r in todo if self.agreed_ready >> r & 1]
-        dropped = [r for r in todo if r not in admit]
+        with self._lock:
+            ready = {j.slot: j for j in self.state.joiners.agreed}
+        dropped = {r: "not ready: not registered, not waiting in join_group, or not yet seen "
+                      "ready by every active member" for r in todo if r not in ready}
+        start = self._seq
+        admit = []
+        for r in todo:
+            if r in ready:
+                if self.control.admit_join(ready[r], start):
+                    admit.append(r)
+                else:
+                    dropped[r] = "it gave up joining (its join_group timed out)"
+                    with self._lock:
+                        self.state.joiners.forget(r, ready[r])
         if not admit:
             return self.view, [], dropped
-        start = self._seq
-        incs = {r: self._joiner_inc.get(r, 0) for r in admit}
 
         def make(base: View) -> View | None:
             new, _ = base.after_activation([r for r in admit if not base.is_active(r)],
-                                           set(admit), start)
+                                           set(admit), start, f"ranks {admit} joined")
             return new
 
         self.views.decide(make)
         admitted = [r for r in admit if self.view.is_active(r)]
         for r in admitted:
-            self.control.store.set(f"joined/{r}/{incs[r]}", str(self.view.epoch))
+            self.control.announce_joined(ready[r], self.view.epoch)
+        self._event("ranks_activated", ranks=admitted, dropped=sorted(dropped),
+                    epoch=self.view.epoch)
         return self.view, admitted, dropped
 
     def join(self, timeout: float | None = None) -> View:
-        """Joiner side of deferred join: quiesce, declare ready, block until activated."""
-        if self._destroyed:
-            raise GroupStateError(f"group {self.group_id!r} was destroyed")
-        if self._joining:
-            raise GroupStateError("join_group is already in progress for this group")
-        if self.mode == ExecMode.NORMAL and self.view.is_active(self.rank):
-            raise GroupStateError(f"rank {self.rank} is already active in group "
-                                  f"{self.group_id!r}; join_group is for extension ranks and "
-                                  f"deactivated ranks")
+        """Joiner side of deferred join (see the join handshake in the module docstring)."""
         bound = self.timeout if timeout is None else timeout
+        if not bound > 0:
+            raise ValueError(f"join_group timeout must be positive, got {timeout!r}")
         deadline = time.monotonic() + bound
-        self._joining, previous = True, self.mode
-        self.mode = ExecMode.QUIESCING
+        with self._lock:
+            try:
+                self.state.check(Call.JOIN, self.group_id)
+            except CallRefusedError as exc:
+                raise GroupStateError(str(exc)) from None
+            self.state.fire(Event.JOIN_STARTED)
+        self._join_attempts += 1
+        join = JoinAttempt(self.rank, self.incarnation, self._join_attempts)
+        self._event("join_started", attempt=join.attempt, timeout=bound)
+        opened = False
+        base: View | None = None
         try:
             base = self._live_view(deadline)
-            with self.views.lock:
-                self.views.applied = base
-            for peer in base.active:
-                try:
-                    self.ensure_link(peer, deadline)
-                    self.transport.send(peer, Header(MsgType.JOIN, self.rank, 0,
-                                                     epoch=self.incarnation))
-                except (PeerFailedError, OperationTimeoutError, OSError):
-                    pass  # a dead member will be excluded by the others
-            key = f"joined/{self.rank}/{self.incarnation}"
-            epoch = int(self.control.wait_key(key, max(deadline - time.monotonic(), 0.001)))
-            view = self.control.view(epoch)
-            with self.views.lock:
-                self.views._apply(view)
-            for r in view.active:  # a rejoiner may have written its peers off while it was out
-                if r != self.rank:
-                    self.mailbox.revive_peer(r)
-            self._seq = view.start_seq
-            self.mode = ExecMode.NORMAL
-            self.views.catch_up()
-            return self.view
+            self.shm.forget_all()  # peers may be other processes than when we last ran
+            self.views.adopt(base)
+            self.control.open_join(join)
+            opened = True
+            self._announce_join(join, base, deadline)
+            epoch = self._wait_admission(join, deadline, bound)
         except BaseException:
-            self.mode = previous
-            raise
-        finally:
-            self._joining = False
+            if opened and not self._give_up(join):
+                # the members claimed us first: they are activating us right now
+                epoch = self.control.wait_joined(join, self.timeout)
+            else:
+                for peer in base.active if base is not None else ():
+                    self.transport.leave(peer)  # the members forget this attempt
+                with self._lock:
+                    self.state.fire(Event.ABANDONED)
+                self._event("join_abandoned", attempt=join.attempt)
+                raise
+        self._admitted(self.control.view(epoch, timeout=self.timeout))
+        self._event("join_admitted", attempt=join.attempt, epoch=self.view.epoch)
+        return self.view
+
+    def _wait_admission(self, join: JoinAttempt, deadline: float, bound: float) -> int:
+        """The epoch that activated `join`; at the deadline, give up unless the members have
+        claimed the attempt already (then wait for them: they are activating us)."""
+        try:
+            return self.control.wait_joined(join, max(deadline - time.monotonic(), 0.001))
+        except OperationTimeoutError:
+            if self.control.abandon_join(join):
+                raise OperationTimeoutError(
+                    f"rank {self.rank} was not admitted to group {self.group_id!r} within "
+                    f"{bound:.1f}s and gave up; the live group is unaffected, and join_group "
+                    f"may be called again") from None
+            return self.control.wait_joined(join, self.timeout)
+
+    def _give_up(self, join: JoinAttempt) -> bool:
+        """After an error inside join: withdraw the attempt; False if the members won."""
+        try:
+            return self.control.abandon_join(join)
+        except ControlPlaneError:
+            return True  # the store is gone: nobody can admit us either
+
+    def _announce_join(self, join: JoinAttempt, base: View, deadline: float) -> None:
+        payload = pack_join(join.incarnation, join.attempt)
+        header = Header(MsgType.JOIN, self.rank, len(payload))
+        for peer in base.active:
+            # an earlier attempt's links were closed (or a member we saw go was replaced)
+            self.mailbox.revive_peer(peer)
+            with self._lock:
+                self.state.revived(peer)
+            try:
+                self.ensure_link(peer, deadline)
+                self.transport.send(peer, header, payload, deadline)
+                self.shm.prepare(peer, max(deadline - time.monotonic(), 0.001))
+            except (PeerFailedError, OSError):
+                pass  # a dead member will be excluded by the others
+
+    def _admitted(self, view: View) -> None:
+        self.views.adopt(view)
+        for r in view.active:  # a rejoiner may have written its peers off while it was out
+            if r != self.rank:
+                self.mailbox.revive_peer(r)
+        self._seq = view.start_seq
+        self.mailbox.restart_at(view.start_seq)
+        with self._lock:
+            self.state.fire(Event.ADMITTED)
+            if not self.state.failed:  # what happened while isolated is covered by the view
+                self.state.end_settle(self.state.begin_settle())
+        # No store round trip here: every member waits for our first post, so each costs all
+        # of them. Views decided after this one reach us as VIEW frames (or the store poll).
 
     def _live_view(self, deadline: float) -> View:
         """The latest decided view, waiting (bounded) until our slot is free in it."""
-        founders = int(self.control.wait_key("founders", max(deadline - time.monotonic(), 0.001)))
+        founders = self.control.founders(max(deadline - time.monotonic(), 0.001))
         while True:
             latest = self.control.latest_epoch()
-            view = (self.control.view(latest) if latest else
-                    View.initial(self.slots, range(founders)))
+            view = (self.control.view(latest, timeout=max(deadline - time.monotonic(), 0.001))
+                    if latest else View.initial(self.slots, range(founders)))
             if not view.is_active(self.rank):
                 return view
             # the previous process in this slot is not excluded yet: wait for the next decision
@@ -569,19 +771,21 @@ class GroupRuntime:
             try:
                 self.control.view(latest + 1, timeout=left)
             except OperationTimeoutError:
-                pass
+                pass  # the loop re-reads the latest view and reports the timeout
 
     def sync_after_failure(self) -> tuple[str, View]:
         """Report failures seen here, wait for the decision, apply the latest view."""
-        if self._destroyed:
-            raise GroupStateError(f"group {self.group_id!r} was destroyed")
+        self.refuse(Call.SYNC)
         before = self.view.epoch
-        known = [r for r in self.mailbox.failed() if self.view.is_active(r)]
+        with self._lock:
+            token = self.state.begin_settle()
+            known = sorted(self.state.failed)
         if known and self.auto_deactivate:
-            self.views.exclude(known, self._seq)
+            self.views.exclude(known, self._seq, cause=self._failure_cause(known))
         else:
             self.views.catch_up()
-        self._dirty = False
+        with self._lock:
+            self.state.end_settle(token)
         if not self.view.is_active(self.rank):
             return "Rejected", self.view
         return ("Reconciled" if self.view.epoch != before else "NoPending"), self.view
@@ -598,13 +802,17 @@ class GroupRuntime:
         return torch.tensor(self.view.mask(), dtype=torch.int32)
 
     def destroy(self) -> None:
-        if self._destroyed:
-            return
-        self._destroyed = True
+        with self._lock:
+            if self.state.phase is Phase.DESTROYED:
+                return
+            self.state.fire(Event.DESTROYED)
         self.mailbox.close("group destroyed")
         self.shm.wake_all()
+        self.liveness.stop()
         self.transport.close(goodbye=True)
-        for t in self._threads:
+        with self._lock:
+            helpers, self._helpers = self._helpers, []
+        for t in helpers:  # each is bounded by the group's timeout; most end at once now
             if t is not threading.current_thread():
-                t.join(timeout=5.0)
+                t.join(timeout=1.0)
         self.shm.close()

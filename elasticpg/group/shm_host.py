@@ -108,15 +108,15 @@ class ShmHost:
         which lets the rank we wait for run in our place instead of after a futex round trip."""
         return SPIN_SECONDS if len(participants) <= self.cores else -YIELD_SECONDS
 
-    def region(self, peer: int, timeout: float) -> Region | None:
+    def region(self, peer: int, timeout: float, info: str | None = None) -> Region | None:
         """The peer's mapped region, or None if it cannot be mapped (its process is gone)."""
         r = self._peers.get(peer)
         if r is not None:
             return r
-        info = self._info(peer, timeout).split("|")
-        if len(info) != 6 or not info[0]:
+        fields = (self._info(peer, timeout) if info is None else info).split("|")
+        if len(fields) != 6 or not fields[0]:
             return None
-        _host, pid, fd, rid, slots, window = info
+        _host, pid, fd, rid, slots, window = fields
         try:
             r = Region.attach(int(pid), int(fd), int(rid), int(slots), int(window))
         except (OSError, ValueError):
@@ -125,14 +125,33 @@ class ShmHost:
             self._peers[peer] = r
         return r
 
+    def prepare(self, peer: int, timeout: float) -> None:
+        """Look the peer up and map its region now, before an operation needs it: a joiner's
+        first collective must not pay for this (it would stall every member)."""
+        if self.mine is None:
+            return
+        info = self._info(peer, timeout)
+        self._hosts[peer] = info.split("|", 1)[0]
+        if self._hosts[peer] == self.host_id:
+            self.region(peer, timeout, info)
+
+    def membership_changed(self) -> None:
+        """The set of active slots changed: participant sets are looked up afresh."""
+        self._sets.clear()
+
     def forget(self, peer: int) -> None:
-        """`peer`'s slot changed membership: a later use looks it up (and maps it) afresh."""
+        """`peer`'s process left the group: a later use looks its slot up (and maps) afresh."""
         self._sets.clear()
         with self._lock:
             self._hosts.pop(peer, None)
             r = self._peers.pop(peer, None)
         if r is not None:
             r.close()
+
+    def forget_all(self) -> None:
+        """This rank is (re)joining: any peer may be another process by now."""
+        for peer in list(self._peers) + list(self._hosts):
+            self.forget(peer)
 
     def wake_all(self) -> None:
         """Wake this process's sleepers (they re-check failures, aborts and closing)."""

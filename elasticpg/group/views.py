@@ -4,6 +4,9 @@ Decisions are compare-and-set on `view/<epoch>` (GroupStore.propose_view), so tw
 the same failure produce one decision, and every member applies the same sequence of views. The
 decider pushes a VIEW frame to everyone it can reach, so the others learn of a decision without
 polling the store on the hot path; they apply it at their next operation boundary.
+
+Only the caller thread applies views (and the mode (b) decider thread decides without
+applying); `lock` orders them.
 """
 
 from __future__ import annotations
@@ -30,24 +33,23 @@ class ViewKeeper:
         old, self.applied = self.applied, view
         self._on_applied(old, view)
 
+    def adopt(self, view: View) -> None:
+        """Apply `view` even though it does not follow ours (a joiner taking the live view)."""
+        with self.lock:
+            self._apply(view)
+
     def decided(self, after: int) -> list[View]:
         """Views decided in the store with epochs above `after`, in order."""
-        out = []
         latest = self.control.latest_epoch()
-        for e in range(after + 1, latest + 1):
-            out.append(self.control.view(e))
-        return out
+        return [self.control.view(e) for e in range(after + 1, latest + 1)]
 
-    def catch_up(self, only_if: Callable[[View], bool] | None = None) -> bool:
-        """Apply the decided views past ours (all, or up to the first one `only_if` refuses)."""
+    def catch_up(self) -> bool:
+        """Apply every decided view past ours; True if any was applied."""
         with self.lock:
-            changed = False
-            for v in self.decided(self.applied.epoch):
-                if only_if is not None and not only_if(v):
-                    break
+            pending = self.decided(self.applied.epoch)
+            for v in pending:
                 self._apply(v)
-                changed = True
-            return changed
+            return bool(pending)
 
     def decide(self, make: Callable[[View], View | None], apply: bool = True) -> View | None:
         """Decide the view `make(base)` on top of the latest decided view.
@@ -79,13 +81,14 @@ class ViewKeeper:
                 self._announce(mine)
             return mine
 
-    def exclude(self, failed: Iterable[int], start_seq: int, apply: bool = True) -> View | None:
+    def exclude(self, failed: Iterable[int], start_seq: int, apply: bool = True,
+                cause: str = "") -> View | None:
         failed = set(failed)
 
         def make(base: View) -> View | None:
             todo = [r for r in failed if base.is_active(r) and r != self.me]
             if not todo or not base.is_active(self.me):
                 return None
-            return base.after_failure(todo, start_seq)
+            return base.after_failure(todo, start_seq, cause)
 
         return self.decide(make, apply)

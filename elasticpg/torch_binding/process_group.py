@@ -21,6 +21,7 @@ from ..collectives import shm_algorithms as shm_alg
 from ..collectives.context import OpContext, OpSpec
 from ..core.dtypes import SUPPORTED_DTYPES, dtype_code, dtype_name
 from ..core.framing import Header, MsgType, OpKind
+from ..core.group_state import Call
 from ..core.membership import ExecMode
 from ..core.reduction import Reduce, check_supported, from_torch
 from ..core.schedules import even_splits, split_offsets
@@ -166,6 +167,15 @@ class ElasticProcessGroup(dist.ProcessGroup):
         return self._track(ElasticWork.completed(outputs, ctx.failed_peers, rt.slots,
                                                  incomplete=bool(ctx.failed)))
 
+    def _combined(self, outputs: Sequence, works: list[ElasticWork]) -> ElasticWork:
+        """One completed work for several (coalesced forms, batches): it reports every peer an
+        inner operation saw fail, and no success if any inner one fell short."""
+        for w in works:
+            w.wait()
+        return ElasticWork.completed(outputs, {r for w in works for r in w.failed_ranks},
+                                     self.runtime.slots,
+                                     incomplete=not all(w.local_success for w in works))
+
     def _track(self, work: ElasticWork) -> ElasticWork:
         if self._coalesced is not None:
             self._coalesced.append(work)
@@ -223,9 +233,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
 
     def allreduce_coalesced(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
-        for t in tensors:
-            self.allreduce([t], opts).wait()
-        return ElasticWork.completed(tensors)
+        return self._combined(tensors, [self.allreduce([t], opts) for t in tensors])
 
     def broadcast(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.BroadcastOptions()
@@ -276,14 +284,13 @@ class ElasticProcessGroup(dist.ProcessGroup):
     _allgather_base = all_gather_single
 
     def allgather_coalesced(self, output_lists, input_tensors, opts=None) -> ElasticWork:
-        for outs, t in zip(output_lists, input_tensors, strict=True):
-            self.allgather([outs], [t], opts).wait()
-        return ElasticWork.completed(output_lists)
+        return self._combined(output_lists, [
+            self.allgather([outs], [t], opts)
+            for outs, t in zip(output_lists, input_tensors, strict=True)])
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None) -> ElasticWork:
-        for o, t in zip(outputs, inputs, strict=True):
-            self.all_gather_single(o, t, opts).wait()
-        return ElasticWork.completed(outputs)
+        return self._combined(outputs, [self.all_gather_single(o, t, opts)
+                                        for o, t in zip(outputs, inputs, strict=True)])
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.ReduceScatterOptions()
@@ -319,9 +326,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
     _reduce_scatter_base = reduce_scatter_single
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None) -> ElasticWork:
-        for o, t in zip(outputs, inputs, strict=True):
-            self.reduce_scatter_single(o, t, opts).wait()
-        return ElasticWork.completed(outputs)
+        return self._combined(outputs, [self.reduce_scatter_single(o, t, opts)
+                                        for o, t in zip(outputs, inputs, strict=True)])
 
     def alltoall(self, output_tensors, input_tensors, opts=None) -> ElasticWork:
         st = _Staging()
@@ -438,10 +444,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
     # ---- point to point -----------------------------------------------------------------------
     def _p2p_peer(self, peer: int, what: str) -> None:
         rt = self.runtime
-        rt.check_usable()
-        if rt.mode == ExecMode.ISOLATED:
-            raise GroupStateError(f"{what}: this rank is isolated (not yet joined): "
-                                  f"point-to-point needs the live group")
+        rt.refuse(Call.P2P)
         if not 0 <= peer < rt.slots:
             raise ValueError(f"{what}: rank {peer} is outside the group (0..{rt.slots - 1})")
         if not rt.view.is_active(peer):
@@ -469,9 +472,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         return self._post_recv(tensors, srcRank, tag)
 
     def recv_anysource(self, tensors, tag: int) -> ElasticWork:
-        self.runtime.check_usable()
-        if self.runtime.mode == ExecMode.ISOLATED:
-            raise GroupStateError("recv: this rank is isolated (not yet joined)")
+        self.runtime.refuse(Call.P2P)
         return self._post_recv(tensors, None, tag)
 
     def _post_recv(self, tensors, src: int | None, tag: int) -> ElasticWork:
@@ -507,6 +508,4 @@ class ElasticProcessGroup(dist.ProcessGroup):
 
     def _end_coalescing(self, device: torch.device) -> ElasticWork:
         works, self._coalesced = self._coalesced or [], None
-        for w in works:
-            w.wait()
-        return ElasticWork.completed([], failed=[r for w in works for r in w.failed_ranks])
+        return self._combined([], works)

@@ -3,10 +3,16 @@
 A Work knows, besides completion, whether every transfer this rank attempted succeeded
 (`local_success`) and which ranks it saw fail (`failed_ranks`): the per-operation result of
 SPEC section 3.
+
+A receive completes on the transport's reader thread. Its Future's callbacks are the user's
+code, so they never run there (a callback that blocks or raises would stall or kill the link):
+`finish` hands the Future to one completion thread per process.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections.abc import Callable, Collection, Sequence
 from datetime import timedelta
@@ -14,7 +20,37 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..errors import OperationTimeoutError
+from ..errors import ElasticPGError, OperationTimeoutError
+
+log = logging.getLogger("elasticpg.work")
+
+
+class _Completions:
+    """The completion thread: resolves Futures in the order their works finished."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="elasticpg-completion")
+                self._thread.start()
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a user's callback failed; the next ones still run
+                log.exception("a Future callback of an elasticpg work raised")
+
+
+_COMPLETIONS = _Completions()
 
 
 class ElasticWork(dist._Work):
@@ -77,15 +113,20 @@ class ElasticWork(dist._Work):
                 return
             self.failed_ranks = sorted(set(failed))
             self.local_success = error is None and not self.failed_ranks
-            self._error = error
             if error is None:
-                for fn in self._finalizers:
-                    fn()
+                try:
+                    for fn in self._finalizers:
+                        fn()
+                except Exception as exc:  # noqa: BLE001 - reported as the work's error
+                    error = ElasticPGError(f"completing the work failed: {exc}")
+                    error.__cause__ = exc
+                    self.local_success = False
+            self._error = error
             self._complete = True
             future = self._future
         self._done.set()
         if future is not None:
-            self._resolve(future)
+            _COMPLETIONS.submit(lambda: self._resolve(future))
 
     def _resolve(self, future: torch.futures.Future) -> None:
         if self._error is None:

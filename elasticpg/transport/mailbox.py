@@ -1,9 +1,12 @@
 """Matching incoming frames to the operations that wait for them.
 
-Collective frames are keyed by (src, seq, step): any number may arrive early and wait here.
-Point-to-point frames are matched MPI-style: an arriving frame completes the oldest posted
-receive for its (src, tag) (or for any source with that tag); unmatched frames queue in arrival
-order. Failures and aborts wake every waiter they concern, so no wait outlives its cause.
+Collective frames are keyed by (src, seq, step): any number may arrive early and wait here;
+one that arrives for a collective that already ended (a peer that lagged, a peer we counted
+out) is dropped on arrival, so nothing accumulates. Point-to-point frames are matched
+MPI-style: an arriving frame completes the oldest posted receive for its (src, tag) (or for any
+source with that tag); unmatched frames queue in arrival order until a receive takes them or
+their sender's slot leaves the group (`discard_p2p`). Failures and aborts wake every waiter
+they concern, so no wait outlives its cause.
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ class Mailbox:
         self._failed: dict[int, str] = {}
         self._aborted: dict[int, str] = {}
         self._closed: str | None = None
+        self._floor = 0  # collectives below this sequence number have ended (see forget_seq)
 
     # ---- producers (reader threads) -------------------------------------------------------
     def deliver_coll(self, header: Header, payload: torch.Tensor) -> None:
         with self._cv:
+            if header.seq < self._floor:
+                return  # its collective ended here: nobody will ever take it
             self._coll[(header.src, header.seq, header.step)] = (header, payload)
             self._cv.notify_all()
 
@@ -132,12 +138,35 @@ class Mailbox:
                 self._cv.wait(left)
 
     def forget_seq(self, seq: int) -> None:
-        """Drop frames of a finished (or failed) collective that will never be taken."""
+        """Collective `seq` ended: drop its frames (and any older), refuse later ones.
+
+        The floor is raised without the lock (this runs after every collective); a frame
+        that a reader stores concurrently is dropped by the next call, so at most one
+        collective's stragglers wait here at any time."""
+        self._floor = max(self._floor, seq + 1)
         if not self._coll:  # the common case over shared memory: nothing was queued
             return
         with self._cv:
-            for key in [k for k in self._coll if k[1] == seq]:
+            for key in [k for k in self._coll if k[1] < self._floor]:
                 del self._coll[key]
+
+    def restart_at(self, seq: int) -> None:
+        """This rank's next collective is `seq` (a joiner taking the group's numbering)."""
+        with self._cv:
+            self._floor = seq
+            self._coll.clear()
+
+    def discard_p2p(self, rank: int) -> int:
+        """Drop `rank`'s queued point-to-point frames (its slot left the group, or another
+        process took it: they can never be received); returns how many."""
+        with self._cv:
+            gone = [k for k in self._p2p if k[0] == rank]
+            n = 0
+            for k in gone:
+                for _h, payload in self._p2p.pop(k):
+                    self._p2p_order.pop(id(payload), None)
+                    n += 1
+            return n
 
     def post_p2p(self, src: int | None, tag: int,
                  on_done: Callable[[Frame | None, BaseException | None], None]) -> None:

@@ -3,14 +3,23 @@
 Each process listens on one port per group. A link is one-directional: the sender connects,
 proves it knows the group secret (HMAC over a fresh challenge), and from then on only sends; the
 acceptor runs one reader thread per incoming link that hands complete frames to `on_frame`.
-When a link's socket closes or errors, `on_lost(rank, reason)` fires at once: a crashed peer is
-noticed as soon as the kernel closes its sockets.
+When a link's socket closes or errors, `on_lost(rank, reason, incarnation)` fires at once: a
+crashed peer is noticed as soon as the kernel closes its sockets. Every link knows which process
+(incarnation) of a slot it connects, so a report about a dead predecessor is never mistaken for
+one about the replacement that took its slot. Anything that goes wrong while a reader handles
+a frame (a corrupt header, an exception in a callback) ends that link the same way, reported,
+never as a silently dead thread.
+
+Every send is bounded by a deadline. Large payloads go out in chunks, and each chunk records
+progress, so the liveness thread can tell a send that moves slowly from one to a peer that
+stopped reading (`heartbeat`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import select
 import socket
@@ -29,6 +38,13 @@ _NONCE = 16
 _MAC = 32
 _SOCK_BUF = 4 << 20
 _SMALL = 1 << 16  # below this, header and payload go out in one buffer
+_CHUNK = 1 << 20  # large payloads are sent in chunks of this size, recording progress
+
+log = logging.getLogger("elasticpg.transport")
+
+
+class SendTimeoutError(TimeoutError):
+    """A send did not finish by its deadline: the link is broken (a frame is cut)."""
 
 
 class HandshakeError(ConnectionError):
@@ -72,7 +88,7 @@ class TcpTransport:
 
     def __init__(self, rank: int, secret: bytes, scope: str, host: str,
                  on_frame: Callable[[Header, torch.Tensor], None],
-                 on_lost: Callable[[int, str], None],
+                 on_lost: Callable[[int, str, int], None],
                  on_connected: Callable[[int, int], None] | None = None,
                  incarnation: int = 0) -> None:
         self.rank = rank
@@ -85,11 +101,14 @@ class TcpTransport:
         self._lock = threading.Lock()
         self._out: dict[int, socket.socket] = {}
         self._out_locks: dict[int, threading.Lock] = {}
+        self._out_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
         self._in: dict[int, socket.socket] = {}
         self._last_heard: dict[int, float] = {}  # per incoming link: when a frame last arrived
         self._last_sent: dict[int, float] = {}  # per outgoing link: when we last wrote to it
+        self._progress: dict[int, float] = {}  # per outgoing link: last progress of a send
         self._threads: list[threading.Thread] = []
         self._closing = False
+        self._wake_r, self._wake_w = os.pipe()  # lets closed_outgoing stop waiting at once
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, 0), family=family, backlog=128)
         self.endpoint = (host, self._listener.getsockname()[1])
@@ -141,9 +160,9 @@ class TcpTransport:
             old.close()
         if self._on_connected is not None:
             self._on_connected(src, inc)
-        self._read_loop(sock, src)
+        self._read_loop(sock, src, inc)
 
-    def _read_loop(self, sock: socket.socket, src: int) -> None:
+    def _read_loop(self, sock: socket.socket, src: int, inc: int) -> None:
         hbuf = bytearray(HEADER_SIZE)
         hview = memoryview(hbuf)
         reason = "connection closed"
@@ -167,6 +186,10 @@ class TcpTransport:
                 self._on_frame(header, payload)
         except (OSError, FramingError, ConnectionError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a reader must never die unreported
+            log.exception("rank %d: handling a frame from rank %d failed; dropping the link",
+                          self.rank, src)
+            reason = f"reader error: {type(exc).__name__}: {exc}"
         with self._lock:
             current = self._in.get(src) is sock
             if current:
@@ -174,11 +197,17 @@ class TcpTransport:
             closing = self._closing
         sock.close()
         if current and not closing:
-            self._on_lost(src, reason)
+            try:
+                self._on_lost(src, reason, inc)
+            except Exception:  # noqa: BLE001 - the link is gone either way; say what broke
+                log.exception("rank %d: reporting the lost link from rank %d failed",
+                              self.rank, src)
 
     # ---- outgoing ---------------------------------------------------------------------------
-    def connect(self, peer: int, host: str, port: int, timeout: float) -> None:
-        """Open and authenticate the link to `peer` (replacing an older one)."""
+    def connect(self, peer: int, host: str, port: int, timeout: float,
+                incarnation: int = 0) -> None:
+        """Open and authenticate the link to process `incarnation` of slot `peer` (replacing
+        an older link)."""
         deadline = time.monotonic() + timeout
         sock = socket.create_connection((host, port), timeout=max(0.01, timeout))
         try:
@@ -200,6 +229,7 @@ class TcpTransport:
         with self._lock:
             old = self._out.pop(peer, None)
             self._out[peer] = sock
+            self._out_inc[peer] = incarnation
             self._out_locks.setdefault(peer, threading.Lock())
         if old is not None:
             old.close()
@@ -210,46 +240,59 @@ class TcpTransport:
     def has_incoming(self, peer: int) -> bool:
         return peer in self._in
 
-    def send(self, peer: int, header: Header, payload: memoryview | bytes = b"") -> None:
-        """Send one frame; raises ConnectionError when the link is gone."""
+    def send(self, peer: int, header: Header, payload: memoryview | bytes = b"",
+             deadline: float | None = None) -> None:
+        """Send one frame by `deadline` (monotonic; None: 10 s from now).
+
+        Raises ConnectionError when the link is gone, SendTimeoutError when the peer did not
+        take the frame in time (the link is then unusable: part of a frame may be out)."""
         sock = self._out.get(peer)
         if sock is None:
             raise ConnectionError(f"no link to rank {peer}")
         hdr = header.pack()
         with self._out_locks[peer]:
-            if len(payload) < _SMALL:
-                sock.sendall(hdr + bytes(payload) if payload else hdr)
-            else:
-                sock.sendall(hdr)
-                sock.sendall(payload)
+            now = time.monotonic()
+            self._progress[peer] = now
+            try:
+                sock.settimeout(max((now + 10.0 if deadline is None else deadline) - now, 0.001))
+                if len(payload) < _SMALL:
+                    sock.sendall(hdr + bytes(payload) if payload else hdr)
+                else:
+                    sock.sendall(hdr)
+                    view = memoryview(payload).cast("B")
+                    for off in range(0, len(view), _CHUNK):
+                        sock.sendall(view[off:off + _CHUNK])
+                        self._progress[peer] = time.monotonic()
+            except TimeoutError:
+                raise SendTimeoutError(f"rank {peer} did not take a {len(payload)}-byte frame "
+                                       f"by the deadline (it stopped reading?)") from None
             self._last_sent[peer] = time.monotonic()
 
     # ---- liveness -------------------------------------------------------------------------------
-    def heartbeat(self, idle: float, bound: float) -> list[int]:
+    def heartbeat(self, idle: float, bound: float) -> list[tuple[int, socket.socket]]:
         """Send a heartbeat on every outgoing link idle for `idle` seconds.
 
-        A link busy with another send is skipped (its data is proof of life). Returns the peers
-        whose heartbeat could not be written within `bound` (they stopped reading).
+        A link busy with another send is alive while that send makes progress. Returns the
+        links (peer, socket) whose peer stopped reading: a heartbeat not written within `bound`,
+        or a send in flight that moved no byte for `bound` seconds.
         """
         now = time.monotonic()
         stuck = []
         for peer, sock in list(self._out.items()):
-            if now - self._last_sent.get(peer, 0.0) < idle:
-                continue
             lock = self._out_locks[peer]
             if not lock.acquire(blocking=False):
+                if now - self._progress.get(peer, now) > bound:
+                    stuck.append((peer, sock))
                 continue
             try:
+                if now - self._last_sent.get(peer, 0.0) < idle:
+                    continue
                 sock.settimeout(bound)
                 sock.sendall(Header(MsgType.HEARTBEAT, self.rank, 0).pack())
                 self._last_sent[peer] = now
             except OSError:
-                stuck.append(peer)
+                stuck.append((peer, sock))
             finally:
-                try:
-                    sock.settimeout(None)
-                except OSError:
-                    pass
                 lock.release()
         return stuck
 
@@ -264,18 +307,17 @@ class TcpTransport:
         for p in list(self._in):
             self._last_heard[p] = now
 
-    def closed_outgoing(self, wait: float) -> list[int]:
-        """Wait up to `wait` s for an outgoing link to close; return the peers that closed.
+    def closed_outgoing(self, wait: float) -> list[tuple[int, socket.socket]]:
+        """Wait up to `wait` s for an outgoing link to close; return those links (peer, socket).
 
         Peers never write on our outgoing links, so readability there means EOF or reset:
         the peer is gone even if it never opened a link to us.
         """
         links = dict(self._out)
-        if not links:
-            time.sleep(wait)
-            return []
         poller = select.poll()
         by_fd = {}
+        if self._wake_r >= 0:
+            poller.register(self._wake_r, select.POLLIN)  # interrupt(): stop waiting now
         for peer, sock in links.items():
             try:
                 fd = sock.fileno()
@@ -286,7 +328,9 @@ class TcpTransport:
                 poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         gone = []
         for fd, _ev in poller.poll(wait * 1000):
-            peer = by_fd[fd]
+            peer = by_fd.get(fd)
+            if peer is None:
+                continue  # the wake-up pipe
             try:
                 data = links[peer].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -294,19 +338,40 @@ class TcpTransport:
             except OSError:
                 data = b""
             if data == b"":
-                gone.append(peer)
+                gone.append((peer, links[peer]))
         return gone
 
-    def drop(self, peer: int) -> None:
-        """Forget the outgoing link to `peer` (it failed or was replaced)."""
+    def drop(self, peer: int, sock: socket.socket | None = None) -> int | None:
+        """Forget the outgoing link to `peer` (it failed or was replaced): any link, or only
+        `sock` if given (a link that a newer one replaced meanwhile is left alone). Returns the
+        incarnation the dropped link went to, None if nothing was dropped."""
+        with self._lock:
+            cur = self._out.get(peer)
+            if cur is None or (sock is not None and cur is not sock):
+                return None
+            del self._out[peer]
+            inc = self._out_inc.pop(peer, 0)
+        try:
+            cur.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on this socket
+        except OSError:
+            pass  # already closed by the peer
+        cur.close()
+        return inc
+
+    def leave(self, peer: int) -> None:
+        """Close our link to `peer` in order: it sees us leave (GOODBYE), not crash."""
         with self._lock:
             sock = self._out.pop(peer, None)
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on this socket
-            except OSError:
-                pass
-            sock.close()
+            self._say_goodbye(sock)
+
+    def _say_goodbye(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(0.5)
+            sock.sendall(Header(MsgType.GOODBYE, self.rank, 0).pack())
+        except OSError:
+            pass  # the peer is gone already: nothing to tell
+        sock.close()
 
     def drop_incoming(self, peer: int) -> None:
         """Stop listening to `peer` (declared failed): its reader thread ends quietly."""
@@ -318,6 +383,11 @@ class TcpTransport:
             except OSError:
                 pass
 
+    def interrupt(self) -> None:
+        """End a closed_outgoing wait now (the group is going away)."""
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+
     def close(self, goodbye: bool = False) -> None:
         with self._lock:
             if self._closing:
@@ -327,12 +397,9 @@ class TcpTransport:
             inc, self._in = dict(self._in), {}
         for sock in out.values():
             if goodbye:
-                try:
-                    sock.settimeout(0.5)
-                    sock.sendall(Header(MsgType.GOODBYE, self.rank, 0).pack())
-                except OSError:
-                    pass
-            sock.close()
+                self._say_goodbye(sock)
+            else:
+                sock.close()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
         except OSError:
@@ -348,3 +415,6 @@ class TcpTransport:
         for t in list(self._threads):
             if t is not me:
                 t.join(timeout=5.0)
+        wake, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in wake:
+            os.close(fd)

@@ -9,7 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elasticpg.core.framing import HEADER_SIZE, MAGIC, FramingError, Header, MsgType, OpKind
+from elasticpg.core.framing import (
+    HEADER_SIZE,
+    MAGIC,
+    MAX_PAYLOAD,
+    FramingError,
+    Header,
+    MsgType,
+    OpKind,
+    pack_join,
+    pack_slots,
+    unpack_join,
+    unpack_slots,
+)
 
 FAST = settings(max_examples=100, deadline=None)
 
@@ -28,7 +40,7 @@ headers = st.builds(
     Header,
     type=st.sampled_from(list(MsgType)),
     src=_ints("i"),
-    nbytes=_ints("Q"),
+    nbytes=st.integers(0, MAX_PAYLOAD),
     kind=st.sampled_from(list(OpKind)),
     dtype=_ints("B"),
     redop=_ints("B"),
@@ -101,7 +113,7 @@ def test_unpack_accepts_any_buffer_type(h, wrap):
 
 
 def test_extreme_values_round_trip():
-    h = Header(MsgType.P2P, src=-(2**31), nbytes=2**64 - 1, kind=OpKind.SEND, dtype=255,
+    h = Header(MsgType.P2P, src=-(2**31), nbytes=MAX_PAYLOAD, kind=OpKind.SEND, dtype=255,
                redop=255, epoch=2**32 - 1, seq=2**64 - 1, step=2**32 - 1, numel=2**64 - 1,
                root=2**31 - 1, tag=-(2**63))
     assert Header.unpack(h.pack()) == h
@@ -177,6 +189,25 @@ def test_known_enum_values_are_stable():
     assert [int(k) for k in OpKind] == list(range(len(OpKind)))
     assert all(0 < int(t) < 256 for t in MsgType)
     assert all(0 <= int(k) < 256 for k in OpKind)  # both travel as one byte
+
+
+def test_an_absurd_payload_size_is_a_framing_error():
+    # a corrupt (or hostile) header must fail the link, not make the reader allocate 2**64 bytes
+    raw = Header(MsgType.COLL, src=0, nbytes=MAX_PAYLOAD + 1).pack()
+    with pytest.raises(FramingError, match="payload bytes"):
+        Header.unpack(raw)
+
+
+@given(st.sets(st.integers(0, 1500), max_size=40))
+def test_slot_sets_round_trip_for_any_number_of_slots(slots):
+    assert unpack_slots(pack_slots(slots)) == frozenset(slots)
+
+
+@given(_ints("Q"), _ints("Q"))
+def test_join_payload_round_trip(incarnation, attempt):
+    assert unpack_join(pack_join(incarnation, attempt)) == (incarnation, attempt)
+    with pytest.raises(FramingError):
+        unpack_join(pack_join(incarnation, attempt)[:-1])
 
 
 def test_framing_error_is_a_value_error():
