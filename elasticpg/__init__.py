@@ -13,6 +13,7 @@ from .api import (
     SyncAfterFailureResult,
     SyncAfterFailureStatus,
     activate_ranks,
+    admit_ready_ranks,
     deactivate_ranks,
     extend_group_size_to,
     get_active_ranks,
@@ -21,6 +22,7 @@ from .api import (
     get_local_success,
     get_num_synced_ranks,
     get_peer_state,
+    is_replacement,
     join_group,
     recover_ranks,
     sync_after_failure,
@@ -50,5 +52,5 @@ __all__ = [
     "get_active_ranks", "get_current_epoch", "get_failed_ranks_hint", "get_local_success",
     "register_backend", "sync_after_failure", "activate_ranks", "recover_ranks",
     "extend_group_size_to", "get_num_synced_ranks", "get_peer_state", "join_group",
-    "log_events",
+    "log_events", "admit_ready_ranks", "is_replacement",
 ]

@@ -4,7 +4,8 @@ Which calls are collective: `activate_ranks`/`recover_ranks`, `deactivate_ranks`
 every active member at the same point of its operation sequence (like a collective; members may
 pass different rank lists, the union is applied). `sync_after_failure`, `get_peer_state`,
 `get_active_ranks`, `get_current_epoch` and the per-Work queries are local to one rank.
-`join_group` is called by the joining rank alone.
+`join_group` is called by the joining rank alone. `admit_ready_ranks` is collective (it may
+call `recover_ranks`); `is_replacement` is local and reads only this process's environment.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from .group.runtime import GroupRuntime
+from .launcher import environment
+from .torch_binding import registration
 from .torch_binding.process_group import ElasticProcessGroup
 from .torch_binding.work import ElasticWork
 
@@ -150,7 +153,37 @@ def join_group(group: object | None = None, timeout: float | None = None) -> int
     """Joiner side: quiesce, declare ready, block until the active members admit this rank;
     returns the epoch of the view that activated it. Used by extension/replacement ranks after
     warm-up and by live ranks that were deactivated (in-place rejoin)."""
-    return runtime_of(group).join(timeout).epoch
+    epoch = runtime_of(group).join(timeout).epoch
+    registration.note_joined()
+    return epoch
+
+
+def is_replacement() -> bool:
+    """Local: was this process started by `elasticpg run` to refill the slot of a worker that
+    died? Its groups then start Isolated (until its first join_group): warm up, then call
+    `join_group` on each group, in creation order."""
+    return environment.is_replacement()
+
+
+def admit_ready_ranks(group: object | None = None) -> list[int]:
+    """Collective, once per serving step: admit every inactive slot whose joiner is ready.
+
+    Polls `get_peer_state` for the group's inactive slots and calls `recover_ranks` for the
+    ready ones; returns the ranks admitted (usually []: nothing to do, no I/O). Every active
+    member must call it at the same point of its operation sequence, e.g. right after the
+    step's all_reduce: readiness is agreed there, so all members see the same answer and either
+    all of them call `recover_ranks` or none does."""
+    rt = runtime_of(group)
+    waiting = [r for r in range(rt.slots) if not rt.view.is_active(r)]
+    if not waiting:
+        return []
+    ready = [r for r, ok in zip(waiting, get_peer_state(group, waiting), strict=True) if ok]
+    if not ready:
+        return []
+    result = recover_ranks(group, ready)
+    if result.status == ProposalStatus.Rejected:
+        return []
+    return [r for r in ready if r not in result.dropped_ranks]
 
 
 def get_num_synced_ranks(group: object | None = None) -> int:

@@ -2,9 +2,10 @@
 its command line: one copy, so that the tools cannot drift apart.
 
 * starting ranks: `listen_store` (the parent's rendezvous store), `die_with_parent` (inside a
-  spawned rank), `reset_torch_distributed` (between two jobs run by the same rank process),
-  `cpu_count` and `oversubscription_note` (how many ranks the machine can run without them
-  fighting for cores);
+  spawned rank; `die_with_parent_hook` for a child started by subprocess),
+  `reset_torch_distributed` (between two jobs run by the same rank process), `cpu_count` and
+  `oversubscription_note` (how many ranks the machine can run without them fighting for
+  cores);
 * reading and recording the arguments: `comma_choices` (an argparse type for lists like
   ``--ops all_reduce,barrier``), `check_output_dirs`, `command_line` and `host_meta` (what a
   report says about the run).
@@ -71,16 +72,41 @@ def listen_store(world: int, timeout: float) -> tuple[Any, int]:
     return store, port
 
 
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, even while it is stopped (a
-    SIGSTOPped rank cannot notice by itself). Elsewhere a getppid check must do."""
+def _pdeathsig() -> Callable[[], object] | None:
+    """libc's prctl(PR_SET_PDEATHSIG, SIGKILL) for the calling process, ready to call; None
+    where there is no such call (not Linux)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, even while it is stopped (a
+    SIGSTOPped rank cannot notice by itself). Elsewhere a getppid check must do."""
+    set_pdeathsig = _pdeathsig()
+    if set_pdeathsig is not None:
+        set_pdeathsig()
+
+
+def die_with_parent_hook() -> Callable[[], None]:
+    """`die_with_parent` as a `subprocess.Popen(preexec_fn=...)`, for a parent that may run
+    threads: libc is looked up here, in the parent, so that the forked child makes only the
+    prctl call before exec (a child forked from a threaded process must not dlopen). The child
+    also exits at once if its parent died before the call (nobody would be left to kill it)."""
+    set_pdeathsig = _pdeathsig()
+    parent = os.getpid()
+
+    def hook() -> None:
+        if set_pdeathsig is not None:
+            set_pdeathsig()
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
 
 
 def reset_torch_distributed() -> None:

@@ -1,13 +1,38 @@
-"""Registering elasticpg with torch.distributed under one or more backend names."""
+"""Registering elasticpg with torch.distributed under one or more backend names.
+
+Replacement hook: a process that `elasticpg run` started to refill a dead worker's slot
+(`launcher.environment.is_replacement()`) builds every group it creates before its first
+successful `join_group` as an extension (`Options(is_extension=True)`, so it starts Isolated),
+whatever `pg_options` the script passed: a script written for torchrun then warms up in
+isolation without changing its `init_process_group` / `new_group` calls, and creates the same
+subgroups in the same order as its peers did. Groups it creates after joining are ordinary.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.distributed as dist
 
+from ..launcher.environment import is_replacement
 from ..options import Options
 from .process_group import BACKEND_NAME, ElasticProcessGroup
 
 _registered: set[str] = set()
+_joined = False  # this process completed a join_group (see note_joined)
+
+
+def note_joined() -> None:
+    """Called by `elasticpg.join_group` once a join succeeded: from now on this process's new
+    groups are ordinary ones, replacement or not."""
+    global _joined
+    _joined = True
+
+
+def _as_replacement(options: Options) -> Options:
+    if is_replacement() and not _joined and not options.is_extension:
+        return dataclasses.replace(options, is_extension=True)
+    return options
 
 
 def _create(dist_opts, pg_options) -> ElasticProcessGroup:
@@ -21,7 +46,8 @@ def _create(dist_opts, pg_options) -> ElasticProcessGroup:
         raise TypeError(f"pg_options for elasticpg must be elasticpg.Options, got "
                         f"{type(pg_options).__name__}")
     return ElasticProcessGroup(dist_opts.store, dist_opts.group_rank, dist_opts.group_size,
-                               dist_opts.timeout, str(dist_opts.group_id), options)
+                               dist_opts.timeout, str(dist_opts.group_id),
+                               _as_replacement(options))
 
 
 def register_backend(name: str = BACKEND_NAME) -> None:
