@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import RankPool
+from .harness import TEST_ENV, RankPool
 
 
 @pytest.fixture(scope="session")
 def pool():
-    pool = RankPool(5, default_world=4)
+    pool = RankPool(5, default_world=4, env=TEST_ENV)
     yield pool
     pool.close()

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ from elasticpg.cli.launching import (
     listen_store,
     oversubscription_note,
 )
+from elasticpg.cli.tables import Column, Table, num
 
 OPS = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all", "barrier")
 BACKENDS = ("elasticpg", "gloo")
@@ -123,17 +125,27 @@ def human_bytes(b: int) -> str:
     return f"{b} B"
 
 
-def _fmt(v: float | None, spec: str, width: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:{width}{spec}}"
-
-
 def _clamp(v: float, lo: int, hi: int) -> int:
     return int(max(lo, min(hi, v)))
 
 
 # ---- table rendering (rank 0) -----------------------------------------------------------------
 
-_W = (11, 10, 11, 10, 10)  # size, count, time, algbw, busbw
+ROWS = Table(Column("size", 11), Column("count", 10), Column("elasticpg us", 12),
+             Column("algbw GB/s", 10), Column("busbw GB/s", 10), Column("gloo us", 11),
+             Column("algbw GB/s", 10), Column("busbw GB/s", 10), Column("ratio e/g", 9),
+             Column("speedup g/e", 11))
+ROWS_MD = Table(Column("size"), Column("elasticpg time (µs)"), Column("elasticpg busbw (GB/s)"),
+                Column("gloo time (µs)"), Column("gloo busbw (GB/s)"), Column("ratio (e/g)"),
+                Column("speedup (g/e)"))
+SUMMARY = Table(Column("op", 16, left=True), Column("sizes", 6), Column("geomean", 9),
+                Column("smallest", 9), Column("largest", 9), Column("largest size", 13))
+SUMMARY_MD = Table(Column("op", left=True), Column("geomean ratio"),
+                   Column("ratio at smallest size"), Column("ratio at largest size"))
+
+
+def _size(row: dict[str, Any]) -> str:
+    return "-" if row["op"] == "barrier" else human_bytes(row["bytes"])
 
 
 def table_header(op: str, n: int) -> str:
@@ -144,28 +156,16 @@ def table_header(op: str, n: int) -> str:
     else:
         desc = (f"# {op} - float32{what}, {n} ranks; busbw = algbw x {f:.3f} "
                 f"[{_factor_label(op)}]")
-    ws, wc, wt, wa, wb = _W
-    side = wt + wa + wb + 2
-    top = (f"#{'':>{ws + wc}} | {' elasticpg '.center(side, '-')} | {' gloo '.center(side, '-')} |")
-    cols = (f"#{'size':>{ws - 1}} {'count':>{wc}} | "
-            f"{'time(us)':>{wt}} {'algbw':>{wa}} {'busbw':>{wb}} | "
-            f"{'time(us)':>{wt}} {'algbw':>{wa}} {'busbw':>{wb}} | "
-            f"{'ratio':>7} {'speedup':>8}")
-    units = (f"#{'':>{ws - 1}} {'(elem)':>{wc}} | {'':>{wt}} {'(GB/s)':>{wa}} {'(GB/s)':>{wb}} | "
-             f"{'':>{wt}} {'(GB/s)':>{wa}} {'(GB/s)':>{wb}} | {'(e/g)':>7} {'(g/e)':>8}")
-    return "\n".join((desc, top, cols, units))
+    return desc + "\n" + ROWS.header()
 
 
 def table_row(row: dict[str, Any]) -> str:
-    ws, wc, wt, wa, wb = _W
-    size = "-" if row["op"] == "barrier" else human_bytes(row["bytes"])
-    parts = [f"{size:>{ws}} {row['count']:>{wc}}"]
+    cells = [_size(row), str(row["count"])]
     for b in BACKENDS:
         r = row[b]
-        parts.append(f"{_fmt(r['time_us'], '.1f', wt)} {_fmt(r['algbw_gbps'], '.3f', wa)} "
-                     f"{_fmt(r['busbw_gbps'], '.3f', wb)}")
-    parts.append(f"{row['ratio']:7.2f} {row['speedup']:8.2f}")
-    return " | ".join(parts)
+        cells += [num(r["time_us"], ".1f"), num(r["algbw_gbps"], ".3f"),
+                  num(r["busbw_gbps"], ".3f")]
+    return ROWS.row(cells + [f"{row['ratio']:.2f}", f"{row['speedup']:.2f}"])
 
 
 def summarize(rows: list[dict[str, Any]], ops: list[str]) -> list[dict[str, Any]]:
@@ -184,22 +184,15 @@ def summarize(rows: list[dict[str, Any]], ops: list[str]) -> list[dict[str, Any]
 
 
 def summary_text(summary: list[dict[str, Any]]) -> str:
-    lines = ["# summary: ratio = elasticpg time / gloo time (lower is better; < 1 means elasticpg "
-             "is faster)",
-             f"#{'op':>15} {'sizes':>6} {'geomean':>9} {'smallest':>9} {'largest':>9} "
-             f"{'largest size':>13}"]
-    for s in summary:
-        largest = "-" if s["op"] == "barrier" else human_bytes(s["bytes_largest"])
-        lines.append(f"{s['op']:>16} {s['sizes']:>6} {s['geomean_ratio']:9.2f} "
-                     f"{s['ratio_smallest']:9.2f} {s['ratio_largest']:9.2f} {largest:>13}")
-    return "\n".join(lines)
+    rows = [[s["op"], str(s["sizes"]), f"{s['geomean_ratio']:.2f}", f"{s['ratio_smallest']:.2f}",
+             f"{s['ratio_largest']:.2f}",
+             "-" if s["op"] == "barrier" else human_bytes(s["bytes_largest"])] for s in summary]
+    return ("# summary: ratio = elasticpg time / gloo time (lower is better; < 1 means "
+            "elasticpg is faster)\n" + SUMMARY.text(rows))
 
 
 def markdown_text(meta: dict[str, Any], rows: list[dict[str, Any]], ops: list[str],
                   summary: list[dict[str, Any]]) -> str:
-    def num(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
     out = [f"**elasticpg vs gloo** (same run, same processes) - `{meta['command']}` - "
            f"{meta['ranks']} ranks, torch {meta['torch_version']}, float32, {meta['date']}, "
            f"{meta['platform']}, {meta['cpus']} CPUs, {meta['threads_per_rank']} intra-op "
@@ -210,25 +203,14 @@ def markdown_text(meta: dict[str, Any], rows: list[dict[str, Any]], ops: list[st
         rs = [r for r in rows if r["op"] == op]
         if not rs:
             continue
-        out.append(f"#### {op} (busbw factor {_factor_label(op)})")
-        out.append("")
-        out.append("| size | elasticpg time (µs) | elasticpg busbw (GB/s) | gloo time (µs) "
-                   "| gloo busbw (GB/s) | ratio (e/g) | speedup (g/e) |")
-        out.append("|---:|---:|---:|---:|---:|---:|---:|")
-        for r in rs:
-            size = "-" if op == "barrier" else human_bytes(r["bytes"])
-            e, g = r["elasticpg"], r["gloo"]
-            out.append(f"| {size} | {num(e['time_us'], '.1f')} | {num(e['busbw_gbps'], '.3f')} "
-                       f"| {num(g['time_us'], '.1f')} | {num(g['busbw_gbps'], '.3f')} "
-                       f"| {r['ratio']:.2f} | {r['speedup']:.2f} |")
-        out.append("")
-    out.append("#### summary (ratio = elasticpg time / gloo time)")
-    out.append("")
-    out.append("| op | geomean ratio | ratio at smallest size | ratio at largest size |")
-    out.append("|---|---:|---:|---:|")
-    for s in summary:
-        out.append(f"| {s['op']} | {s['geomean_ratio']:.2f} | {s['ratio_smallest']:.2f} "
-                   f"| {s['ratio_largest']:.2f} |")
+        cells = [[_size(r), num(r["elasticpg"]["time_us"], ".1f"),
+                  num(r["elasticpg"]["busbw_gbps"], ".3f"), num(r["gloo"]["time_us"], ".1f"),
+                  num(r["gloo"]["busbw_gbps"], ".3f"), f"{r['ratio']:.2f}",
+                  f"{r['speedup']:.2f}"] for r in rs]
+        out += [f"#### {op} (busbw factor {_factor_label(op)})", "", ROWS_MD.markdown(cells), ""]
+    out += ["#### summary (ratio = elasticpg time / gloo time)", "", SUMMARY_MD.markdown(
+        [[s["op"], f"{s['geomean_ratio']:.2f}", f"{s['ratio_smallest']:.2f}",
+          f"{s['ratio_largest']:.2f}"] for s in summary])]
     return "\n".join(out) + "\n"
 
 
@@ -415,10 +397,9 @@ class _Runner:
                 times[b].append(self.timed(fns[b], iters[b]) / iters[b])
         out = {}
         for b in BACKENDS:
-            ts = sorted(times[b])
-            mid = len(ts) // 2
-            median = ts[mid] if len(ts) % 2 else 0.5 * (ts[mid - 1] + ts[mid])
-            out[b] = {"time": ts[0], "mean": sum(ts) / len(ts), "median": median,
+            ts = times[b]
+            out[b] = {"time": min(ts), "mean": statistics.fmean(ts),
+                      "median": statistics.median(ts),
                       "iters": iters[b] * rounds, "rounds": rounds}
         return out
 

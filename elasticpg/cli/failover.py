@@ -46,14 +46,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import signal
 import statistics
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Sequence
 from typing import Any
 
 from elasticpg.cli.launching import (
@@ -62,60 +59,20 @@ from elasticpg.cli.launching import (
     comma_choices,
     command_line,
     cpu_count,
-    die_with_parent,
     host_meta,
     listen_store,
     oversubscription_note,
-    reset_torch_distributed,
 )
+from elasticpg.cli.rank_pool import PoolTimeoutError, RankPool, kill_process
+from elasticpg.cli.tables import Column, Table, num
 
 SCENARIOS = ("crash", "hang", "die_in_op")
 _K_TS = "failover/fail_ts"
 _K_PID = "failover/victim_pid"
 _K_DONE = "failover/done/"  # + rank
-_READY_TIMEOUT = 120.0  # seconds for a spawned rank process to import torch and report ready
-_WORKER_IDLE_LIMIT = 900.0  # an idle rank process exits on its own after this long
-
-
-class BenchTimeoutError(RuntimeError):
-    """A trial, or a rank process start, did not finish within its bound."""
 
 
 # ---- rank side --------------------------------------------------------------------------------
-
-def _worker_main(slot: int, inbox: Any, outbox: Any, parent_pid: int) -> None:
-    """One rank process: import once, then run trials until told to stop (or orphaned)."""
-    die_with_parent()  # a SIGSTOPped victim cannot notice that the benchmark is gone
-    if os.getppid() != parent_pid:
-        os._exit(3)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    import elasticpg  # noqa: F401  (registers the backend)
-
-    outbox.put(("ready", slot, os.getpid(), None))
-    idle_since = time.monotonic()
-    while True:
-        if os.getppid() != parent_pid:
-            os._exit(3)  # the benchmark process is gone: never linger
-        try:
-            job = inbox.get(timeout=0.5)
-        except queue.Empty:
-            if time.monotonic() - idle_since > _WORKER_IDLE_LIMIT:
-                os._exit(4)
-            continue
-        if job is None:
-            return
-        try:
-            value = _run_trial(slot, job)
-            outbox.put(("ok", slot, job["id"], value))
-        except BaseException:  # noqa: BLE001 - everything goes to the parent
-            outbox.put(("error", slot, job["id"], traceback.format_exc()))
-        finally:
-            reset_torch_distributed()  # the next trial needs the same group names
-        idle_since = time.monotonic()
-
 
 class _Ops:
     """Runs all_reduces of rank + 1 on the default group and records each one."""
@@ -150,7 +107,7 @@ class _Ops:
         return rec
 
 
-def _run_trial(rank: int, job: dict[str, Any]) -> dict[str, Any]:
+def _run_trial(rank: int, world: int, port: int, job: dict[str, Any]) -> dict[str, Any]:
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -242,138 +199,7 @@ def _victim_fails(ops: _Ops, job: dict[str, Any]) -> None:
     os._exit(1)
 
 
-# ---- parent side: the rank pool ---------------------------------------------------------------
-
-class _Pool:
-    """N spawned rank processes (torch.multiprocessing, "spawn"), reused across trials."""
-
-    def __init__(self, size: int) -> None:
-        import torch.multiprocessing as mp
-
-        # Spawned children must find _worker_main in an importable module, also under -m.
-        from elasticpg.cli import failover as this
-
-        self._target = this._worker_main
-        self.size = size
-        self._ctx = mp.get_context("spawn")
-        self._outbox = self._ctx.Queue()
-        self.procs: list[Any] = [None] * size
-        self._inboxes: list[Any] = [None] * size
-        self._job = 0
-        self._start(range(size))
-
-    def _start(self, slots: Sequence[int]) -> None:
-        for i in slots:
-            inbox = self._ctx.Queue()
-            p = self._ctx.Process(target=self._target, args=(i, inbox, self._outbox, os.getpid()),
-                                  daemon=True, name=f"failover-rank-{i}")
-            p.start()
-            self.procs[i], self._inboxes[i] = p, inbox
-        waiting = set(slots)
-        deadline = time.monotonic() + _READY_TIMEOUT
-        while waiting:
-            try:
-                kind, slot, _pid, _ = self._outbox.get(timeout=0.2)
-            except queue.Empty:
-                dead = [i for i in waiting if not self.procs[i].is_alive()]
-                if dead:
-                    raise BenchTimeoutError(f"rank process(es) {dead} exited during start-up "
-                                       f"(exit codes {[self.procs[i].exitcode for i in dead]})"
-                                       ) from None
-                if time.monotonic() > deadline:
-                    raise BenchTimeoutError(f"rank process(es) {sorted(waiting)} not ready within "
-                                       f"{_READY_TIMEOUT:.0f} s of being spawned") from None
-                continue
-            if kind == "ready":
-                waiting.discard(slot)
-
-    def revive(self) -> list[int]:
-        """Replace dead rank processes; returns their slots. Blocks until they are ready."""
-        dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
-        for i in dead:
-            self.procs[i].join(1)
-        if dead:
-            self._start(dead)
-        return dead
-
-    def run(self, job: dict[str, Any], victim: int, bound: float) -> dict[int, Any]:
-        """Run `job` on every rank. Returns {rank: ("ok"|"error", value) or ("dead", code)}.
-
-        Done when every survivor reported and the victim process is gone. On the deadline
-        every child is SIGKILLed and BenchTimeoutError raised.
-        """
-        self._job += 1
-        job = dict(job, id=self._job)
-        for r in range(self.size):
-            self._inboxes[r].put(job)
-        results: dict[int, Any] = {}
-        deadline = time.monotonic() + bound
-        while True:
-            for r in range(self.size):
-                if r not in results and not self.procs[r].is_alive():
-                    self.procs[r].join(1)
-                    results[r] = ("dead", self.procs[r].exitcode)
-            if len(results) == self.size:
-                return results
-            if all(r in results for r in range(self.size) if r != victim) \
-                    and results.get(victim, ("",))[0] != "dead":
-                # survivors are done; the victim should be gone by now (hang: killed by rank
-                # min(survivors)); give it a moment, then make sure.
-                p = self.procs[victim]
-                p.join(5)
-                if p.is_alive():
-                    _kill(p.pid)
-                    p.join(5)
-                    results[victim] = ("left alive", "still alive after the survivors finished; "
-                                       "SIGKILLed by the benchmark")
-                elif victim not in results:
-                    results[victim] = ("dead", p.exitcode)
-                return results
-            try:
-                kind, slot, job_id, value = self._outbox.get(timeout=0.1)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    missing = sorted(set(range(self.size)) - set(results))
-                    self.kill_all()
-                    raise BenchTimeoutError(
-                        f"{job['scenario']} trial {job['trial']}: rank(s) {missing} did not "
-                        f"finish within {bound:.0f} s; all rank processes were killed. "
-                        f"Finished: {_short(results)}") from None
-                continue
-            if kind in ("ok", "error") and job_id == self._job:
-                results[slot] = (kind, value)
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p is not None]
-
-    def kill_all(self) -> None:
-        for p in self.procs:
-            if p is not None and p.is_alive():
-                _kill(p.pid)
-        for p in self.procs:
-            if p is not None:
-                p.join(5)
-
-    def close(self) -> None:
-        for i, p in enumerate(self.procs):
-            if p is not None and p.is_alive():
-                try:
-                    self._inboxes[i].put(None)
-                except (OSError, ValueError):
-                    pass
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            if p is not None:
-                p.join(max(0.1, deadline - time.monotonic()))
-        self.kill_all()
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
+# ---- parent side -------------------------------------------------------------------------------
 
 def _short(results: dict[int, Any]) -> str:
     return ", ".join(f"rank {r}: {v[0]}" for r, v in sorted(results.items())) or "none"
@@ -544,29 +370,18 @@ def summarize(scenario: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- output -------------------------------------------------------------------------------------
 
-_COLS = ("scenario", "median resume ms", "max resume ms", "local_success of the failed op",
-         "mask after", "steady op us")
+TABLE = Table(Column("scenario", left=True), Column("median resume ms"),
+              Column("max resume ms"), Column("local_success of the failed op", left=True),
+              Column("mask after", left=True), Column("steady op us"))
 
 
 def _row(s: dict[str, Any]) -> list[str]:
-    def num(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
     return [s["scenario"], num(s["median_resume_ms"], ".1f"), num(s["max_resume_ms"], ".1f"),
             s["local_success"], s["mask_after"], num(s["steady_op_us"], ".0f")]
 
 
 def table_text(summary: list[dict[str, Any]]) -> str:
-    rows = [list(_COLS)] + [_row(s) for s in summary]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(_COLS))]
-    lines = []
-    for k, r in enumerate(rows):
-        cells = [x.rjust(w) if c in (1, 2, 5) else x.ljust(w)
-                 for c, (x, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append(" | ".join(cells))
-        if k == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return TABLE.text([_row(s) for s in summary])
 
 
 def notes_text(summary: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
@@ -608,9 +423,7 @@ def markdown_text(meta: dict[str, Any], summary: list[dict[str, Any]]) -> str:
     out = [f"**elasticpg failover** - `{meta['command']}` - {meta['ranks']} ranks (victim rank "
            f"{meta['victim']}), {meta['trials']} trials per scenario, torch "
            f"{meta['torch_version']}, {meta['date']}, {meta['platform']}, {meta['cpus']} CPUs.",
-           "", "| " + " | ".join(_COLS) + " |", "|---|---:|---:|---|---|---:|"]
-    for s in summary:
-        out.append("| " + " | ".join(_row(s)) + " |")
+           "", TABLE.markdown([_row(s) for s in summary])]
     out.append("")
     out.extend(f"* {x}" for x in notes_text(summary, meta))
     return "\n".join(out) + "\n"
@@ -667,7 +480,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     check_output_dirs(p, a.json, a.markdown)
 
 
-def _one_trial(pool: _Pool, args: argparse.Namespace, scenario: str, trial: int
+def _one_trial(pool: RankPool, args: argparse.Namespace, scenario: str, trial: int
                ) -> dict[str, Any]:
     store, port = listen_store(args.ranks, args.timeout)
     ft = args.failure_timeout
@@ -680,7 +493,9 @@ def _one_trial(pool: _Pool, args: argparse.Namespace, scenario: str, trial: int
            "loop_seconds": args.timeout}
     bound = 3 * args.timeout + 30
     try:
-        res = pool.run(job, args.victim, bound)
+        ranks = pool.run_raw(_run_trial, job, world=args.ranks, timeout=bound, port=port,
+                             victim=args.victim)
+        res = {r: (x.status, x.value) for r, x in enumerate(ranks)}
         ts_info = json.loads(store.get(_K_TS)) if store.check([_K_TS]) else None
     finally:
         del store
@@ -746,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     trials: list[dict[str, Any]] = []
     pool = None
     try:
-        pool = _Pool(args.ranks)
+        pool = RankPool(args.ranks)
         print(f"# {args.ranks} rank processes ready after {time.perf_counter() - t_start:.1f} s",
               flush=True)
         for scenario in args.scenarios:
@@ -758,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"#   ANOMALY: {a}", flush=True)
                 if scenario != args.scenarios[-1] or k != args.trials - 1:
                     pool.revive()
-    except BenchTimeoutError as exc:
+    except PoolTimeoutError as exc:
         print(f"elasticpg-failover: FAILED (timeout): {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
@@ -772,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"elasticpg-failover: WARNING: rank processes {left} still alive after "
                       f"close; SIGKILLing them", file=sys.stderr, flush=True)
                 for pid in left:
-                    _kill(pid)
+                    kill_process(pid)
 
     fts = {v.get("failure_timeout") for t in trials for v in t["per_rank"].values()}
     meta["failure_timeout_effective"] = (fts.pop() if len(fts) == 1

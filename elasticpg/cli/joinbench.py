@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 from elasticpg.cli.launching import HOST, listen_store
+from elasticpg.cli.tables import Column, Table
 
 
 def _founder(rank: int, world: int, port: int, out: Any) -> None:
@@ -167,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     trials = [_trial(a.ranks, a.warmup) for _ in range(a.trials)]
     print(f"# deferred join: {a.ranks} ranks, slot 1 replaced, warm-up {a.warmup:g} s, "
           f"{a.trials} trials (median / max)")
-    for key in trials[0]:
-        vals = [t[key] for t in trials]
-        print(f"{key:34s} {statistics.median(vals):10.2f} {max(vals):10.2f}")
+    table = Table(Column("metric", left=True), Column("median"), Column("max"))
+    print(table.text([[key, f"{statistics.median(t[key] for t in trials):.2f}",
+                       f"{max(t[key] for t in trials):.2f}"] for key in trials[0]]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(trials, f, indent=1)

@@ -14,7 +14,7 @@ backend a store already prefixed with the group name, so keys here are group-loc
   join/<rank>/<inc>.<n>     one join attempt: "waiting", then exactly one of "admitting@<seq>"
                             (the members won) or "abandoned" (the joiner gave up first), by
                             compare_set, so the two sides can never both win
-  joined/<rank>/<inc>.<n>   the epoch of the view that activated that attempt
+  joined/<rank>/<inc>.<n>   the view that activated that attempt (encoded)
 
 A store that fails a request raises ControlPlaneError (a wait that runs out of time raises
 OperationTimeoutError), so callers never mistake a store outage for anything else.
@@ -100,8 +100,9 @@ class GroupStore:
         return won
 
     def _raise_latest(self, epoch: int) -> None:
-        """view/latest only grows: compare-and-set it up to `epoch`."""
-        cur = ""
+        """view/latest only grows: compare-and-set it up to `epoch` (usually from epoch - 1:
+        one round trip)."""
+        cur = str(epoch - 1) if epoch > 1 else ""
         while True:
             got = self._call("record the latest view", self.store.compare_set, "view/latest",
                              cur, str(epoch)).decode()
@@ -139,9 +140,11 @@ class GroupStore:
                          self._join_key("join", join), WAITING, ABANDONED).decode()
         return got == ABANDONED
 
-    def announce_joined(self, join: JoinAttempt, epoch: int) -> None:
+    def announce_joined(self, join: JoinAttempt, view: View) -> None:
+        """The view that activated `join` (the joiner reads it from this key: no second
+        round trip while every member waits for the joiner's first post)."""
         self._call("announce an activation", self.store.set, self._join_key("joined", join),
-                   str(epoch))
+                   view.encode().decode())
 
-    def wait_joined(self, join: JoinAttempt, timeout: float) -> int:
-        return int(self.wait_key(self._join_key("joined", join), timeout))
+    def wait_joined(self, join: JoinAttempt, timeout: float) -> View:
+        return View.decode(self.wait_key(self._join_key("joined", join), timeout))

@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 
 from .. import events
+from ..collectives import algorithms, shm_algorithms
 from ..collectives.context import OpContext, OpSpec
 from ..collectives.shm_exchange import ShmOp
 from ..control.group_store import GroupStore
@@ -81,6 +82,7 @@ from ..core.group_state import (
     Phase,
 )
 from ..core.membership import ExecMode, View
+from ..core.reduction import Reduce
 from ..errors import (
     CollectiveMismatchError,
     ControlPlaneError,
@@ -533,10 +535,9 @@ class GroupRuntime:
         self._seq += 1
         ctx = OpContext(self, self.rank, participants, seq, self.view.epoch, spec,
                         time.monotonic() + self.timeout, ready=self.state.joiners.digest)
-        if spec.kind != OpKind.MEMBERSHIP:
-            regions = self.shm.regions_for(participants, self.timeout)
-            if regions is not None:
-                ctx.shm = ShmOp(ctx, self.shm, regions)
+        regions = self.shm.regions_for(participants, self.timeout)
+        if regions is not None:
+            ctx.shm = ShmOp(ctx, self.shm, regions)
         return ctx
 
     def run_op(self, spec: OpSpec, body: Callable[[OpContext], None],
@@ -588,7 +589,10 @@ class GroupRuntime:
         """A collective exchange of requested rank sets among the active members; the union.
 
         Members that called with different sets still agree: everyone computes the union of
-        what it received. A member that fails during the exchange simply contributes nothing.
+        what it received (a bitwise-or all_reduce of slot masks, over shared memory where the
+        members share a host). A member that fails during the exchange contributes nothing.
+        `kind_code` (in the root field) tells activation from deactivation, so members that
+        made different calls get a mismatch error instead of a wrong decision.
         """
         self.refuse(Call.MEMBERSHIP)
         bad = [r for r in ranks if not 0 <= r < self.slots]
@@ -596,19 +600,17 @@ class GroupRuntime:
             raise ValueError(f"ranks {bad} outside the group's slots 0..{self.slots - 1}")
         mask = torch.zeros(self.slots, dtype=torch.int32)
         mask[list(ranks)] = 1
-        spec = OpSpec(OpKind.MEMBERSHIP, dtype_code(torch.int32), self.slots, -1, kind_code)
-        union = mask.clone()
+        spec = OpSpec(OpKind.MEMBERSHIP, dtype_code(torch.int32), self.slots, kind_code,
+                      int(Reduce.BOR))
 
         def exchange(ctx: OpContext) -> None:
-            for p in ctx.peers:
-                ctx.send(p, 0, mask)
-            for p in ctx.peers:
-                got = ctx.recv(p, 0, torch.int32, self.slots)
-                if got is not None:
-                    union.bitwise_or_(got)
+            if ctx.shm is not None:
+                shm_algorithms.allreduce(ctx.shm, mask, Reduce.BOR)
+            else:
+                algorithms.allreduce(ctx, mask, Reduce.BOR)
 
         self.run_op(spec, exchange)
-        return {int(r) for r in union.nonzero().flatten()}
+        return {int(r) for r in mask.nonzero().flatten()}
 
     def deactivate(self, ranks: list[int]) -> View:
         """Collective: remove `ranks` (planned scale-down, graceful leave, framework decision)."""
@@ -659,7 +661,7 @@ class GroupRuntime:
         self.views.decide(make)
         admitted = [r for r in admit if self.view.is_active(r)]
         for r in admitted:
-            self.control.announce_joined(ready[r], self.view.epoch)
+            self.control.announce_joined(ready[r], self.view)
         self._event("ranks_activated", ranks=admitted, dropped=sorted(dropped),
                     epoch=self.view.epoch)
         return self.view, admitted, dropped
@@ -688,11 +690,11 @@ class GroupRuntime:
             self.control.open_join(join)
             opened = True
             self._announce_join(join, base, deadline)
-            epoch = self._wait_admission(join, deadline, bound)
+            view = self._wait_admission(join, deadline, bound)
         except BaseException:
             if opened and not self._give_up(join):
                 # the members claimed us first: they are activating us right now
-                epoch = self.control.wait_joined(join, self.timeout)
+                view = self.control.wait_joined(join, self.timeout)
             else:
                 for peer in base.active if base is not None else ():
                     self.transport.leave(peer)  # the members forget this attempt
@@ -700,12 +702,12 @@ class GroupRuntime:
                     self.state.fire(Event.ABANDONED)
                 self._event("join_abandoned", attempt=join.attempt)
                 raise
-        self._admitted(self.control.view(epoch, timeout=self.timeout))
+        self._admitted(view)
         self._event("join_admitted", attempt=join.attempt, epoch=self.view.epoch)
         return self.view
 
-    def _wait_admission(self, join: JoinAttempt, deadline: float, bound: float) -> int:
-        """The epoch that activated `join`; at the deadline, give up unless the members have
+    def _wait_admission(self, join: JoinAttempt, deadline: float, bound: float) -> View:
+        """The view that activated `join`; at the deadline, give up unless the members have
         claimed the attempt already (then wait for them: they are activating us)."""
         try:
             return self.control.wait_joined(join, max(deadline - time.monotonic(), 0.001))

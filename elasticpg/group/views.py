@@ -56,17 +56,14 @@ class ViewKeeper:
 
         `make` returns None when nothing needs to change any more. Losing a compare-and-set to
         another decision just moves the base forward (and applies that decision too, if
-        `apply`). Returns the last view this call decided itself, or None.
+        `apply`). Returns the last view this call decided itself, or None. A base that is
+        already current costs one store round trip per decision.
         """
         with self.lock:
             mine = None
             base = self.applied
-            if apply:
-                self.catch_up()
-                base = self.applied
-            else:
-                pending = self.decided(base.epoch)
-                base = pending[-1] if pending else base
+            # No read of the latest view first: a proposal on a stale base loses its
+            # compare-and-set and returns the decided view instead, which becomes the base.
             while True:
                 proposal = make(base)
                 if proposal is None:

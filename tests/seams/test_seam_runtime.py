@@ -102,16 +102,16 @@ def test_a_failure_reported_while_sync_after_failure_talks_to_the_store_stays_pe
     _on_all(made, lambda g: g.barrier().wait())
     rt = made[0].runtime
     _leave_and_wait(made[3], rt)
-    real = rt.control.latest_epoch
+    real = rt.control.propose_view
     fired = {"done": False}
 
-    def latest_with_a_concurrent_failure() -> int:
+    def propose_with_a_concurrent_failure(view):
         if not fired["done"]:
             fired["done"] = True
             _leave_and_wait(made[2], rt)  # rank 2 goes while rank 0 talks to the store
-        return real()
+        return real(view)
 
-    rt.control.latest_epoch = latest_with_a_concurrent_failure
+    rt.control.propose_view = propose_with_a_concurrent_failure
     status, view = rt.sync_after_failure()
     assert status == "Reconciled" and not view.is_active(3)
     assert fired["done"]

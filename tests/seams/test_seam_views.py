@@ -132,5 +132,6 @@ def test_a_later_attempt_is_a_fresh_key():
     assert control.abandon_join(first)
     control.open_join(second)
     assert control.admit_join(second, start_seq=9)
-    control.announce_joined(second, epoch=4)
-    assert control.wait_joined(second, timeout=1.0) == 4
+    view = View.initial(4, range(4))
+    control.announce_joined(second, view)
+    assert control.wait_joined(second, timeout=1.0) == view
