@@ -658,7 +658,7 @@ class GroupRuntime:
                                            set(admit), start, f"ranks {admit} joined")
             return new
 
-        self.views.decide(make)
+        self.views.decide(make, announce=False)
         admitted = [r for r in admit if self.view.is_active(r)]
         for r in admitted:
             self.control.announce_joined(ready[r], self.view)

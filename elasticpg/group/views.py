@@ -51,13 +51,16 @@ class ViewKeeper:
                 self._apply(v)
             return bool(pending)
 
-    def decide(self, make: Callable[[View], View | None], apply: bool = True) -> View | None:
+    def decide(self, make: Callable[[View], View | None], apply: bool = True,
+               announce: bool = True) -> View | None:
         """Decide the view `make(base)` on top of the latest decided view.
 
         `make` returns None when nothing needs to change any more. Losing a compare-and-set to
         another decision just moves the base forward (and applies that decision too, if
         `apply`). Returns the last view this call decided itself, or None. A base that is
-        already current costs one store round trip per decision.
+        already current costs one store round trip per decision. `announce`: push the decision
+        to every peer (a view that only adds ranks needs no push: every member applies it in
+        the same collective call).
         """
         with self.lock:
             mine = None
@@ -74,7 +77,7 @@ class ViewKeeper:
                 if apply:
                     self._apply(won)
                 base = won
-            if mine is not None:
+            if mine is not None and announce:
                 self._announce(mine)
             return mine
 

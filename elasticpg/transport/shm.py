@@ -46,9 +46,8 @@ TOK = 16  # then the descriptor (module docstring)
 RED = 32
 TABLE0 = 48
 # Bytes per window. Every window is one synchronised round, so fewer, larger windows win even
-# past the L2 size: on the 2-core box 4 MiB beat 1 MiB by 10-45% from 4 MiB messages up, at 2
-# and 4 ranks (a 2-rank 64 MiB all_reduce 17.4-19.6 -> 14.6-15.8 ms, broadcast 9.6-11.0 ->
-# 6.3-6.7 ms) and tied below. A region holds four windows (16 MiB per rank and group).
+# past the L2 size (measured: README, "Data planes"). A region holds four windows (16 MiB per
+# rank and group).
 DEFAULT_WINDOW = 4 << 20
 _PAGE = 4096
 _BYTE = np.dtype(np.uint8)
