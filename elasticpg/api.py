@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .errors import ElasticPGError
 from .group.runtime import GroupRuntime
 from .launcher import environment
 from .torch_binding import registration
@@ -31,8 +32,8 @@ def runtime_of(group: object | None) -> GroupRuntime:
     if not isinstance(pg, ElasticProcessGroup):
         try:
             pg = pg._get_backend(torch.device("cpu"))
-        except Exception:
-            pass
+        except (RuntimeError, AttributeError):
+            pass  # another backend's group, or not a group: reported just below
     if not isinstance(pg, ElasticProcessGroup):
         raise TypeError(f"{type(group).__name__} is not an elasticpg process group")
     return pg.runtime
@@ -67,8 +68,8 @@ def get_failed_ranks_hint(work: object, size: int | None = None) -> torch.Tensor
     w = _work(work)
     try:
         w.wait()
-    except Exception:
-        pass
+    except ElasticPGError:
+        pass  # a failed operation: its failed ranks are what the caller asks for
     n = size if size is not None else max(w.group_slots, max([*w.failed_ranks, -1]) + 1)
     mask = torch.zeros(n, dtype=torch.int32)
     for r in w.failed_ranks:

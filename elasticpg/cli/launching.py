@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import platform
 import shlex
@@ -119,8 +120,8 @@ def reset_torch_distributed() -> None:
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as exc:  # noqa: BLE001 - a job that broke its group: reset anyway
+            logging.getLogger("elasticpg.cli").info("destroying the last job's groups: %s", exc)
     try:
         dist.distributed_c10d._world.group_count = 0
     except AttributeError:
