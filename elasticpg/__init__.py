@@ -24,6 +24,8 @@ from .api import (
     get_peer_state,
     is_replacement,
     join_group,
+    metrics,
+    metrics_endpoint,
     recover_ranks,
     sync_after_failure,
 )
@@ -52,5 +54,5 @@ __all__ = [
     "get_active_ranks", "get_current_epoch", "get_failed_ranks_hint", "get_local_success",
     "register_backend", "sync_after_failure", "activate_ranks", "recover_ranks",
     "extend_group_size_to", "get_num_synced_ranks", "get_peer_state", "join_group",
-    "log_events", "admit_ready_ranks", "is_replacement",
+    "log_events", "admit_ready_ranks", "is_replacement", "metrics", "metrics_endpoint",
 ]

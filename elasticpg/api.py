@@ -19,6 +19,7 @@ import torch.distributed as dist
 from .errors import ElasticPGError
 from .group.runtime import GroupRuntime
 from .launcher import environment
+from .telemetry import prometheus
 from .torch_binding import registration
 from .torch_binding.process_group import ElasticProcessGroup
 from .torch_binding.work import ElasticWork
@@ -199,3 +200,18 @@ def extend_group_size_to(group: object | None, size: int) -> ProposalResult:
     if not 0 < size <= rt.slots:
         raise ValueError(f"cannot extend to {size} ranks: the group has {rt.slots} slots")
     return activate_ranks(group, [r for r in range(size) if not rt.view.is_active(r)])
+
+
+def metrics(group: object | None = None) -> dict:
+    """Local, no I/O: this rank's counters and gauges for `group` as plain data: `group`,
+    `rank`, `phase`, `epoch`, `active_ranks`; per operation kind `operations`, `bytes` (of
+    the tensor each call passed), `seconds` (total) and `last_op_seconds`; `last_op`;
+    `peer_failures` by how each was noticed; `view_changes`, `op_timeouts`, `mismatches`,
+    `rejected_connections` (data-plane connections that failed authentication)."""
+    return runtime_of(group).metrics_snapshot()
+
+
+def metrics_endpoint() -> tuple[str, int] | None:
+    """(host, port) of this process's Prometheus endpoint (Options.metrics_port or
+    $ELASTICPG_METRICS_PORT), None when none runs."""
+    return prometheus.endpoint()

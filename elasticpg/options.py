@@ -23,6 +23,9 @@ class Options:
         declared failed (None: derived from `timeout`, at most 2 s).
     host: address to listen on for data-plane links (default 127.0.0.1 or $ELASTICPG_HOST).
     active_ranks: optional caller-owned int32 tensor kept as a live mirror of the active mask.
+    metrics_port / metrics_host: serve this process's metrics in the Prometheus text format
+        (needs the `metrics` extra; 0: any free port; default $ELASTICPG_METRICS_PORT, unset:
+        no endpoint) on metrics_host (default 127.0.0.1 or $ELASTICPG_METRICS_HOST).
     """
 
     max_group_size: int | None = None
@@ -34,6 +37,8 @@ class Options:
     failure_timeout: float | None = None
     host: str | None = None
     active_ranks: torch.Tensor | None = None
+    metrics_port: int | None = None
+    metrics_host: str | None = None
 
     def validate(self, world_size: int) -> None:
         if self.auto_sync_on_failure and not self.auto_deactivate_on_failure:
@@ -55,6 +60,9 @@ class Options:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.metrics_port is not None and not (
+                isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535):
+            raise ValueError(f"metrics_port must be a port number, got {self.metrics_port!r}")
         if (self.max_group_size or world_size) > 64:
             raise ValueError("elasticpg groups have at most 64 slots (readiness travels as a "
                              "64-bit mask in every frame header)")

@@ -3,7 +3,8 @@
 Only set/get/add/compare_set/wait/check are used, so any c10d store works. torch hands each
 backend a store already prefixed with the group name, so keys here are group-local.
 
-  secret                    per-group random secret (first compare_set wins)
+  secret                    per-group random secret (first compare_set wins), or only a
+                            fingerprint of one from $ELASTICPG_SECRET(_FILE) (control/secret.py)
   founders                  the founding world size (written by every founder)
   ep/<rank>                 "host:port:incarnation" of that rank's data-plane listener
   shm/<rank>                "host id|pid|fd|region id|slots|window" of its shared-memory
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from ..core.group_state import JoinAttempt
 from ..core.membership import View
 from ..errors import ControlPlaneError, OperationTimeoutError
+from . import secret as secrets
 
 T = TypeVar("T")
 WAITING, ABANDONED = "waiting", "abandoned"
@@ -61,10 +63,13 @@ class GroupStore:
         return self._call(f"read {key!r}", self.store.get, key)
 
     def secret(self) -> bytes:
-        mine = os.urandom(32).hex()
+        """The group's data-plane secret: external (control/secret.py) or agreed here."""
+        external = secrets.external_secret()
+        mine = secrets.marker(external) if external else os.urandom(32).hex()
         got = self._call("agree on the group secret", self.store.compare_set, "secret", "",
-                         mine)
-        return bytes.fromhex(got.decode())
+                         mine).decode()
+        secrets.check_marker(got, external)
+        return external or bytes.fromhex(got)
 
     def register(self, rank: int) -> int:
         """Count this process as the next incarnation of slot `rank`."""

@@ -20,6 +20,9 @@ for _i, _n in enumerate(_NAMES, start=1):
 _BY_DTYPE: dict[torch.dtype, int] = {dt: code for code, dt in _BY_CODE.items()}
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_BY_DTYPE)
+# element size by wire code (0 and unknown codes: 0), for byte counts without a torch call
+ITEMSIZE_BY_CODE: tuple[int, ...] = tuple(
+    _BY_CODE[c].itemsize if c in _BY_CODE else 0 for c in range(len(_NAMES) + 1))
 
 
 def dtype_code(dtype: torch.dtype) -> int:

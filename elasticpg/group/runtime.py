@@ -70,7 +70,7 @@ from ..collectives import algorithms, shm_algorithms
 from ..collectives.context import OpContext, OpSpec
 from ..collectives.shm_exchange import ShmOp
 from ..control.group_store import GroupStore
-from ..core.dtypes import dtype_code
+from ..core.dtypes import ITEMSIZE_BY_CODE, dtype_code
 from ..core.framing import Header, MsgType, OpKind, pack_join, pack_slots, unpack_join, unpack_slots
 from ..core.group_state import (
     BoundaryAction,
@@ -91,8 +91,10 @@ from ..errors import (
     PeerFailedError,
 )
 from ..options import Options, positive_env
+from ..telemetry import prometheus
+from ..telemetry.counters import GroupMetrics
 from ..transport.mailbox import Mailbox
-from ..transport.tcp import TcpTransport
+from ..transport.tcp import SendTimeoutError, TcpTransport
 from .lane import Lane
 from .liveness import Liveness
 from .shm_host import ShmHost
@@ -132,6 +134,7 @@ class GroupRuntime:
         self.timeout = options.timeout_seconds() or timeout
         self.control = GroupStore(store, self.timeout)
         self.mailbox = Mailbox()
+        self.metrics = GroupMetrics()
         self.failure_timeout = (options.failure_timeout or env_failure_timeout()
                                 or min(self.timeout, DEFAULT_FAILURE_TIMEOUT))
         self.heartbeat_interval = options.heartbeat_interval or self.failure_timeout / 6
@@ -150,8 +153,9 @@ class GroupRuntime:
         self._newest_inc: dict[int, int] = {}  # the newest process seen in each slot
         initial = View.initial(self.slots, range(world_size))
         self.views = ViewKeeper(self.control, rank, initial, on_applied=self._view_applied,
-                                announce=self._announce_view)
+                                announce=self._announce_view, on_decided=self._view_decided)
         self.state.view_applied(0, initial.active)
+        self._export_metrics()  # first: a port that cannot be served fails before any I/O
 
         secret = self.control.secret()
         self.incarnation = self.control.register(rank)
@@ -161,7 +165,8 @@ class GroupRuntime:
         self.transport = TcpTransport(
             rank, secret, scope=group_id, host=options.host or default_host(),
             on_frame=self._on_frame, on_lost=self._on_lost,
-            on_connected=self._on_connected, incarnation=self.incarnation)
+            on_connected=self._on_connected, incarnation=self.incarnation,
+            handshake_timeout=min(10.0, self.failure_timeout))
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
@@ -191,7 +196,33 @@ class GroupRuntime:
         t.start()
 
     def _event(self, kind: str, level: int = logging.INFO, **fields: object) -> None:
+        fields.setdefault("epoch", self.views.applied.epoch)
         events.emit(kind, self.group_id, self.rank, level, **fields)
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def metrics_snapshot(self) -> dict:
+        """Counters (telemetry/counters.py) plus the gauges read now: see elasticpg.metrics."""
+        view = self.views.applied
+        return self.metrics.snapshot(
+            group=self.group_id, rank=self.rank, phase=self.state.phase.name.lower(),
+            epoch=view.epoch, active_ranks=list(view.active),
+            rejected_connections=getattr(getattr(self, "transport", None), "rejected", 0))
+
+    def _export_metrics(self) -> None:
+        prometheus.register(id(self), self.metrics_snapshot)
+        port = self.options.metrics_port
+        if port is None:
+            port = prometheus.env_port()
+        if port is None:
+            return
+        host = self.options.metrics_host or os.environ.get("ELASTICPG_METRICS_HOST",
+                                                           "127.0.0.1")
+        try:
+            host, port = prometheus.serve(id(self), port, host)
+        except BaseException:
+            prometheus.unregister(id(self))
+            raise
+        self._event("metrics_endpoint", host=host, port=port)
 
     # ---- data-plane callbacks (reader threads) ------------------------------------------------
     def _on_frame(self, header: Header, payload: torch.Tensor) -> None:
@@ -228,6 +259,7 @@ class GroupRuntime:
             if self.state.phase not in (Phase.ACTIVE, Phase.POISONED):
                 return  # not a participant of anything: a straggler from before we left
             self.state.mismatch(reason)
+        self.metrics.mismatches += 1
         self._event("mismatch", logging.WARNING, seq=seq, reported_by=src, reason=reason)
         self.mailbox.abort(seq, reason)
         self.shm.wake_all()
@@ -249,6 +281,8 @@ class GroupRuntime:
                 return
             note = self.state.note_failure(peer, reason)
             member = peer in self.state.active
+            if note.first:
+                self.metrics.failure(how or "other")
         if not note.first:
             return
         self._event("peer_failed", logging.WARNING if member else logging.INFO, peer=peer,
@@ -349,7 +383,8 @@ class GroupRuntime:
         except (PeerFailedError, *STORE_TROUBLE) as exc:
             with self._lock:
                 self.state.joiners.forget(r, join)
-            log.info("rank %d: linking back to joiner %s failed: %s", self.rank, join, exc)
+            self._event("joiner_gone", slot=r, incarnation=join.incarnation,
+                        attempt=join.attempt, reason=f"linking back failed: {exc}")
             return
         with self._lock:
             ready = self.state.joiners.linked(join)
@@ -405,12 +440,16 @@ class GroupRuntime:
         with self._lock:
             self.state.view_applied(new.epoch, new.active)
         self._mirror_mask()
+        self.metrics.view_changes += 1
         self._event("view_applied", epoch=new.epoch, active=list(new.active),
                     cause=new.cause)
 
-    def _announce_view(self, view: View) -> None:
+    def _view_decided(self, base: View, view: View) -> None:
         self._event("view_decided", epoch=view.epoch, active=list(view.active),
-                    cause=view.cause)
+                    removed=sorted(set(base.active) - set(view.active)),
+                    added=sorted(set(view.active) - set(base.active)), cause=view.cause)
+
+    def _announce_view(self, view: View) -> None:
         payload = pack_slots(view.active)
         header = Header(MsgType.VIEW, self.rank, len(payload), epoch=view.epoch)
         deadline = time.monotonic() + min(self.timeout, 1.0)
@@ -485,7 +524,8 @@ class GroupRuntime:
         except OSError as exc:
             # Declare the peer failed only once its incoming link has closed too, so every
             # frame it sent before going away (an ABORT, its last contribution) is seen first.
-            self.link_broke(peer, f"send failed: {exc}", how="send")
+            self.link_broke(peer, f"send failed: {exc}",
+                            how="send_timeout" if isinstance(exc, SendTimeoutError) else "send")
             raise PeerFailedError([peer], f"send failed: {exc}") from None
 
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None:
@@ -493,6 +533,7 @@ class GroupRuntime:
         with self._lock:
             if self.state.phase is Phase.ACTIVE:
                 self.state.mismatch(reason)
+        self.metrics.mismatches += 1
         self._event("mismatch", logging.WARNING, seq=seq, reported_by=self.rank, reason=reason)
         data = reason.encode()
         for p in peers:
@@ -565,6 +606,7 @@ class GroupRuntime:
 
     def run(self, ctx: OpContext, body: Callable[[OpContext], None]) -> OpContext:
         """Run one collective's body, then what every collective needs afterwards."""
+        started = time.perf_counter()
         try:
             body(ctx)
             if self.state.poison is not None:  # a peer reported a mismatch while we ran
@@ -580,8 +622,16 @@ class GroupRuntime:
                 if self.state.phase is Phase.ACTIVE:
                     self.state.mismatch(str(exc))
             raise
+        except OperationTimeoutError as exc:
+            self.metrics.op_timeouts += 1
+            self._event("op_timeout", logging.WARNING, op=ctx.spec.kind.name.lower(),
+                        seq=ctx.seq, ranks=list(ctx.participants), reason=str(exc))
+            raise
         finally:
             self.mailbox.forget_seq(ctx.seq)
+        spec = ctx.spec
+        self.metrics.op(spec.kind, spec.numel * ITEMSIZE_BY_CODE[spec.dtype],
+                        time.perf_counter() - started)
         return ctx
 
     # ---- membership calls ---------------------------------------------------------------------
@@ -650,6 +700,8 @@ class GroupRuntime:
                     dropped[r] = "it gave up joining (its join_group timed out)"
                     with self._lock:
                         self.state.joiners.forget(r, ready[r])
+                    self._event("joiner_gone", slot=r, incarnation=ready[r].incarnation,
+                                attempt=ready[r].attempt, reason=dropped[r])
         if not admit:
             return self.view, [], dropped
 
@@ -808,6 +860,7 @@ class GroupRuntime:
             if self.state.phase is Phase.DESTROYED:
                 return
             self.state.fire(Event.DESTROYED)
+        prometheus.unregister(id(self))
         self.mailbox.close("group destroyed")
         self.shm.wake_all()
         self.liveness.stop()

@@ -21,12 +21,14 @@ from ..core.membership import View
 class ViewKeeper:
     def __init__(self, control: GroupStore, me: int, initial: View,
                  on_applied: Callable[[View, View], None],
-                 announce: Callable[[View], None]) -> None:
+                 announce: Callable[[View], None],
+                 on_decided: Callable[[View, View], None] | None = None) -> None:
         self.control = control
         self.me = me
         self.applied = initial
         self._on_applied = on_applied
         self._announce = announce
+        self._on_decided = on_decided  # (base, view) for every view this process decided
         self.lock = threading.RLock()
 
     def _apply(self, view: View) -> None:
@@ -74,6 +76,8 @@ class ViewKeeper:
                 won = self.control.propose_view(proposal)
                 if won == proposal:
                     mine = won
+                    if self._on_decided is not None:
+                        self._on_decided(base, won)
                 if apply:
                     self._apply(won)
                 base = won

@@ -9,6 +9,7 @@ asynchronous and complete when their frame arrives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from functools import partial
@@ -459,11 +460,13 @@ class ElasticProcessGroup(dist.ProcessGroup):
                         dtype_code(t.dtype), numel=t.numel(), tag=tag)
         work = ElasticWork([t], 0.0)
         work.group_slots = self.runtime.slots
+        started = time.perf_counter()
         try:
             self.runtime.send_frame(dstRank, header, payload, self.runtime.p2p_deadline())
         except PeerFailedError as exc:
             work.finish(exc, failed=exc.ranks)
         else:
+            self.runtime.metrics.op(OpKind.SEND, len(payload), time.perf_counter() - started)
             work.finish()
         return self._track(work)
 
@@ -483,6 +486,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
                            on_timeout=lambda: mailbox.cancel_p2p(on_done))
         work.group_slots = self.runtime.slots
         work.add_finalizer(st.finish)
+        metrics, started = self.runtime.metrics, time.perf_counter()
 
         def on_done(frame, error) -> None:
             if error is not None:
@@ -497,6 +501,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
             if t.numel():
                 t.reshape(-1).copy_(payload.view(t.dtype))
             work.src = header.src
+            metrics.recv(header.nbytes, time.perf_counter() - started)
             work.finish()
 
         mailbox.post_p2p(src, tag, on_done)

@@ -1,8 +1,12 @@
 """Authenticated TCP links between the ranks of one group.
 
 Each process listens on one port per group. A link is one-directional: the sender connects,
-proves it knows the group secret (HMAC over a fresh challenge), and from then on only sends; the
-acceptor runs one reader thread per incoming link that hands complete frames to `on_frame`.
+and both ends prove they know the group secret (mutual HMAC challenge-response, a fresh random
+challenge from each side per connection, so a recorded handshake is worth nothing on another
+connection); from then on the sender only sends, and the acceptor runs one reader thread per
+incoming link that hands complete frames to `on_frame`. A connection that does not complete the
+handshake within `handshake_timeout` is closed and reported (event `connection_rejected`): no
+byte of it ever reaches `on_frame`.
 When a link's socket closes or errors, `on_lost(rank, reason, incarnation)` fires at once: a
 crashed peer is noticed as soon as the kernel closes its sockets. Every link knows which process
 (incarnation) of a slot it connects, so a report about a dead predecessor is never mistaken for
@@ -30,10 +34,11 @@ from collections.abc import Callable
 
 import torch
 
+from .. import events
 from ..core.framing import HEADER_SIZE, FramingError, Header, MsgType
 
 _HELLO = struct.Struct("<4siQ")  # magic, src rank, incarnation
-_HELLO_MAGIC = b"EPG1"
+_HELLO_MAGIC = b"EPG2"
 _NONCE = 16
 _MAC = 32
 _SOCK_BUF = 4 << 20
@@ -51,8 +56,10 @@ class HandshakeError(ConnectionError):
     pass
 
 
-def _mac(secret: bytes, scope: bytes, nonce: bytes, src: int, incarnation: int) -> bytes:
-    msg = scope + b"|" + nonce + _HELLO.pack(_HELLO_MAGIC, src, incarnation)
+def _mac(secret: bytes, role: bytes, scope: bytes, nonces: bytes, hello: bytes) -> bytes:
+    """The proof of one side (`role`: b"connect" or b"accept", so that neither side's proof
+    can be reflected as the other's) over the challenge(s) it answers."""
+    msg = role + b"|" + scope + b"|" + nonces + hello
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
@@ -90,8 +97,10 @@ class TcpTransport:
                  on_frame: Callable[[Header, torch.Tensor], None],
                  on_lost: Callable[[int, str, int], None],
                  on_connected: Callable[[int, int], None] | None = None,
-                 incarnation: int = 0) -> None:
+                 incarnation: int = 0, handshake_timeout: float = 10.0) -> None:
         self.rank = rank
+        self.handshake_timeout = handshake_timeout
+        self.rejected = 0  # connections that failed the handshake
         self.incarnation = incarnation
         self._secret = secret
         self._scope = scope.encode()
@@ -125,29 +134,37 @@ class TcpTransport:
     def _accept_loop(self) -> None:
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, addr = self._listener.accept()
             except OSError:
                 return  # listener closed
-            self._spawn(self._serve, f"elasticpg-link-r{self.rank}", sock)
+            self._spawn(self._serve, f"elasticpg-link-r{self.rank}", sock, addr)
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, addr: object = None) -> None:
         src = -1
+        started = time.monotonic()
         try:
-            sock.settimeout(10.0)
+            sock.settimeout(self.handshake_timeout)  # bounds the whole handshake below
             nonce = os.urandom(_NONCE)
             sock.sendall(nonce)
-            hello = bytearray(_HELLO.size + _MAC)
-            if not recv_exact(sock, memoryview(hello)):
-                raise HandshakeError("peer closed during handshake")
-            magic, src, inc = _HELLO.unpack(hello[: _HELLO.size])
+            msg = bytearray(_HELLO.size + _MAC + _NONCE)
+            if not recv_exact(sock, memoryview(msg)):
+                raise HandshakeError("closed during the handshake")
+            hello, proof, theirs = (bytes(msg[:_HELLO.size]),
+                                    bytes(msg[_HELLO.size:-_NONCE]), bytes(msg[-_NONCE:]))
+            magic, src, inc = _HELLO.unpack(hello)
             if magic != _HELLO_MAGIC or not hmac.compare_digest(
-                    bytes(hello[_HELLO.size:]), _mac(self._secret, self._scope, nonce, src, inc)):
-                raise HandshakeError("bad credentials")
-            sock.sendall(b"\x01")
+                    proof, _mac(self._secret, b"connect", self._scope, nonce, hello)):
+                raise HandshakeError("no proof of group membership")
+            sock.sendall(_mac(self._secret, b"accept", self._scope, theirs + nonce, hello))
             sock.settimeout(None)
             _tune(sock)
-        except (OSError, HandshakeError):
+        except (OSError, HandshakeError, struct.error) as exc:
             sock.close()
+            with self._lock:
+                self.rejected += 1
+            events.emit("connection_rejected", self._scope.decode(), self.rank,
+                        logging.WARNING, remote=addr, reason=f"{type(exc).__name__}: {exc}",
+                        seconds=round(time.monotonic() - started, 3))
             return
         with self._lock:
             if self._closing:
@@ -212,15 +229,20 @@ class TcpTransport:
         sock = socket.create_connection((host, port), timeout=max(0.01, timeout))
         try:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
-            nonce = bytearray(_NONCE)
-            if not recv_exact(sock, memoryview(nonce)):
+            theirs = bytearray(_NONCE)
+            if not recv_exact(sock, memoryview(theirs)):
                 raise HandshakeError(f"rank {peer} closed the connection during handshake")
             hello = _HELLO.pack(_HELLO_MAGIC, self.rank, self.incarnation)
-            sock.sendall(hello + _mac(self._secret, self._scope, bytes(nonce), self.rank,
-                                      self.incarnation))
-            ok = bytearray(1)
-            if not recv_exact(sock, memoryview(ok)) or ok[0] != 1:
+            mine = os.urandom(_NONCE)
+            sock.sendall(hello + _mac(self._secret, b"connect", self._scope, bytes(theirs),
+                                      hello) + mine)
+            proof = bytearray(_MAC)
+            if not recv_exact(sock, memoryview(proof)):
                 raise HandshakeError(f"rank {peer} refused our credentials")
+            if not hmac.compare_digest(bytes(proof), _mac(
+                    self._secret, b"accept", self._scope, mine + bytes(theirs), hello)):
+                raise HandshakeError(f"the listener at {host}:{port} (rank {peer}'s endpoint) "
+                                     f"could not prove membership of the group")
             sock.settimeout(None)
             _tune(sock)
         except BaseException:
