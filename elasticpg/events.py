@@ -6,10 +6,14 @@ dict with at least ``event``, ``group`` and ``rank``. `JsonLinesFormatter` write
 object per line. Nothing is configured unless asked: call `log_events()`, or set
 ``ELASTICPG_LOG=json`` (or ``text``) in the environment before importing elasticpg.
 
-Events: peer_failed (peer, reason, how: eof/silence/send/connect/stopped_reading/left),
-view_decided (epoch, active, cause), view_applied (epoch, active), joiner_ready / joiner_gone
-(member side), join_started / join_admitted / join_abandoned (joiner side), ranks_activated,
-ranks_deactivated, mismatch.
+Every event of a group also carries ``epoch`` (of the view applied when it happened); ``rank``
+is the rank that observed, decided or did it. Events: peer_failed (peer, member, reason, how:
+eof / bad_frame / silence / send / send_timeout / stopped_reading / connect / left),
+op_timeout (op, seq, ranks), view_decided (epoch, active, removed, added, cause: emitted by the
+rank whose proposal won), view_applied (epoch, active, cause: at every rank), joiner_ready /
+joiner_gone (member side), join_started / join_admitted / join_abandoned (joiner side),
+ranks_activated, ranks_deactivated, mismatch (seq, reported_by, reason), connection_rejected
+(remote, reason: a data-plane connection that did not prove membership), metrics_endpoint.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class GroupRuntime:
             rank, secret, scope=group_id, host=options.host or default_host(),
             on_frame=self._on_frame, on_lost=self._on_lost,
             on_connected=self._on_connected, incarnation=self.incarnation,
-            handshake_timeout=min(10.0, self.failure_timeout))
+            handshake_timeout=min(10.0, self.failure_timeout), on_rejected=self._rejected)
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
@@ -239,7 +239,10 @@ class GroupRuntime:
             self._aborted(header.src, header.seq, bytes(payload.numpy()).decode(errors="replace"))
 
     def _on_lost(self, peer: int, reason: str, incarnation: int) -> None:
-        how = "left" if reason == "peer left the group" else "eof"
+        # the transport's reasons: a GOODBYE, a closed or reset link, or a frame it could not
+        # take (corrupt, truncated into a close, or a handler error): see TcpTransport._read_loop
+        how = ("left" if reason == "peer left the group" else
+               "bad_frame" if reason.startswith(("FramingError", "reader error")) else "eof")
         self.fail_peer(peer, reason, how=how, incarnation=incarnation)
 
     def _on_connected(self, peer: int, incarnation: int) -> None:
@@ -247,6 +250,12 @@ class GroupRuntime:
         self.mailbox.revive_peer(peer)
         with self._lock:
             self.state.revived(peer)
+
+    def _rejected(self, remote: object, reason: str, seconds: float) -> None:
+        """A connection to our data port did not prove membership (a foreign client, or a
+        peer that died mid-handshake): it was closed unheard."""
+        self._event("connection_rejected", logging.WARNING, remote=remote, reason=reason,
+                    seconds=round(seconds, 3))
 
     def _seen_incarnation(self, peer: int, incarnation: int) -> None:
         with self._lock:
@@ -440,9 +449,10 @@ class GroupRuntime:
         with self._lock:
             self.state.view_applied(new.epoch, new.active)
         self._mirror_mask()
-        self.metrics.view_changes += 1
-        self._event("view_applied", epoch=new.epoch, active=list(new.active),
-                    cause=new.cause)
+        if new.epoch != old.epoch:  # (a joiner adopting the view it already had changes nothing)
+            self.metrics.view_changes += 1
+            self._event("view_applied", epoch=new.epoch, active=list(new.active),
+                        cause=new.cause)
 
     def _view_decided(self, base: View, view: View) -> None:
         self._event("view_decided", epoch=view.epoch, active=list(view.active),

@@ -31,6 +31,7 @@ _thread: threading.Thread | None = None
 def _prom() -> Any:
     try:
         import prometheus_client
+        import prometheus_client.core  # noqa: F401  (the metric families live there)
     except ImportError:
         raise ImportError("metrics export needs prometheus_client: pip install "
                           "'elasticpg[metrics]'") from None

@@ -5,8 +5,8 @@ and both ends prove they know the group secret (mutual HMAC challenge-response, 
 challenge from each side per connection, so a recorded handshake is worth nothing on another
 connection); from then on the sender only sends, and the acceptor runs one reader thread per
 incoming link that hands complete frames to `on_frame`. A connection that does not complete the
-handshake within `handshake_timeout` is closed and reported (event `connection_rejected`): no
-byte of it ever reaches `on_frame`.
+handshake within `handshake_timeout` is closed and reported (`on_rejected`): no byte of it
+ever reaches `on_frame`.
 When a link's socket closes or errors, `on_lost(rank, reason, incarnation)` fires at once: a
 crashed peer is noticed as soon as the kernel closes its sockets. Every link knows which process
 (incarnation) of a slot it connects, so a report about a dead predecessor is never mistaken for
@@ -34,7 +34,6 @@ from collections.abc import Callable
 
 import torch
 
-from .. import events
 from ..core.framing import HEADER_SIZE, FramingError, Header, MsgType
 
 _HELLO = struct.Struct("<4siQ")  # magic, src rank, incarnation
@@ -97,10 +96,12 @@ class TcpTransport:
                  on_frame: Callable[[Header, torch.Tensor], None],
                  on_lost: Callable[[int, str, int], None],
                  on_connected: Callable[[int, int], None] | None = None,
-                 incarnation: int = 0, handshake_timeout: float = 10.0) -> None:
+                 incarnation: int = 0, handshake_timeout: float = 10.0,
+                 on_rejected: Callable[[object, str, float], None] | None = None) -> None:
         self.rank = rank
         self.handshake_timeout = handshake_timeout
         self.rejected = 0  # connections that failed the handshake
+        self._on_rejected = on_rejected  # (remote address, why, seconds it took)
         self.incarnation = incarnation
         self._secret = secret
         self._scope = scope.encode()
@@ -162,9 +163,11 @@ class TcpTransport:
             sock.close()
             with self._lock:
                 self.rejected += 1
-            events.emit("connection_rejected", self._scope.decode(), self.rank,
-                        logging.WARNING, remote=addr, reason=f"{type(exc).__name__}: {exc}",
-                        seconds=round(time.monotonic() - started, 3))
+            why, took = f"{type(exc).__name__}: {exc}", time.monotonic() - started
+            if self._on_rejected is not None:
+                self._on_rejected(addr, why, took)
+            else:
+                log.warning("rank %d: rejected a connection from %s: %s", self.rank, addr, why)
             return
         with self._lock:
             if self._closing:
