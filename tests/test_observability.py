@@ -131,7 +131,9 @@ def test_event_log_says_who_failed_whom_saw_it_why_and_every_view(pool):
     # the same story in the counters
     for out in outs.values():
         m = out["metrics"]
-        assert m["peer_failures"] in ({}, {"eof": 1}, {"connect": 1}), m
+        # (the removed rank 2 also sees the members leave its links: how "left")
+        fails = {k: n for k, n in m["peer_failures"].items() if k != "left"}
+        assert fails in ({}, {"eof": 1}, {"connect": 1}), m
         assert m["view_changes"] == 3, m
         assert m["epoch"] == 3 and m["active_ranks"] == [0, 1, 2], m
         assert m["operations"]["membership"] >= 1 and m["operations"]["allreduce"] >= 3, m
