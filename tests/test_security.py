@@ -179,6 +179,24 @@ def test_a_silent_half_open_connection_is_closed_at_the_handshake_bound(sides):
     assert _wait_for(lambda: len(b.rejected) == 1) and "timed out" in b.rejected[0]
 
 
+def test_a_client_dripping_bytes_cannot_stretch_the_handshake_bound(sides):
+    # (a per-read timeout would let one byte per 0.4 s hold the handshake for ~26 s)
+    b = sides(1, handshake_timeout=0.5)
+    s = socket.create_connection(b.t.endpoint)
+    s.recv(16)
+    start = time.monotonic()
+    try:
+        for _ in range(40):
+            s.sendall(b"x")
+            time.sleep(0.1)  # the drip itself: the pace of the attack, not synchronisation
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed on us: what the test wants
+    took = _closed_within(s, BOUND)
+    s.close()
+    assert took is not None and time.monotonic() - start < 2.5, time.monotonic() - start
+    assert _wait_for(lambda: len(b.rejected) == 1)
+
+
 def _authenticated(sides) -> tuple[Side, Side, socket.socket]:
     a, b = sides(0), sides(1)
     a.t.connect(1, *b.t.endpoint, timeout=5.0)

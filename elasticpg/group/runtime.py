@@ -268,7 +268,7 @@ class GroupRuntime:
             if self.state.phase not in (Phase.ACTIVE, Phase.POISONED):
                 return  # not a participant of anything: a straggler from before we left
             self.state.mismatch(reason)
-        self.metrics.mismatches += 1
+            self.metrics.mismatches += 1
         self._event("mismatch", logging.WARNING, seq=seq, reported_by=src, reason=reason)
         self.mailbox.abort(seq, reason)
         self.shm.wake_all()
@@ -543,7 +543,7 @@ class GroupRuntime:
         with self._lock:
             if self.state.phase is Phase.ACTIVE:
                 self.state.mismatch(reason)
-        self.metrics.mismatches += 1
+            self.metrics.mismatches += 1
         self._event("mismatch", logging.WARNING, seq=seq, reported_by=self.rank, reason=reason)
         data = reason.encode()
         for p in peers:

@@ -75,6 +75,21 @@ def recv_exact(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+def _recv_by(sock: socket.socket, view: memoryview, deadline: float) -> bool:
+    """recv_exact with one deadline for the whole read, not per chunk: a client that drips a
+    byte at a time cannot hold a handshake open for longer."""
+    got, n = 0, len(view)
+    while got < n:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0:
+                return False
+            raise ConnectionError(f"connection closed mid-handshake ({got}/{n} bytes)")
+        got += k
+    return True
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, also bfloat16/float8)."""
     flat = t.reshape(-1)
@@ -144,11 +159,11 @@ class TcpTransport:
         src = -1
         started = time.monotonic()
         try:
-            sock.settimeout(self.handshake_timeout)  # bounds the whole handshake below
+            sock.settimeout(self.handshake_timeout)
             nonce = os.urandom(_NONCE)
             sock.sendall(nonce)
             msg = bytearray(_HELLO.size + _MAC + _NONCE)
-            if not recv_exact(sock, memoryview(msg)):
+            if not _recv_by(sock, memoryview(msg), started + self.handshake_timeout):
                 raise HandshakeError("closed during the handshake")
             hello, proof, theirs = (bytes(msg[:_HELLO.size]),
                                     bytes(msg[_HELLO.size:-_NONCE]), bytes(msg[-_NONCE:]))
