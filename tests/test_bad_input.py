@@ -137,7 +137,8 @@ def job_forged_peer(rank: int, world: int, port: int) -> dict:
     if rank == 0:
         with socket.create_connection((host, p), timeout=5) as s:
             s.recv(16)
-            s.sendall(b"EPG1" + b"\x01\x00\x00\x00" + b"\x00" * 8 + b"\x00" * 32)
+            # hello (magic, rank 1, incarnation 0), a made-up proof, our challenge
+            s.sendall(b"EPG2" + b"\x01\x00\x00\x00" + b"\x00" * 8 + b"\x00" * 32 + b"\x00" * 16)
             s.settimeout(5)
             res["forged"] = s.recv(1)  # b"" = closed without acknowledging
     t = torch.tensor([float(rank + 1)])
