@@ -240,3 +240,47 @@ def test_elasticpg_log_env_turns_the_json_log_on(monkeypatch):
 def test_metrics_port_must_be_a_port():
     with pytest.raises(ValueError, match="metrics_port"):
         elasticpg.Options(metrics_port=70000).validate(2)
+
+
+def test_metrics_port_from_the_environment(monkeypatch):
+    from elasticpg.telemetry import prometheus
+
+    monkeypatch.delenv("ELASTICPG_METRICS_PORT", raising=False)
+    assert prometheus.env_port() is None
+    monkeypatch.setenv("ELASTICPG_METRICS_PORT", "0")
+    assert prometheus.env_port() == 0
+    monkeypatch.setenv("ELASTICPG_METRICS_PORT", "http")
+    with pytest.raises(ValueError, match="ELASTICPG_METRICS_PORT"):
+        prometheus.env_port()
+
+
+def test_one_endpoint_per_process_serves_every_group_until_the_last_asker_goes():
+    from elasticpg.telemetry import prometheus
+
+    a, b = GroupMetrics(), GroupMetrics()
+    a.op(2, 4, 0.1)
+    b.op(1, 8, 0.2)
+
+    def snap(m: GroupMetrics, group: str):
+        return lambda: m.snapshot(group=group, rank=0, epoch=0, active_ranks=[0],
+                                  rejected_connections=0)
+
+    prometheus.register(1, snap(a, "ga"))
+    prometheus.register(2, snap(b, "gb"))
+    try:
+        _, port = prometheus.serve(1, 0, "127.0.0.1")
+        assert prometheus.serve(2, 0, "127.0.0.1") == ("127.0.0.1", port)  # shared
+        s = _scrape(port)
+        assert s[("elasticpg_operations_total",
+                  (("group", "ga"), ("kind", "allreduce"), ("rank", "0")))] == 1
+        assert s[("elasticpg_operation_bytes_total",
+                  (("group", "gb"), ("kind", "broadcast"), ("rank", "0")))] == 8
+        prometheus.unregister(1)
+        assert prometheus.endpoint() == ("127.0.0.1", port)  # group 2 still wants it
+        assert not any(k[1] and ("group", "ga") in k[1] for k in _scrape(port))
+    finally:
+        prometheus.unregister(1)
+        prometheus.unregister(2)
+    assert prometheus.endpoint() is None
+    with pytest.raises(OSError):
+        _scrape(port)
