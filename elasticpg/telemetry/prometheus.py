@@ -48,38 +48,33 @@ def env_port() -> int | None:
     return int(raw)
 
 
-def _counter(prom: Any, name: str, doc: str, labels: list[str]) -> Any:
-    return prom.core.CounterMetricFamily(name, doc, labels=labels)
-
-
 class _Collector:
     """prometheus_client custom collector over the registered snapshots."""
 
     def collect(self) -> Iterator[Any]:
-        prom = _prom()
-        core = prom.core
+        core = _prom().core
         base = ["group", "rank"]
-        ops = _counter(prom, "elasticpg_operations", "Operations completed, by kind",
-                       [*base, "kind"])
-        nbytes = _counter(prom, "elasticpg_operation_bytes",
-                          "Bytes of the tensors passed to operations, by kind", [*base, "kind"])
-        secs = _counter(prom, "elasticpg_operation_seconds",
-                        "Time spent in operations, by kind", [*base, "kind"])
-        last = core.GaugeMetricFamily("elasticpg_last_operation_seconds",
-                                      "Latency of the last operation of each kind",
-                                      labels=[*base, "kind"])
-        fails = _counter(prom, "elasticpg_peer_failures",
-                         "Peers declared failed, by how it was noticed", [*base, "how"])
-        views = _counter(prom, "elasticpg_view_changes", "Views applied", base)
-        timeouts = _counter(prom, "elasticpg_operation_timeouts", "Operations that timed out",
-                            base)
-        mism = _counter(prom, "elasticpg_mismatches", "Collective mismatches seen", base)
-        rejected = _counter(prom, "elasticpg_rejected_connections",
-                            "Data-plane connections that failed authentication", base)
-        epoch = core.GaugeMetricFamily("elasticpg_epoch", "Epoch of the applied view",
-                                       labels=base)
-        active = core.GaugeMetricFamily("elasticpg_active_ranks",
-                                        "Active ranks in the applied view", labels=base)
+
+        def family(kind: str, name: str, doc: str, *extra: str) -> Any:
+            cls = core.CounterMetricFamily if kind == "counter" else core.GaugeMetricFamily
+            return cls(f"elasticpg_{name}", doc, labels=[*base, *extra])
+
+        ops = family("counter", "operations", "Operations completed, by kind", "kind")
+        nbytes = family("counter", "operation_bytes",
+                        "Bytes of the tensors passed to operations, by kind", "kind")
+        secs = family("counter", "operation_seconds", "Time spent in operations, by kind",
+                      "kind")
+        last = family("gauge", "last_operation_seconds",
+                      "Latency of the last operation of each kind", "kind")
+        fails = family("counter", "peer_failures",
+                       "Peers declared failed, by how it was noticed", "how")
+        views = family("counter", "view_changes", "Views applied")
+        timeouts = family("counter", "operation_timeouts", "Operations that timed out")
+        mism = family("counter", "mismatches", "Collective mismatches seen")
+        rejected = family("counter", "rejected_connections",
+                          "Data-plane connections that failed authentication")
+        epoch = family("gauge", "epoch", "Epoch of the applied view")
+        active = family("gauge", "active_ranks", "Active ranks in the applied view")
         with _lock:
             sources = list(_sources.values())
         for snap in (f() for f in sources):
@@ -145,10 +140,10 @@ def serve(key: int, port: int, host: str) -> tuple[str, int]:
             except OSError as exc:
                 _served.discard(key)
                 raise OSError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
-        return endpoint_locked()
+        return _endpoint_locked()
 
 
-def endpoint_locked() -> tuple[str, int]:
+def _endpoint_locked() -> tuple[str, int]:
     host, port = _server.server_address[:2]
     return host, port
 
@@ -156,4 +151,4 @@ def endpoint_locked() -> tuple[str, int]:
 def endpoint() -> tuple[str, int] | None:
     """(host, port) of this process's metrics endpoint, None when none runs."""
     with _lock:
-        return endpoint_locked() if _server is not None else None
+        return _endpoint_locked() if _server is not None else None
