@@ -9,6 +9,7 @@ is skipped, and the operation completes over the rest with local_success=False.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -18,7 +19,7 @@ from ..core.dtypes import dtype_name
 from ..core.framing import Header, MsgType, OpKind
 from ..core.schedules import peer_order
 from ..errors import CollectiveMismatchError, PeerFailedError
-from ..transport.mailbox import Mailbox
+from ..transport.mailbox import Mailbox, ViewLagError
 from ..transport.tcp import tensor_bytes
 
 
@@ -33,6 +34,8 @@ class Link(Protocol):
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None: ...
 
     def note_decision(self, epoch: int, active: frozenset[int]) -> None: ...
+
+    def shm_probe(self, peer: int, seq: int, epoch: int) -> Callable[[], bool] | None: ...
 
 
 class OpSpec(NamedTuple):
@@ -99,9 +102,14 @@ class OpContext:
         belongs to a different call: other op, dtype, count, root or reduce op.
         """
         try:
-            header, payload = self.link.mailbox.take_coll(peer, self.seq, step, self.deadline,
-                                                          vet=self._vet)
+            header, payload = self.link.mailbox.take_coll(
+                peer, self.seq, step, self.deadline, vet=self._vet,
+                probe=self.link.shm_probe(peer, self.seq, self.epoch))
         except PeerFailedError:
+            self.failed.add(peer)
+            return None
+        except ViewLagError:
+            self.lagged.add(peer)  # view lag: skipped, not failed (see lag)
             self.failed.add(peer)
             return None
         except CollectiveMismatchError as exc:

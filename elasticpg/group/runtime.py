@@ -488,6 +488,28 @@ class GroupRuntime:
             self.link_broke(peer, f"send failed: {exc}", how="send")
             raise PeerFailedError([peer], f"send failed: {exc}") from None
 
+    def shm_probe(self, peer: int, seq: int, epoch: int) -> Callable[[], bool] | None:
+        """For a TCP wait on `peer` in collective `seq` (run in view `epoch`): None unless the
+        peer shares our host; then a check whether, once a newer view is known to be decided,
+        it posted that collective (or a later one) in shared memory.
+
+        Ranks of one host use shared memory only when every participant shares the host, so
+        when a failure view spreads, a rank still on the old (multi-host) view waits on TCP
+        while its neighbour, on the new (one-host) view, posts in shared memory. Without this
+        each would wait for the other until the timeout; with it both see view lag (the shared-
+        memory side sees our TCP frame: shm_exchange) and go on to apply the newer view."""
+        shm = self.shm
+        if shm.mine is None or shm.host_of(peer) != shm.host_id:
+            return None
+
+        def posted() -> bool:
+            if self.state.noted_epoch <= epoch:
+                return False  # no view change under way: the peer runs this op as we do
+            region = shm.region(peer, 0.5)
+            return region is not None and region.newest_seq() >= seq
+
+        return posted
+
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None:
         """Tell the other participants that collective `seq` is broken, then poison the group."""
         with self._lock:

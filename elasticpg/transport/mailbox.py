@@ -24,6 +24,11 @@ from ..core.framing import Header
 from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
 
 Frame = tuple[Header, torch.Tensor]
+PROBE_SLICE = 0.05  # seconds between probes of a wait that has one (see take_coll)
+
+
+class ViewLagError(Exception):
+    """The awaited peer runs this collective under another view, over another transport."""
 
 
 @dataclass(eq=False)
@@ -107,12 +112,15 @@ class Mailbox:
         return rank in self._failed
 
     def take_coll(self, src: int, seq: int, step: int, deadline: float,
-                  vet: Callable[[Header], str] | None = None) -> Frame:
+                  vet: Callable[[Header], str] | None = None,
+                  probe: Callable[[], bool] | None = None) -> Frame:
         """Wait for the frame (src, seq, step); raise if src fails, seq aborts or time runs out.
 
         While waiting, `vet` sees every other frame of the same collective: a frame from a rank
         we do not expect to hear from can still prove the ranks made different calls (e.g. two
-        roots), which turns a would-be timeout into a mismatch error.
+        roots), which turns a would-be timeout into a mismatch error. `probe` (polled every
+        `PROBE_SLICE` s) says src runs this collective over another transport, so its frame
+        will never come: ViewLagError.
         """
         key = (src, seq, step)
         with self._cv:
@@ -131,11 +139,20 @@ class Mailbox:
                     raise PeerFailedError([src], self._failed[src])
                 if self._closed is not None:
                     raise OperationTimeoutError(f"group closed: {self._closed}")
+                if probe is not None and probe():
+                    raise ViewLagError(f"rank {src} runs collective #{seq} over shared memory")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OperationTimeoutError(
                         f"timed out waiting for rank {src} in collective #{seq} (step {step})")
-                self._cv.wait(left)
+                self._cv.wait(left if probe is None else min(left, PROBE_SLICE))
+
+    def has_coll_from(self, src: int, seq: int) -> bool:
+        """Whether a frame of collective `seq` or a later one from `src` waits here."""
+        if not self._coll:
+            return False
+        with self._cv:
+            return any(s == src and q >= seq for s, q, _t in self._coll)
 
     def forget_seq(self, seq: int) -> None:
         """Collective `seq` ended: drop its frames (and any older), refuse later ones.
