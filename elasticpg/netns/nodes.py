@@ -121,12 +121,16 @@ class NodePool:
     """Nodes on `placement[i]` = the host index of node i. The parent holds the store."""
 
     def __init__(self, topo: Topology, placement: Sequence[int],
-                 env: Mapping[str, str] | None = None, cwd: str | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: str | None = None,
+                 output: int | None = None) -> None:
+        """`output`: a file descriptor for the nodes' stdout and stderr (default: a log file
+        per node, whose tail goes into error messages)."""
         self.topo = topo
         self.placement = list(placement)
         self._stores: dict[int, Any] = {}  # job -> its store, until collected
         self._env = dict(env or {})
         self._cwd = cwd or os.getcwd()
+        self._output = output
         self._logs = tempfile.mkdtemp(prefix=f"{topo.prefix}-logs-")
         self._jobs = itertools.count(1)
         self.nodes: list[Node | None] = [None] * len(self.placement)
@@ -145,11 +149,12 @@ class NodePool:
                "PYTHONPATH": self._cwd, **self._env}
         log_path = os.path.join(self._logs, f"node{i}.log")
         with open(log_path, "ab") as log:
+            out = log.fileno() if self._output is None else self._output
             proc = subprocess.Popen(
                 [*self.topo.exec_prefix(host), sys.executable, "-m", "elasticpg.netns.node",
                  str(jobs_r), str(results_w)],
                 pass_fds=(jobs_r, results_w), env=env, cwd=self._cwd, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent_hook())
+                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent_hook())
         os.close(jobs_r)
         os.close(results_w)
         return Node(host, proc, jobs_w, results_r, log_path)
