@@ -37,6 +37,11 @@ class Link(Protocol):
 
     def shm_probe(self, peer: int, seq: int, epoch: int) -> Callable[[], bool] | None: ...
 
+    def scratch(self, peer: int, seq: int, nbytes: int) -> torch.Tensor: ...
+
+
+EXPECT_FROM = 1 << 16  # payload bytes from which receives go straight to their destination
+
 
 class OpSpec(NamedTuple):
     """What every participant must agree on. (A tuple: one is built per collective.)"""
@@ -93,6 +98,19 @@ class OpContext:
             self.failed.add(peer)
             return False
         return True
+
+    def expect(self, peer: int, step: int, dest: torch.Tensor) -> None:
+        """Let `peer`'s frame for `step` land in `dest` (contiguous) if it has not come yet:
+        large payloads only, where allocating (page faults) and copying cost more than the
+        lock this takes. `recv` then returns a view of `dest`."""
+        nbytes = dest.numel() * dest.element_size()
+        if nbytes >= EXPECT_FROM and peer not in self.failed:
+            self.link.mailbox.expect(peer, self.seq, step, dest.reshape(-1).view(torch.uint8))
+
+    def scratch(self, peer: int, like: torch.Tensor) -> torch.Tensor:
+        """A reusable receive buffer shaped like `like`, for `peer`'s frame of this op."""
+        return self.link.scratch(peer, self.seq, like.numel() * like.element_size()) \
+            .view(like.dtype)
 
     def recv(self, peer: int, step: int, dtype: torch.dtype, numel: int,
              msg_numel: int | None = None) -> torch.Tensor | None:

@@ -54,6 +54,7 @@ class Mailbox:
         self._aborted: dict[int, str] = {}
         self._closed: str | None = None
         self._floor = 0  # collectives below this sequence number have ended (see forget_seq)
+        self._dest: dict[tuple[int, int, int], torch.Tensor] = {}  # see expect
 
     # ---- producers (reader threads) -------------------------------------------------------
     def deliver_coll(self, header: Header, payload: torch.Tensor) -> None:
@@ -62,6 +63,23 @@ class Mailbox:
                 return  # its collective ended here: nobody will ever take it
             self._coll[(header.src, header.seq, header.step)] = (header, payload)
             self._cv.notify_all()
+
+    def expect(self, src: int, seq: int, step: int, dest: torch.Tensor) -> None:
+        """Receive the frame (src, seq, step) straight into `dest` (a byte tensor) if it has
+        not arrived yet: no allocation, and no copy when `dest` is the output itself."""
+        with self._cv:
+            if (src, seq, step) not in self._coll and seq >= self._floor:
+                self._dest[(src, seq, step)] = dest
+
+    def buffer_for(self, header: Header) -> torch.Tensor | None:
+        """Reader thread, a COLL header in hand: the posted destination of its payload, if any
+        (and only if its size matches: a frame of another size is a mismatch, reported when
+        taken, and must not land in someone's output)."""
+        if not self._dest:
+            return None
+        with self._cv:
+            dest = self._dest.pop((header.src, header.seq, header.step), None)
+        return dest if dest is not None and dest.numel() == header.nbytes else None
 
     def deliver_p2p(self, header: Header, payload: torch.Tensor) -> None:
         with self._cv:
@@ -161,17 +179,20 @@ class Mailbox:
         that a reader stores concurrently is dropped by the next call, so at most one
         collective's stragglers wait here at any time."""
         self._floor = max(self._floor, seq + 1)
-        if not self._coll:  # the common case over shared memory: nothing was queued
+        if not self._coll and not self._dest:  # the common case: nothing was queued
             return
         with self._cv:
             for key in [k for k in self._coll if k[1] < self._floor]:
                 del self._coll[key]
+            for key in [k for k in self._dest if k[1] < self._floor]:
+                del self._dest[key]
 
     def restart_at(self, seq: int) -> None:
         """This rank's next collective is `seq` (a joiner taking the group's numbering)."""
         with self._cv:
             self._floor = seq
             self._coll.clear()
+            self._dest.clear()
 
     def discard_p2p(self, rank: int) -> int:
         """Drop `rank`'s queued point-to-point frames (its slot left the group, or another

@@ -90,7 +90,8 @@ class TcpTransport:
                  on_frame: Callable[[Header, torch.Tensor], None],
                  on_lost: Callable[[int, str, int], None],
                  on_connected: Callable[[int, int], None] | None = None,
-                 incarnation: int = 0) -> None:
+                 incarnation: int = 0,
+                 buffer_for: Callable[[Header], torch.Tensor | None] | None = None) -> None:
         self.rank = rank
         self.incarnation = incarnation
         self._secret = secret
@@ -98,6 +99,7 @@ class TcpTransport:
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._on_connected = on_connected
+        self._buffer_for = buffer_for  # a posted destination for a payload (Mailbox.expect)
         self._lock = threading.Lock()
         self._out: dict[int, socket.socket] = {}
         self._out_locks: dict[int, threading.Lock] = {}
@@ -176,7 +178,11 @@ class TcpTransport:
                     raise FramingError(f"link from rank {src} carried a frame from {header.src}")
                 if header.type == MsgType.HEARTBEAT:
                     continue
-                payload = torch.empty(header.nbytes, dtype=torch.uint8)
+                payload = None
+                if self._buffer_for is not None and header.type == MsgType.COLL:
+                    payload = self._buffer_for(header)
+                if payload is None:
+                    payload = torch.empty(header.nbytes, dtype=torch.uint8)
                 if header.nbytes and not recv_exact(sock, memoryview(payload.numpy())):
                     raise ConnectionError("connection closed mid-frame")
                 self._last_heard[src] = time.monotonic()

@@ -37,6 +37,9 @@ class FakeLink:
 
     probes: dict[int, bool] = {}  # peer -> "it posted this collective in shared memory"
 
+    def scratch(self, peer, seq, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8)
+
     def shm_probe(self, peer, seq, epoch):
         if peer not in self.probes:
             return None
