@@ -292,12 +292,13 @@ class GroupRuntime:
                 return
             note = self.state.note_failure(peer, reason)
             member = peer in self.state.active
+            epoch = self.state.applied_epoch  # read with `member`: the caller may apply a view
             if note.first:
                 self.metrics.failure(how or "other")
         if not note.first:
             return
         self._event("peer_failed", logging.WARNING if member else logging.INFO, peer=peer,
-                    reason=reason, how=how or "other", member=member)
+                    reason=reason, how=how or "other", member=member, epoch=epoch)
         self.transport.drop(peer)
         self.transport.drop_incoming(peer)
         self.mailbox.fail_peer(peer, reason)
