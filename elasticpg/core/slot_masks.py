@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 # A bound on the slot capacity: control regions and views grow linearly with it.
 MAX_SLOTS = 4096
 KEY_EXACT_SLOTS = 63  # masks of up to 63 slots fit a signed 64-bit word as they are
@@ -26,7 +28,12 @@ def mask_of(slots: Iterable[int]) -> int:
 
 
 def ranks_of(mask: int) -> list[int]:
-    """The set bits of `mask`, ascending (cost grows with the number of set bits)."""
+    """The set bits of `mask`, ascending."""
+    if mask < 0:
+        raise ValueError(f"a slot mask is not negative, got {mask}")
+    if mask.bit_length() > 64:  # C-level: with 1024 slots, a bit at a time costs 1 ms
+        raw = np.frombuffer(mask.to_bytes((mask.bit_length() + 7) // 8, "little"), np.uint8)
+        return np.flatnonzero(np.unpackbits(raw, bitorder="little")).tolist()
     out = []
     while mask:
         low = mask & -mask

@@ -155,19 +155,27 @@ class GroupRuntime:
 
         secret = self.control.secret()
         self.incarnation = self.control.register(rank)
-        # published before the TCP endpoint: whoever can reach us knows whether we share a host
-        self.shm = ShmHost(self.control, rank, self.slots)
-        self.shm.publish()
-        self.transport = TcpTransport(
-            rank, secret, scope=group_id, host=options.host or default_host(),
-            on_frame=self._on_frame, on_lost=self._on_lost,
-            on_connected=self._on_connected, incarnation=self.incarnation)
+        self.shm, self.transport = self._open_data_plane(secret)
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
             self.control.announce_founders(world_size)
         self._mirror_mask()
         self.liveness = Liveness(self)
+        self._start_threads()
+
+    def _open_data_plane(self, secret: bytes) -> tuple[ShmHost, TcpTransport]:
+        """Shared memory and TCP links (overridden by `elasticpg scale-sim`, which runs the
+        control plane of many ranks in one process with frames delivered in-process)."""
+        # published before the TCP endpoint: whoever can reach us knows whether we share a host
+        shm = ShmHost(self.control, self.rank, self.slots)
+        shm.publish()
+        return shm, TcpTransport(
+            self.rank, secret, scope=self.group_id, host=self.options.host or default_host(),
+            on_frame=self._on_frame, on_lost=self._on_lost,
+            on_connected=self._on_connected, incarnation=self.incarnation)
+
+    def _start_threads(self) -> None:
         self.liveness.start()
         if self.state.phase is Phase.ACTIVE:
             # Open our outgoing links now, so that every peer holds a socket from us and sees
@@ -280,8 +288,9 @@ class GroupRuntime:
             if not self.state.note_decision(epoch):
                 return
         me_out = self.rank not in active
-        for r in self.view.active:
-            if r != self.rank and (me_out or r not in active):
+        # (set difference: a view of 1024 slots, heard by each of 1023 members)
+        for r in sorted(set(self.view.active).difference(() if me_out else active)):
+            if r != self.rank:
                 self.mailbox.fail_peer(r, f"rank {self.rank} was excluded in epoch {epoch}"
                                        if me_out else f"excluded in epoch {epoch}")
         self.shm.wake_all()  # shared-memory waits re-check who failed
@@ -387,11 +396,11 @@ class GroupRuntime:
 
     # ---- views ----------------------------------------------------------------------------------
     def _view_applied(self, old: View, new: View) -> None:
-        for r in range(self.slots):
-            was, now = old.is_active(r), new.is_active(r)
-            if r == self.rank or was == now:
+        # only the slots that changed: a view of 1024 slots usually changes one
+        for r in sorted(set(old.active).symmetric_difference(new.active)):
+            if r == self.rank:
                 continue
-            if was:
+            if old.is_active(r):
                 self.shm.forget(r)  # its process left: a replacement has another region
                 self.mailbox.fail_peer(r, f"deactivated in epoch {new.epoch}")
                 dropped = self.mailbox.discard_p2p(r)
