@@ -1,16 +1,20 @@
-"""A group wider than 64 slots, with real processes: 100 slots, 3 founders, one of them killed,
-a replacement in its slot and an extension in slot 99 (so masks span two words), then every
-collective kind over shared memory among slots {0, 1, 2, 99}."""
+"""Groups wider than 64 slots. With real processes: 100 slots, 3 founders, one of them killed, a
+replacement in its slot and an extension in slot 99 (so masks span two words), then every
+collective kind over shared memory among slots {0, 1, 2, 99}. In-process: where a region keeps
+the full masks of a wide group."""
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import elasticpg
+from elasticpg.core.slot_masks import mask_bytes
+from elasticpg.transport.shm import INCLUDED, MAGIC, PARTS, Region, host_id
 
 from .harness import HOST, serving_steps
 
@@ -118,3 +122,25 @@ def test_a_100_slot_group_survives_a_failure_and_admits_a_replacement_and_slot_9
         assert v["rs"] == float(i * sum(m + 1 for m in members)), v
         assert v["a2a"] == [float(i + 10 * j) for j in range(4)], v
         assert v["bcast"] == float(HIGH), v
+
+
+@pytest.mark.skipif(not host_id(), reason="shared memory is off here (not x86-64 Linux, or "
+                    "ELASTICPG_TRANSPORT=tcp)")
+@pytest.mark.parametrize("slots", [1, 63, 64, 100, 1024])
+def test_region_masks_sit_beside_the_tables_without_overlap(slots):
+    region = Region.create(slots, 4096)
+    try:
+        words = -(-slots // 64)
+        masks = {(b, m): mask_bytes(((1 << slots) - 1) >> (b * 2 + m), slots)
+                 for b in (0, 1) for m in (PARTS, INCLUDED)}
+        for b in (0, 1):
+            region.table(b)[:] = -7
+        for (b, m), raw in masks.items():
+            region.write_mask(b, m, raw)
+        for (b, m), raw in masks.items():
+            assert region.mask_raw(b, m) == raw and len(raw) == 8 * words
+        for b in (0, 1):
+            assert (region.table(b) == -7).all()
+        assert int(region.ctl[0]) == MAGIC  # the header words are untouched
+    finally:
+        region.close()

@@ -62,7 +62,3 @@ def mask_bytes(mask: int, slots: int) -> bytes:
 def mask_from_bytes(raw: bytes | bytearray | memoryview) -> int:
     return int.from_bytes(raw, "little")
 
-
-def check_slots(slots: int) -> None:
-    if not 1 <= slots <= MAX_SLOTS:
-        raise ValueError(f"a group has 1..{MAX_SLOTS} slots, got {slots}")
