@@ -108,6 +108,12 @@ class View:
     def mask(self) -> list[int]:
         return list(self._raw.translate(_ACTIVE_BIT))
 
+    def changed_activity(self, other: View) -> list[int]:
+        """The slots active in exactly one of the two views (of one group), ascending."""
+        a = np.frombuffer(self._raw, dtype=np.uint8) == MemberState.ACTIVE
+        b = np.frombuffer(other._raw, dtype=np.uint8) == MemberState.ACTIVE
+        return np.flatnonzero(a != b).tolist()
+
     def is_active(self, rank: int) -> bool:
         return 0 <= rank < len(self._raw) and self._raw[rank] == MemberState.ACTIVE
 

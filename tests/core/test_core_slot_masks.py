@@ -126,6 +126,7 @@ def test_decisions_at_width_change_exactly_the_named_slots(v, data):
     assert w.epoch == v.epoch + 1 and w.by == -1 and w.start_seq == 5
     assert set(w.active) == set(v.active) - hit
     assert [r for r in range(v.size) if w.members[r] != v.members[r]] == sorted(hit)
+    assert v.changed_activity(w) == w.changed_activity(v) == sorted(hit)
     back, dropped = w.after_activation(sorted(hit), ready=hit, start_seq=9)
     assert back is not None and dropped == [] and back.active == v.active
 
