@@ -391,6 +391,12 @@ class GroupRuntime:
             ready = self.state.joiners.ready_slots(agreed=not idle)
         return [self.view.is_active(r) or r in ready for r in ranks]
 
+    def joiner_slots(self) -> list[int]:
+        """Slots with a joiner this rank knows of or all members agreed ready, ascending."""
+        with self._lock:
+            joiners = self.state.joiners
+            return sorted(set(joiners.slots()).union(joiners.ready_slots(agreed=True)))
+
     def num_agreed_ready(self) -> int:
         return len(self.state.joiners.agreed)
 
