@@ -1,7 +1,7 @@
 """Groups wider than 64 slots. With real processes: 100 slots, 3 founders, one of them killed, a
 replacement in its slot and an extension in slot 99 (so masks span two words), then every
-collective kind over shared memory among slots {0, 1, 2, 99}. In-process: where a region keeps
-the full masks of a wide group."""
+collective kind among slots {0, 1, 2, 99}, over shared memory and over TCP. In-process: where a
+region keeps the full masks of a wide group."""
 
 from __future__ import annotations
 
@@ -68,7 +68,19 @@ def _collectives(slot: int) -> dict:
     return out
 
 
-def job_wide(rank: int, world: int, port: int) -> dict:
+def job_wide(rank: int, world: int, port: int, transport: str) -> dict:
+    saved = os.environ.get("ELASTICPG_TRANSPORT")
+    os.environ["ELASTICPG_TRANSPORT"] = transport  # read when a group is created
+    try:
+        return _wide(rank, port)
+    finally:  # the pool's worker runs other jobs afterwards
+        if saved is None:
+            del os.environ["ELASTICPG_TRANSPORT"]
+        else:
+            os.environ["ELASTICPG_TRANSPORT"] = saved
+
+
+def _wide(rank: int, port: int) -> dict:
     if rank == 3:  # the replacement for slot 1
         store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=60))
         store.wait(["survivor0", "survivor2"], timedelta(seconds=60))
@@ -97,8 +109,10 @@ def job_wide(rank: int, world: int, port: int) -> dict:
     return out
 
 
-def test_a_100_slot_group_survives_a_failure_and_admits_a_replacement_and_slot_99(pool):
-    res = pool.run_raw(job_wide, world=5, timeout=150)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_100_slot_group_survives_a_failure_and_admits_a_replacement_and_slot_99(pool,
+                                                                                 transport):
+    res = pool.run_raw(job_wide, transport, world=5, timeout=150)
     assert res[1].status == "dead"
     bad = [(r, x.value) for r, x in enumerate(res) if r != 1 and x.status != "ok"]
     assert not bad, bad

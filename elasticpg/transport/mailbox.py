@@ -151,10 +151,12 @@ class Mailbox:
                 del self._coll[key]
 
     def restart_at(self, seq: int) -> None:
-        """This rank's next collective is `seq` (a joiner taking the group's numbering)."""
+        """This rank's next collective is `seq` (a joiner taking the group's numbering).
+        Frames of `seq` and later stay: members may send them before we learn of our admission."""
         with self._cv:
             self._floor = seq
-            self._coll.clear()
+            for key in [k for k in self._coll if k[1] < seq]:
+                del self._coll[key]
 
     def discard_p2p(self, rank: int) -> int:
         """Drop `rank`'s queued point-to-point frames (its slot left the group, or another
