@@ -176,9 +176,11 @@ def admit_ready_ranks(group: object | None = None) -> list[int]:
     step's all_reduce: readiness is agreed there, so all members see the same answer and either
     all of them call `recover_ranks` or none does."""
     rt = runtime_of(group)
-    waiting = [r for r in range(rt.slots) if not rt.view.is_active(r)]
-    if not waiting:
+    if len(rt.view.active) == rt.slots:
         return []
+    # Only slots with a joiner in sight can be ready (get_peer_state is False for the others):
+    # asking about every inactive slot of a 1024-slot group costs more than the step itself.
+    waiting = [r for r in rt.joiner_slots() if not rt.view.is_active(r)]
     ready = [r for r, ok in zip(waiting, get_peer_state(group, waiting), strict=True) if ok]
     if not ready:
         return []

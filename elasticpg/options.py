@@ -9,6 +9,8 @@ from datetime import timedelta
 
 import torch
 
+from .core.slot_masks import MAX_SLOTS
+
 
 @dataclass
 class Options:
@@ -63,9 +65,10 @@ class Options:
         if self.metrics_port is not None and not (
                 isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535):
             raise ValueError(f"metrics_port must be a port number, got {self.metrics_port!r}")
-        if (self.max_group_size or world_size) > 64:
-            raise ValueError("elasticpg groups have at most 64 slots (readiness travels as a "
-                             "64-bit mask in every frame header)")
+        if (self.max_group_size or world_size) > MAX_SLOTS:
+            raise ValueError(f"elasticpg groups have at most {MAX_SLOTS} slots, got "
+                             f"{self.max_group_size or world_size} (shared-memory control "
+                             f"regions and views grow with the slot count)")
 
     def timeout_seconds(self) -> float | None:
         if self.timeout is None:

@@ -5,11 +5,12 @@ exchange. That gives the buffer-reuse rule without acknowledgements: a rank alte
 buffers, and it overwrites a buffer only two posts later, after it has seen every peer's post of
 the round in between, which each peer made only after it finished reading the older one.
 
-Each post carries a descriptor (kind, dtype, count, root, reduce op, stream length, ready mask,
-epoch) that readers compare like frame headers (mismatch -> CollectiveMismatchError on every
-rank). The exclusion rule is the TCP one: a peer's window counts iff its token was seen, i.e.
-it was written whole (the token is written after the data and descriptor); a peer that is
-declared failed before that is recorded in ctx.failed and skipped.
+Each post carries a descriptor (kind, dtype, count, root, reduce op, stream length, readiness
+digest, participants, epoch) that readers compare like frame headers (mismatch ->
+CollectiveMismatchError on every rank). The exclusion rule is the TCP one: a peer's window
+counts iff its token was seen, i.e. it was written whole (the token is written after the data
+and descriptor); a peer that is declared failed before that is recorded in ctx.failed and
+skipped.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 
 from ..core.framing import Header, MsgType, OpKind
+from ..core.slot_masks import KEY_EXACT_SLOTS, mask_bytes, mask_from_bytes, mask_key, ranks_of
 from ..errors import CollectiveMismatchError, OperationTimeoutError
 from ..group.shm_host import ShmHost
 from ..transport.memcopy import copy_bytes
-from ..transport.shm import RED, TOK, Region, wait_for
+from ..transport.shm import INCLUDED, PARTS, RED, TOK, Region, wait_for
 from .context import OpContext, OpSpec
 
 
@@ -33,10 +35,6 @@ class _PeerGoneError(Exception):
 
 class _PeerLagError(Exception):
     """The peer runs this collective under a view that puts it on TCP (see runtime.shm_probe)."""
-
-
-def _ranks(mask: int) -> list[int]:
-    return [r for r in range(mask.bit_length()) if mask >> r & 1]
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -66,6 +64,12 @@ class ShmOp:
             ctx.failed.update(p for p in ctx.peers if p not in regions)
         self.expect = expect_words(ctx.spec)
         self.parts_mask = sum(1 << p for p in ctx.participants)
+        # A group wider than one word posts a key of its participants in the descriptor and
+        # the full mask beside it (transport.shm layout): keys equal, the full masks decide.
+        slots = host.slots
+        self.wide = slots > KEY_EXACT_SLOTS
+        self.parts_key = mask_key(self.parts_mask, slots)
+        self.parts_raw = mask_bytes(self.parts_mask, slots) if self.wide else b""
         self.bufs: dict[int, int] = {}  # peer -> buffer of its post in the current round
 
     # ---- posting ----------------------------------------------------------------------------
@@ -97,7 +101,9 @@ class ShmOp:
         d = TOK + 8 * b + 1
         ctl[d], ctl[d + 1], ctl[d + 2] = self.expect
         ctl[d + 3], ctl[d + 4], ctl[d + 5], ctl[d + 6] = (stream_len, ctx.ready,
-                                                          self.parts_mask, ctx.epoch)
+                                                          self.parts_key, ctx.epoch)
+        if self.wide:
+            me.write_mask(b, PARTS, self.parts_raw)
         if table is not None:
             me.table(b)[:] = table
         ctl[TOK + 8 * b] = self.token(k)
@@ -106,7 +112,9 @@ class ShmOp:
 
     def post_reduced(self, b: int, k: int, mask: int) -> None:
         ctl = self.me.ctl
-        ctl[RED + 8 * b + 1] = mask
+        if self.wide:
+            self.me.write_mask(b, INCLUDED, mask_bytes(mask, self.me.slots))
+        ctl[RED + 8 * b + 1] = mask_key(mask, self.me.slots)
         ctl[RED + 8 * b] = self.token(k)
         self.me.ring(self.ctx.me, self.regions.values())
 
@@ -162,8 +170,9 @@ class ShmOp:
         self.bufs[peer] = b
         d = TOK + 8 * b + 1
         ctx = self.ctx
-        if (ctl[d + 5] != self.parts_mask or ctl[d + 6] > ctx.epoch) and \
-                self._other_view(peer, ctl[d + 6], ctl[d + 5], positional):
+        if (ctl[d + 5] != self.parts_key or ctl[d + 6] > ctx.epoch
+                or self.wide and region.mask_raw(b, PARTS) != self.parts_raw) and \
+                self._other_view(peer, ctl[d + 6], self._parts_of(region, b), positional):
             return None
         if ctl[d:d + 3].tolist() != self.expect:
             if ctx.lag(peer, ctl[d + 6]):
@@ -172,6 +181,12 @@ class ShmOp:
         if k == 0:
             ctx.heard_ready[peer] = ctl[d + 4]
         return region
+
+    def _parts_of(self, region: Region, b: int) -> int:
+        """The participants mask of the region's post in buffer b."""
+        if self.wide:
+            return mask_from_bytes(region.mask_raw(b, PARTS))
+        return int(region.ctl[TOK + 8 * b + 6])
 
     def _other_view(self, peer: int, epoch: int, parts: int, positional: bool) -> bool:
         """The peer applied another view than ours: whether to skip its post.
@@ -184,7 +199,7 @@ class ShmOp:
         disagreement is lag."""
         ctx = self.ctx
         if epoch > ctx.epoch or not parts >> ctx.me & 1:
-            ctx.link.note_decision(epoch, frozenset(_ranks(parts)))
+            ctx.link.note_decision(epoch, frozenset(ranks_of(parts)))
         if not parts >> ctx.me & 1:
             ctx.failed.add(peer)
             return True
@@ -192,14 +207,16 @@ class ShmOp:
             return False
         if not ctx.lag(peer, epoch):
             ctx._mismatch(f"rank {peer} runs collective #{ctx.seq} over ranks "
-                          f"{_ranks(parts)}, rank {ctx.me} over {list(ctx.participants)} "
+                          f"{ranks_of(parts)}, rank {ctx.me} over {list(ctx.participants)} "
                           f"in the same view")
         return True
 
     def same_participants(self, peer: int) -> bool:
         """Whether the peer's current post runs over our participants (then it slices and
         chooses algorithms as we do)."""
-        return self.regions[peer].ctl[TOK + 8 * self.bufs[peer] + 6] == self.parts_mask
+        region, b = self.regions[peer], self.bufs[peer]
+        return region.ctl[TOK + 8 * b + 6] == self.parts_key and (
+            not self.wide or region.mask_raw(b, PARTS) == self.parts_raw)
 
     def wait_reduced(self, peer: int, k: int) -> int | None:
         """The included-ranks mask of the peer's reduced slice of window k, or None."""
@@ -209,6 +226,8 @@ class ShmOp:
         if ctl[i] != token and not self._wait(peer, region, lambda: ctl[i] == token, token,
                                               f"reduced slice of window {k}"):
             return None
+        if self.wide:
+            return mask_from_bytes(region.mask_raw(b, INCLUDED))
         return int(ctl[i + 1])
 
     def epoch_of(self, peer: int) -> int:

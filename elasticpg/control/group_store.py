@@ -96,10 +96,11 @@ class GroupStore:
         return self.wait_key(f"shm/{rank}", timeout).decode()
 
     # ---- views ------------------------------------------------------------------------------
-    def propose_view(self, view: View) -> View:
-        """Try to decide `view` as epoch view.epoch; return whichever view won that epoch."""
+    def propose_view(self, view: View, by: int = -1) -> View:
+        """Try to decide `view` as epoch view.epoch, as rank `by`'s proposal; return whichever
+        view won that epoch (its `by` tells whose it is)."""
         raw = self._call("decide a view", self.store.compare_set, f"view/{view.epoch}", "",
-                         view.encode().decode())
+                         view.encode(by).decode())
         won = View.decode(raw)
         self._raise_latest(won.epoch)
         return won

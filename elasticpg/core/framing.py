@@ -13,6 +13,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .slot_masks import mask_of, ranks_of
+
 MAGIC = 0xE1A5
 
 
@@ -112,12 +114,9 @@ def unpack_join(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
 
 def pack_slots(slots: Iterable[int]) -> bytes:
     """A set of slots as a little-endian bit set (any number of slots)."""
-    bits = 0
-    for r in slots:
-        bits |= 1 << r
+    bits = mask_of(slots)
     return bits.to_bytes((bits.bit_length() + 7) // 8, "little")
 
 
 def unpack_slots(payload: bytes | bytearray | memoryview) -> frozenset[int]:
-    bits = int.from_bytes(bytes(payload), "little")
-    return frozenset(r for r in range(bits.bit_length()) if bits >> r & 1)
+    return frozenset(ranks_of(int.from_bytes(bytes(payload), "little")))

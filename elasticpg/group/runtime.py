@@ -160,21 +160,29 @@ class GroupRuntime:
 
         secret = self.control.secret()
         self.incarnation = self.control.register(rank)
-        # published before the TCP endpoint: whoever can reach us knows whether we share a host
-        self.shm = ShmHost(self.control, rank, self.slots)
-        self.shm.publish()
-        self.transport = TcpTransport(
-            rank, secret, scope=group_id, host=options.host or default_host(),
-            on_frame=self._on_frame, on_lost=self._on_lost,
-            on_connected=self._on_connected, incarnation=self.incarnation,
-            buffer_for=self.mailbox.buffer_for,
-            handshake_timeout=min(10.0, self.failure_timeout), on_rejected=self._rejected)
+        self.shm, self.transport = self._open_data_plane(secret)
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
             self.control.announce_founders(world_size)
         self._mirror_mask()
         self.liveness = Liveness(self)
+        self._start_threads()
+
+    def _open_data_plane(self, secret: bytes) -> tuple[ShmHost, TcpTransport]:
+        """Shared memory and TCP links (overridden by `elasticpg scale-sim`, which runs the
+        control plane of many ranks in one process with frames delivered in-process)."""
+        # published before the TCP endpoint: whoever can reach us knows whether we share a host
+        shm = ShmHost(self.control, self.rank, self.slots)
+        shm.publish()
+        return shm, TcpTransport(
+            self.rank, secret, scope=self.group_id, host=self.options.host or default_host(),
+            on_frame=self._on_frame, on_lost=self._on_lost,
+            on_connected=self._on_connected, incarnation=self.incarnation,
+            buffer_for=self.mailbox.buffer_for,
+            handshake_timeout=min(10.0, self.failure_timeout), on_rejected=self._rejected)
+
+    def _start_threads(self) -> None:
         self.liveness.start()
         if self.state.phase is Phase.ACTIVE:
             # Open our outgoing links now, so that every peer holds a socket from us and sees
@@ -326,8 +334,9 @@ class GroupRuntime:
             if not self.state.note_decision(epoch):
                 return
         me_out = self.rank not in active
-        for r in self.view.active:
-            if r != self.rank and (me_out or r not in active):
+        # (set difference: a view of 1024 slots, heard by each of 1023 members)
+        for r in sorted(set(self.view.active).difference(() if me_out else active)):
+            if r != self.rank:
                 self.mailbox.fail_peer(r, f"rank {self.rank} was excluded in epoch {epoch}"
                                        if me_out else f"excluded in epoch {epoch}")
         self.shm.wake_all()  # shared-memory waits re-check who failed
@@ -429,16 +438,21 @@ class GroupRuntime:
             ready = self.state.joiners.ready_slots(agreed=not idle)
         return [self.view.is_active(r) or r in ready for r in ranks]
 
+    def joiner_slots(self) -> list[int]:
+        """Slots with a joiner this rank knows of or all members agreed ready, ascending."""
+        with self._lock:
+            joiners = self.state.joiners
+            return sorted(set(joiners.slots()).union(joiners.ready_slots(agreed=True)))
+
     def num_agreed_ready(self) -> int:
         return len(self.state.joiners.agreed)
 
     # ---- views ----------------------------------------------------------------------------------
     def _view_applied(self, old: View, new: View) -> None:
-        for r in range(self.slots):
-            was, now = old.is_active(r), new.is_active(r)
-            if r == self.rank or was == now:
+        for r in old.changed_activity(new):  # (not every slot: usually 1 of 1024 changed)
+            if r == self.rank:
                 continue
-            if was:
+            if old.is_active(r):
                 self.shm.forget(r)  # its process left: a replacement has another region
                 self.mailbox.fail_peer(r, f"deactivated in epoch {new.epoch}")
                 dropped = self.mailbox.discard_p2p(r)

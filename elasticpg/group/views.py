@@ -73,8 +73,10 @@ class ViewKeeper:
                 proposal = make(base)
                 if proposal is None:
                     break
-                won = self.control.propose_view(proposal)
-                if won == proposal:
+                # Signed: every survivor of a failure proposes the same view, and only the one
+                # whose compare-and-set wrote it announces it (else N ranks send N frames each).
+                won = self.control.propose_view(proposal, by=self.me)
+                if won.by == self.me and won == proposal:
                     mine = won
                     if self._on_decided is not None:
                         self._on_decided(base, won)

@@ -188,11 +188,14 @@ class Mailbox:
                 del self._dest[key]
 
     def restart_at(self, seq: int) -> None:
-        """This rank's next collective is `seq` (a joiner taking the group's numbering)."""
+        """This rank's next collective is `seq` (a joiner taking the group's numbering).
+        Frames of `seq` and later stay: members may send them before we learn of our admission."""
         with self._cv:
             self._floor = seq
-            self._coll.clear()
-            self._dest.clear()
+            for key in [k for k in self._coll if k[1] < seq]:
+                del self._coll[key]
+            for key in [k for k in self._dest if k[1] < seq]:
+                del self._dest[key]
 
     def discard_p2p(self, rank: int) -> int:
         """Drop `rank`'s queued point-to-point frames (its slot left the group, or another

@@ -21,6 +21,9 @@ Layout (int64 words; control words of different writers never share a cache line
     ctl[RED+8b]      token of the round whose reduced slice is posted; ctl[RED+8b+1]: the set
                      of ranks (bitmask) that slice includes
     ctl[TABLE(b)..]  per destination slot: (stream offset, bytes) for all_to_all
+    ctl[MASKS(b, m)..]  groups of more than 63 slots: the full participants mask (m = PARTS)
+                     and included-ranks mask (m = INCLUDED) of buffer b, words_for(slots)
+                     words each; the descriptor words then hold their keys (core.slot_masks)
   data: buffer b = raw window (W bytes) then reduced window (W bytes)
 """
 
@@ -36,15 +39,17 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from ..core.slot_masks import words_for
 from ..options import positive_env
 from . import futex
 
-MAGIC = 0x45504753484D0004  # "EPGSHM", version 4
+MAGIC = 0x45504753484D0005  # "EPGSHM", version 5
 SLEEP = 4
 BELL = 8
 TOK = 16  # then the descriptor (module docstring)
 RED = 32
 TABLE0 = 48
+PARTS, INCLUDED = 0, 1  # the two masks of a buffer (see MASKS in the layout)
 # Bytes per window. Every window is one synchronised round, so fewer, larger windows win even
 # past the L2 size (measured: README, "Data planes"). A region holds four windows (16 MiB per
 # rank and group).
@@ -84,7 +89,7 @@ def window_bytes() -> int:
 
 
 def _ctl_bytes(slots: int) -> int:
-    return -(-(TABLE0 + 4 * slots) * 8 // _PAGE) * _PAGE
+    return -(-(TABLE0 + 4 * slots + 4 * words_for(slots)) * 8 // _PAGE) * _PAGE
 
 
 class Region:
@@ -95,6 +100,7 @@ class Region:
         self.fd = fd  # our own memfd (kept open for peers to open); -1 for a peer's region
         self.slots = slots
         self.window = window
+        self._mask_words = words_for(slots)
         ctl_bytes = _ctl_bytes(slots)
         # Control words through a memoryview: indexing it yields plain ints, several times
         # cheaper than numpy scalars, and the latency path reads and writes them on every call.
@@ -178,6 +184,18 @@ class Region:
     def table(self, b: int) -> np.ndarray:
         base = TABLE0 + b * 2 * self.slots
         return self.ctl_np[base:base + 2 * self.slots]
+
+    def _mask_at(self, b: int, which: int) -> int:
+        return TABLE0 + 4 * self.slots + (2 * b + which) * self._mask_words
+
+    def write_mask(self, b: int, which: int, raw: bytes) -> None:
+        """Store a full mask (core.slot_masks.mask_bytes) of buffer b, before its token."""
+        at = self._mask_at(b, which)
+        self.ctl_np[at:at + self._mask_words] = np.frombuffer(raw, dtype=np.int64)
+
+    def mask_raw(self, b: int, which: int) -> bytes:
+        at = self._mask_at(b, which)
+        return self.ctl_np[at:at + self._mask_words].tobytes()
 
     def ring(self, me: int, readers: Iterable[Region]) -> None:
         """Bump the bell after a change readers may wait for; wake the ones asleep on it.

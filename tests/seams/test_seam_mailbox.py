@@ -89,6 +89,21 @@ def test_a_joiner_restarts_the_numbering():
     assert mb.take_coll(1, 40, 0, time.monotonic() + 1)[0].seq == 40
 
 
+def test_a_joiner_keeps_the_frames_members_sent_before_it_saw_its_admission():
+    # Before: restart_at dropped every queued frame. Over TCP the members' first collective
+    # with the joiner can arrive before the joiner has read its admission, and the joiner then
+    # waited for it until the timeout (while the members waited for the joiner's next one).
+    mb = Mailbox()
+    mb.deliver_coll(*coll(1, 39, value=1))  # older than the admission: never taken
+    mb.deliver_coll(*coll(1, 40, value=2))
+    mb.deliver_coll(*coll(2, 41, value=3))
+    mb.restart_at(40)
+    assert mb.take_coll(1, 40, 0, time.monotonic() + 1)[1].item() == 2
+    assert mb.take_coll(2, 41, 0, time.monotonic() + 1)[1].item() == 3
+    with pytest.raises(OperationTimeoutError):
+        mb.take_coll(1, 39, 0, time.monotonic() + 0.05)
+
+
 def test_p2p_is_fifo_per_source_and_tag():
     mb = Mailbox()
     for v in (1, 2, 3):

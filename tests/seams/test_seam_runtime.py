@@ -105,11 +105,11 @@ def test_a_failure_reported_while_sync_after_failure_talks_to_the_store_stays_pe
     real = rt.control.propose_view
     fired = {"done": False}
 
-    def propose_with_a_concurrent_failure(view):
+    def propose_with_a_concurrent_failure(view, by=-1):
         if not fired["done"]:
             fired["done"] = True
             _leave_and_wait(made[2], rt)  # rank 2 goes while rank 0 talks to the store
-        return real(view)
+        return real(view, by)
 
     rt.control.propose_view = propose_with_a_concurrent_failure
     status, view = rt.sync_after_failure()
