@@ -7,6 +7,10 @@ never on partial sums that may already contain a dead rank's data.
 
 Tensors arriving here are contiguous CPU tensors, already validated by the binding layer.
 Outputs are indexed by slot: `slot_of[i]` is where participant i's data goes in a list output.
+
+Large all_reduce at more than two ranks is the one exception (see _allreduce_split): partial
+sums travel, but a rank keeps them only when they cover every participant, and otherwise falls
+back to the direct exchange, so the rule above still holds for the result.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.reduction import WIDENED, Reduce, reduce_into
+from ..core.schedules import split_allreduce
 from .context import OpContext
 
 # Reductions whose two operands may be swapped without changing a bit (IEEE addition and
@@ -52,6 +57,10 @@ def _into(dest: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def allreduce(ctx: OpContext, t: torch.Tensor, op: Reduce) -> None:
+    slices = split_allreduce(t.numel() * t.element_size(), t.numel(), len(ctx.participants))
+    if slices is not None:
+        _allreduce_split(ctx, t, op, slices)
+        return
     for p in ctx.peers:
         ctx.expect(p, 0, ctx.scratch(p, t))
     for p in ctx.peers:
@@ -62,6 +71,80 @@ def allreduce(ctx: OpContext, t: torch.Tensor, op: Reduce) -> None:
         if x is not None:
             parts[p] = x
     _reduce_ordered(ctx, t, parts, op)
+
+
+# steps of the split all_reduce
+_RAW, _COMPLETE, _REDUCED, _WHOLE, _FALLBACK = range(5)
+
+
+def _allreduce_split(ctx: OpContext, t: torch.Tensor, op: Reduce,
+                     slices: list[tuple[int, int]]) -> None:
+    """Reduce-scatter + all-gather, directly: each rank sends its raw slice j to participant j,
+    which reduces the slice (ascending rank order, so the bits equal the direct exchange's) and
+    sends it to everyone. A rank sends 2(n-1)/n of the tensor instead of (n-1) copies.
+
+    The exclusion rule: a reduced slice is used only if its reducer received every
+    participant's raw slice whole (it says so in a byte before the slice). A rank that lacks
+    any complete slice (a reducer failed, or missed someone's raw slice) has no exact partial
+    result, so it asks everyone for their raw tensors and reduces those received whole: the
+    direct exchange. Every rank therefore keeps its input intact until each peer has said it
+    needs nothing (the result is assembled apart and copied in at the end), and each rank's
+    result covers either every participant or exactly the ranks it received whole."""
+    flat = t.reshape(-1)
+    pos = {r: i for i, r in enumerate(ctx.participants)}
+    mo, mc = slices[pos[ctx.me]]
+    out = ctx.scratch(ctx.me, t).reshape(-1)  # the result, apart from our raw input
+
+    def part(buf: torch.Tensor, r: int) -> torch.Tensor:
+        o, c = slices[pos[r]]
+        return buf[o:o + c]
+
+    for p in ctx.peers:
+        ctx.expect(p, _RAW, ctx.scratch(p, flat[mo:mo + mc]))
+        ctx.expect(p, _REDUCED, part(out, p))
+    for p in ctx.peers:
+        ctx.send(p, _RAW, part(flat, p))
+    parts = {ctx.me: flat[mo:mo + mc]}
+    for p in ctx.peers:
+        x = ctx.recv(p, _RAW, t.dtype, mc)
+        if x is not None:
+            parts[p] = x
+    complete = len(parts) == len(ctx.participants)
+    if complete:
+        reduce_into(part(out, ctx.me), [parts[r] for r in sorted(parts)], op)
+    flag = torch.tensor([int(complete)], dtype=torch.uint8)
+    for p in ctx.peers:
+        ctx.send(p, _COMPLETE, flag)
+        if complete:
+            ctx.send(p, _REDUCED, part(out, ctx.me))
+    whole = complete
+    for p in ctx.peers:
+        f = ctx.recv(p, _COMPLETE, torch.uint8, 1)
+        if f is None or not int(f[0]):
+            whole = False
+            continue
+        x = ctx.recv(p, _REDUCED, t.dtype, slices[pos[p]][1])
+        if x is None:
+            whole = False
+        else:
+            _into(part(out, p), x)
+    # keep the raw input until every peer has said whether it needs it
+    mine = torch.tensor([int(whole)], dtype=torch.uint8)
+    for p in ctx.peers:
+        ctx.send(p, _WHOLE, mine)
+    for p in ctx.peers:
+        w = ctx.recv(p, _WHOLE, torch.uint8, 1)
+        if w is not None and not int(w[0]):
+            ctx.send(p, _FALLBACK, t)
+    if whole:
+        flat.copy_(out)
+        return
+    raw = {ctx.me: t}
+    for p in ctx.peers:
+        x = ctx.recv(p, _FALLBACK, t.dtype, t.numel())
+        if x is not None:
+            raw[p] = x
+    _reduce_ordered(ctx, t, raw, op)
 
 
 def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:

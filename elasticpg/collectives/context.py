@@ -117,8 +117,11 @@ class OpContext:
         """The tensor `peer` sent for this step, or None if the peer failed first.
 
         Raises CollectiveMismatchError (after telling the other participants) when the frame
-        belongs to a different call: other op, dtype, count, root or reduce op.
+        belongs to a different call: other op, dtype, count, root or reduce op. A peer already
+        failed (or skipped for view lag) in this op is not waited for again in a later step.
         """
+        if peer in self.failed:
+            return None
         try:
             header, payload = self.link.mailbox.take_coll(
                 peer, self.seq, step, self.deadline, vet=self._vet,

@@ -135,3 +135,29 @@ def test_split_offsets_rejects_negative_sizes(sizes, neg, data):
     bad = sizes[:at] + [neg] + sizes[at:]
     with pytest.raises(ValueError, match="non-negative"):
         split_offsets(bad)
+
+
+# ---------------------------------------------------------------- split_allreduce
+
+
+def test_split_allreduce_is_for_large_tensors_at_more_than_two_ranks():
+    from elasticpg.core.schedules import SPLIT_ALLREDUCE_FROM, split_allreduce
+
+    big = SPLIT_ALLREDUCE_FROM
+    assert split_allreduce(big, big // 4, 2) is None  # two ranks: the direct exchange
+    assert split_allreduce(big - 1, big, 4) is None  # small: the direct exchange
+    assert split_allreduce(big, 3, 4) is None  # fewer elements than ranks
+    assert split_allreduce(big, 10, 3) == [(0, 4), (4, 3), (7, 3)]
+
+
+@FAST
+@given(st.integers(0, 1 << 30), st.integers(0, 1 << 28), st.integers(1, 1024))
+def test_split_allreduce_slices_cover_the_tensor_once(nbytes, numel, ranks):
+    from elasticpg.core.schedules import split_allreduce
+
+    slices = split_allreduce(nbytes, numel, ranks)
+    if slices is None:
+        return
+    assert len(slices) == ranks and all(c > 0 for _, c in slices)
+    assert [o for o, _ in slices] == [sum(c for _, c in slices[:i]) for i in range(ranks)]
+    assert sum(c for _, c in slices) == numel

@@ -1,0 +1,150 @@
+"""The split (reduce-scatter + all-gather) TCP all_reduce, n ranks in threads over a loopback
+link: bit-identical to the direct exchange, and under a rank that dies after any number of
+its frames, every survivor finishes with the reduction over every participant or over exactly
+the ranks whose raw tensor it received whole, never a mix of slices."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from elasticpg.collectives import algorithms as alg
+from elasticpg.collectives.context import OpContext, OpSpec
+from elasticpg.core.dtypes import dtype_code
+from elasticpg.core.framing import OpKind
+from elasticpg.core.reduction import Reduce, reduce_into
+from elasticpg.core.schedules import SPLIT_ALLREDUCE_FROM, split_allreduce
+from elasticpg.transport.mailbox import Mailbox
+
+N = 4
+
+
+class DiedError(Exception):
+    """The rank's process is gone (its thread stops here)."""
+
+
+class LoopLink:
+    """One rank's link: frames land in the destination rank's mailbox (in its posted buffer
+    when there is one, as the TCP reader does). `die_after` sends, the rank dies: every peer
+    sees its connection close after the frames it did send."""
+
+    def __init__(self, me: int, links: dict[int, LoopLink], die_after: int | None = None):
+        self.me, self.links, self.die_after = me, links, die_after
+        self.mailbox = Mailbox()
+        self.steps: list[int] = []
+        self._scratch: dict[tuple[int, int], torch.Tensor] = {}
+
+    def send_frame(self, peer, header, payload, deadline) -> None:
+        if self.die_after is not None and len(self.steps) >= self.die_after:
+            for r, link in self.links.items():
+                if r != self.me:
+                    link.mailbox.fail_peer(self.me, "connection closed")
+            raise DiedError
+        self.steps.append(header.step)
+        box = self.links[peer].mailbox
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) \
+            else torch.empty(0, dtype=torch.uint8)
+        dest = box.buffer_for(header)
+        if dest is not None:
+            dest.copy_(data)
+            data = dest
+        box.deliver_coll(header, data)
+
+    def report_mismatch(self, seq, peers, reason) -> None:
+        raise AssertionError(reason)
+
+    def note_decision(self, epoch, active) -> None:
+        pass
+
+    def shm_probe(self, peer, seq, epoch):
+        return None
+
+    def scratch(self, peer, seq, nbytes):
+        key = (peer, seq & 1)
+        if key not in self._scratch or self._scratch[key].numel() != nbytes:
+            self._scratch[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch[key]
+
+
+def _run(inputs: list[torch.Tensor], op: Reduce, dying: int | None = None,
+         die_after: int | None = None, seq: int = 5):
+    links: dict[int, LoopLink] = {}
+    for r in range(len(inputs)):
+        links[r] = LoopLink(r, links, die_after if r == dying else None)
+    spec = OpSpec(OpKind.ALLREDUCE, dtype_code(inputs[0].dtype), inputs[0].numel(), -1,
+                  int(op))
+    ctxs = {r: OpContext(links[r], r, tuple(range(len(inputs))), seq=seq, epoch=1, spec=spec,
+                         deadline=time.monotonic() + 10) for r in links}
+    outs = [t.clone() for t in inputs]
+    errors: list[BaseException] = []
+
+    def body(r: int) -> None:
+        try:
+            alg.allreduce(ctxs[r], outs[r], op)
+        except DiedError:
+            pass
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in links]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(15)
+    assert not any(th.is_alive() for th in threads), "a rank hung"
+    assert not errors, errors
+    return outs, ctxs, links
+
+
+def _numel(dtype: torch.dtype) -> int:
+    return SPLIT_ALLREDUCE_FROM // dtype.itemsize + 13  # uneven slices
+
+
+@pytest.mark.parametrize("dtype,op", [(torch.float32, Reduce.SUM), (torch.bfloat16, Reduce.AVG),
+                                      (torch.int64, Reduce.MAX), (torch.float64, Reduce.PRODUCT)])
+def test_bit_identical_to_the_direct_exchange(dtype, op):
+    g = torch.Generator().manual_seed(7)
+    n = _numel(dtype)
+    assert split_allreduce(n * dtype.itemsize, n, N) is not None
+    inputs = [(torch.rand(n, generator=g) * 4 + 0.5).to(dtype) for _ in range(N)]
+    want = torch.empty_like(inputs[0])
+    reduce_into(want, inputs, op)  # the direct exchange's reduction: ascending rank order
+    outs, ctxs, links = _run(inputs, op)
+    for r in range(N):
+        assert torch.equal(outs[r].view(torch.uint8), want.view(torch.uint8)), r
+        assert not ctxs[r].failed
+        assert 4 not in links[r].steps  # no fallback when nothing failed
+        assert links[r].steps.count(0) == N - 1  # one raw slice per peer, not the tensor
+
+
+def test_the_next_op_reuses_buffers_without_crosstalk():
+    n = _numel(torch.float32)
+    for seq in (5, 6, 7):
+        inputs = [torch.full((n,), float(seq * 10 + r)) for r in range(N)]
+        outs, _, _ = _run(inputs, Reduce.SUM, seq=seq)
+        assert all(torch.equal(o, torch.full((n,), float(seq * 40 + 6))) for o in outs)
+
+
+def test_a_rank_dying_after_any_number_of_frames():
+    """Rank r contributes 2**r, so a result names the ranks it covers. Every kill point of
+    rank 2 over its whole schedule (raw slices, flags, reduced slices, status, raw tensors)."""
+    n = _numel(torch.float64)
+    inputs = [torch.full((n,), float(2 ** r)) for r in range(N)]
+    every = float(2 ** N - 1)
+    survivors_only = every - 4
+    total = len(_run(inputs, Reduce.SUM)[2][2].steps)
+    seen = set()
+    for k in range(total + 4):
+        outs, ctxs, _ = _run(inputs, Reduce.SUM, dying=2, die_after=k)
+        for r in (0, 1, 3):
+            vals = set(outs[r].tolist())
+            assert len(vals) == 1, (k, r, "a mix of slices")
+            (v,) = vals
+            assert v in (every, survivors_only), (k, r, v)
+            if v == survivors_only:
+                assert ctxs[r].failed_peers == {2}, (k, r)  # excluded only if seen to fail
+            seen.add(v)
+    assert seen == {every, survivors_only}
