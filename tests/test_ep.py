@@ -5,15 +5,13 @@ between dispatch and combine, one that dies inside a dispatch, and a recovered r
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from elasticpg.ep import layout as lay
 
-from .harness import error_name, init_group
+from .harness import init_group
 
 HIDDEN, N, EXPERTS, TOPK = 256, 16, 8, 3
 

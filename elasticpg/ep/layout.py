@@ -36,7 +36,7 @@ class EPMismatchError(EPConfigError):
     """Ranks called dispatch/combine with different N, hidden, num_experts or dtype."""
 
 
-# ---- sizes -------------------------------------------------------------------------------------
+# ---- sizes --------------------------------------------------------------------------------------
 def row_bytes(hidden: int, fp8: bool, itemsize: int) -> int:
     """Bytes one dispatched row occupies on the wire: data, fp8 scales, its token index."""
     return (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * itemsize) + 4
@@ -123,7 +123,7 @@ def check_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
                             f"{tuple(getattr(topk_weights, 'shape', ()))}")
 
 
-# ---- dispatch: what a source sends ---------------------------------------------------------------
+# ---- dispatch: what a source sends --------------------------------------------------------------
 @dataclass
 class SendPlan:
     """Where each of a source's rows goes, and how combine folds the answers back."""
@@ -182,7 +182,7 @@ def dequantize_fp8(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (blocks * scales.unsqueeze(-1)).reshape(shape)
 
 
-# ---- the per-destination header -------------------------------------------------------------------
+# ---- the per-destination header -----------------------------------------------------------------
 DTYPE_CODES = {torch.bfloat16: 1, torch.float32: 2}
 FP8_CODE = 3
 
@@ -208,7 +208,7 @@ def header_mismatch(mine: list[int], theirs: list[int], peer: int, me: int) -> s
     return ""
 
 
-# ---- dispatch: how a destination lays out what arrived -----------------------------------------------
+# ---- dispatch: how a destination lays out what arrived ------------------------------------------
 @dataclass
 class RecvLayout:
     """Where the rows from each source land in recv_x (grouped by source rank, then token)."""
@@ -226,8 +226,8 @@ class RecvLayout:
     def flat_rows(self, src: int, stride: int) -> torch.Tensor:
         """int64 indices into recv_x.view(L * stride, ...) of the rows from `src`, in the order
         the source sent them (local expert, then token)."""
-        parts = [torch.arange(l * stride + b, l * stride + b + c, dtype=torch.int64)
-                 for l, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
+        parts = [torch.arange(e * stride + b, e * stride + b + c, dtype=torch.int64)
+                 for e, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
                  if c]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
@@ -239,9 +239,9 @@ def recv_layout(counts: list[list[int] | None], local: int) -> RecvLayout:
     got = [c if c is not None else [0] * local for c in counts]
     total = [0] * local
     for s, row in enumerate(got):
-        for l, c in enumerate(row):
-            begin[s][l] = total[l]
-            total[l] += c
+        for e, c in enumerate(row):
+            begin[s][e] = total[e]
+            total[e] += c
     return RecvLayout(begin, got, total)
 
 
@@ -250,10 +250,10 @@ def layout_from_range(layout_range: torch.Tensor) -> RecvLayout:
     lr = layout_range.to(torch.int64)
     begin = (lr >> 32).T.tolist()
     counts = (lr & 0xFFFFFFFF).T.tolist()
-    return RecvLayout(begin, counts, [sum(c[l] for c in counts) for l in range(lr.shape[0])])
+    return RecvLayout(begin, counts, [sum(c[e] for c in counts) for e in range(lr.shape[0])])
 
 
-# ---- combine: folding the answers -----------------------------------------------------------------
+# ---- combine: folding the answers ---------------------------------------------------------------
 def row_weights(plan: SendPlan, topk_weights: torch.Tensor, rows: int) -> torch.Tensor:
     """float32 [rows]: the summed weight of every selection that maps to each row (a token that
     picked an expert twice gets both weights on its one row)."""
