@@ -194,16 +194,30 @@ def header_words(kind: int, n: int, hidden: int, num_experts: int, code: int, to
     return [EP_VERSION | kind << 8, n, hidden, num_experts, code, tokens, nbytes, 0]
 
 
+REJECTED = 0xFF  # the call kind in the header of a rank whose own arguments were bad
+CALL_NAMES = {1: "dispatch", 2: "combine", REJECTED: "a call it rejected"}
+
+
+def rejected_header() -> list[int]:
+    """The header a rank sends when its own arguments were bad: the others then raise too,
+    instead of waiting for data that is not coming."""
+    return [EP_VERSION | REJECTED << 8] + [0] * (HEADER_WORDS - 1)
+
+
 def header_mismatch(mine: list[int], theirs: list[int], peer: int, me: int) -> str:
     """Why a peer's header disagrees with ours ("" if it agrees)."""
+    if theirs[0] >> 8 == REJECTED:
+        return f"rank {peer} rejected its own arguments (its error says why)"
     names = ("call", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "dtype")
+    dtypes = {v: str(k).removeprefix("torch.") for k, v in DTYPE_CODES.items()} | \
+        {FP8_CODE: "fp8"}
     for i, name in enumerate(names):
         if mine[i] != theirs[i]:
-            what = {v: k for k, v in DTYPE_CODES.items()} | {FP8_CODE: "fp8"}
-            a, b = (what.get(theirs[i], theirs[i]), what.get(mine[i], mine[i])) if i == 4 \
-                else (theirs[i], mine[i])
+            a, b = theirs[i], mine[i]
             if i == 0:
-                a, b = f"#{theirs[i] >> 8}", f"#{mine[i] >> 8}"
+                a, b = CALL_NAMES.get(a >> 8, a >> 8), CALL_NAMES.get(b >> 8, b >> 8)
+            elif i == 4:
+                a, b = dtypes.get(a, a), dtypes.get(b, b)
             return f"rank {peer} used {name} {a}, rank {me} used {b}"
     return ""
 
