@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from elasticpg.ep import layout as lay
 
-from .harness import init_group
+from .harness import error_name, init_group
 
 HIDDEN, N, EXPERTS, TOPK = 256, 16, 8, 3
 
@@ -317,3 +317,53 @@ def test_recovered_rank_counts_again_after_update_ep_member(pool):
         assert all(v["ok"]) and v["active_dead"] == [1, 0, 1, 1], v
         assert v["status"] == "Applied", v
         assert all(v["after"]) and v["active_after"] == [1, 1, 1, 1], v
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def job_bad_input(rank: int, world: int, port: int) -> dict:
+    """Each bad call gets a clear error on every rank (the bad rank's own, the others' from its
+    rejected header), none hangs, and the group stays usable for a good step afterwards."""
+    from elasticpg.ep import Buffer
+
+    buf = _buffer(rank, world, port)
+    x, idx, w = step_inputs(rank, 0, torch.float32)
+    act = torch.ones(world, dtype=torch.int32)
+    mine = rank == 0
+
+    def disp(xx=x, ii=idx, a=act, n=N, e=EXPERTS, t=-1, fp8=False, b=buf):
+        return lambda: b.dispatch(xx, ii, a, n, e, t, use_fp8=fp8)
+
+    too_many = torch.randn(N + 1, HIDDEN)
+    cases = {
+        "hidden_not_128": disp(xx=torch.randn(4, 200), ii=idx[:1].repeat(4, 1), fp8=True),
+        "experts_not_divisible": disp(e=EXPERTS + 1),
+        "too_many_tokens": disp(xx=too_many if mine else x,
+                                ii=torch.zeros(N + 1, TOPK, dtype=torch.int64) if mine else idx),
+        "expert_out_of_range": disp(ii=torch.full_like(idx, EXPERTS) if mine else idx),
+        "expert_below_minus_one": disp(ii=torch.full_like(idx, -2) if mine else idx),
+        "buffer_too_small": disp(b=Buffer(dist.group.WORLD, 1000)),
+        "x_float16": disp(xx=x.half() if mine else x),
+        "topk_int32": disp(ii=idx.int() if mine else idx),
+        "active_int64": disp(a=act.long() if mine else act),
+        "bad_timeout": disp(t=-5 if mine else -1),
+        "mismatched_n": disp(n=N * 2 if mine else N),
+        "mismatched_experts": disp(e=EXPERTS * 2 if mine else EXPERTS),
+    }
+    out = {name: error_name(fn) for name, fn in cases.items()}
+    recv, count, handle, _e, _h = buf.dispatch(x, idx, act, N, EXPERTS, -1, use_fp8=False)
+    y = run_experts(buf, recv, count, rank, EXPERTS, False)
+    bad_y = y[:, :-1] if mine else y
+    out["combine_bad_shape"] = error_name(lambda: buf.combine(bad_y, idx, w, act, -1, handle))
+    out["combine_bad_handle"] = error_name(
+        lambda: buf.combine(y, idx, w, act, -1, tuple(handle) if mine else handle))
+    out["good_after"] = _steps(buf, rank, world, 1, 2, frozenset(), act)
+    return out
+
+
+def test_bad_input_is_a_clear_error_on_every_rank(pool):
+    for rank, v in enumerate(pool.run(job_bad_input, world=2, timeout=90)):
+        good = v.pop("good_after")
+        assert all(good), (rank, good)
+        for name, err in v.items():
+            want = "EPMismatchError" if name.startswith("mismatched") else "EPConfigError"
+            assert err == want, (rank, name, err)
