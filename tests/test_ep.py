@@ -116,7 +116,33 @@ def job_dense(rank: int, world: int, port: int) -> list:
         combined, ref, _x, _ = ep_step(buf, rank, world, step, dtype, fp8, active)
         results.append((step, _close(combined, ref, TOL["fp8" if fp8 else dtype]),
                         active.tolist(), combined.dtype == dtype, problems))
+    results.append(zero_copy_step(buf, rank, world))
     return results
+
+
+def zero_copy_step(buf, rank: int, world: int) -> tuple:
+    """combine(zero_copy=True) reads the expert outputs written into get_next_combine_buffer;
+    async_finish / return_recv_hook give an event and a hook that are harmless on CPU; `out`
+    receives the result."""
+    x, idx, w = step_inputs(rank, 9, torch.bfloat16)
+    active = torch.ones(world, dtype=torch.int32)
+    recv, count, handle, event, hook = buf.dispatch(x, idx, active, N, EXPERTS, -1,
+                                                    use_fp8=False, async_finish=True,
+                                                    return_recv_hook=True)
+    hook()
+    with event:
+        event.current_stream_wait()
+    dest = buf.get_next_combine_buffer(handle)
+    dest[:] = run_experts(buf, recv, count, rank, EXPERTS, False)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    combined, ev, hook2 = buf.combine(None, idx, w, active, -1, handle, zero_copy=True,
+                                      async_finish=True, return_recv_hook=True, out=out)
+    hook2()
+    ev.current_stream_wait()
+    xs, idxs, ws = zip(*(step_inputs(r, 9, torch.bfloat16) for r in range(world)), strict=True)
+    ref = lay.dense_reference(list(xs), list(idxs), list(ws), EXPERTS, world, expert_fn)
+    return ("zero_copy", _close(combined, ref[rank], TOL[torch.bfloat16]), active.tolist(),
+            combined is out, [])
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -127,7 +153,7 @@ def test_dispatch_combine_equal_the_dense_reference(pool, world):
             assert active == [1] * world and dtype_ok and not problems, (step, problems)
 
 
-# ---- failures -------------------------------------------------------------------------------------
+# ---- failures -----------------------------------------------------------------------------------
 def _buffer(rank: int, world: int, port: int, **init):
     from elasticpg.ep import Buffer
 
@@ -237,7 +263,7 @@ def test_a_hung_rank_is_given_up_after_timeout_us(pool):
         assert 0.4 < v["waited"] < 5.0, v  # bounded by timeout_us, not by the group's 10 s
 
 
-# ---- recovery -------------------------------------------------------------------------------------
+# ---- recovery -----------------------------------------------------------------------------------
 REPLACEMENT = 4  # the pool worker that plays rank 1's replacement
 
 
@@ -319,7 +345,7 @@ def test_recovered_rank_counts_again_after_update_ep_member(pool):
         assert all(v["after"]) and v["active_after"] == [1, 1, 1, 1], v
 
 
-# ---- bad input --------------------------------------------------------------------------------------
+# ---- bad input ----------------------------------------------------------------------------------
 def job_bad_input(rank: int, world: int, port: int) -> dict:
     """Each bad call gets a clear error on every rank (the bad rank's own, the others' from its
     rejected header), none hangs, and the group stays usable for a good step afterwards."""
