@@ -22,7 +22,14 @@ import torch
 
 from ..api import runtime_of
 from . import layout as lay
-from .exchange import COMBINE_ROUND, DISPATCH_ROUND, HEADER_ROUND, MEMBER_ROUND, Exchange
+from .exchange import (
+    COMBINE_ROUND,
+    DISPATCH_ROUND,
+    HEADER_ROUND,
+    MEMBER_ROUND,
+    Exchange,
+    ExchangeLike,
+)
 
 DISPATCH_KIND, COMBINE_KIND = 1, 2
 _HEADER_BYTES = lay.HEADER_WORDS * 8
@@ -74,17 +81,19 @@ class Buffer:
     the collective that admits the group's current members; call it on every member after a
     recovery."""
 
-    def __init__(self, group: object, num_ep_buffer_bytes: int = 0) -> None:
+    def __init__(self, group: object, num_ep_buffer_bytes: int = 0,
+                 exchange: ExchangeLike | None = None) -> None:
+        """`exchange`: what moves the bytes (default: the group's own data planes; the
+        benchmark passes a gloo one to compare transports under identical math)."""
         if not isinstance(num_ep_buffer_bytes, int) or num_ep_buffer_bytes < 0:
             raise lay.EPConfigError(f"num_ep_buffer_bytes must be an int >= 0, got "
                                     f"{num_ep_buffer_bytes!r}")
         self.group = group
-        self.runtime = runtime_of(group)
-        self.rank = self.runtime.rank
-        self.group_size = self.runtime.slots
+        self._exchange = exchange or Exchange(runtime_of(group))
+        self.rank = self._exchange.rank
+        self.group_size = self._exchange.size
         self.num_ep_buffer_bytes = num_ep_buffer_bytes
-        self._exchange = Exchange(self.runtime)
-        self.members = set(self.runtime.participants())
+        self.members = set(self._exchange.participants())
         self._combine_buffer: torch.Tensor | None = None
 
     # ---- membership -----------------------------------------------------------------------------
@@ -107,7 +116,7 @@ class Buffer:
         if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < -1:
             raise lay.EPConfigError(f"timeout_us must be an int >= -1 (-1: the group's "
                                     f"operation timeout), got {timeout_us!r}")
-        return self.runtime.timeout if timeout_us < 0 else timeout_us / 1e6
+        return self._exchange.timeout if timeout_us < 0 else timeout_us / 1e6
 
     def _check_buffer(self, n: int, hidden: int, num_experts: int) -> None:
         if self.num_ep_buffer_bytes:
@@ -172,7 +181,7 @@ class Buffer:
                  return_recv_hook: bool = False) -> tuple:
         n, r = num_max_dispatch_tokens_per_rank, self.group_size
         parts = self._exchange.participants()
-        problem, bound = None, self.runtime.timeout
+        problem, bound = None, self._exchange.timeout
         try:
             if not isinstance(x, torch.Tensor):
                 raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -313,7 +322,7 @@ class Buffer:
                 return_recv_hook: bool = False, out: torch.Tensor | None = None) -> tuple:
         r = self.group_size
         parts = self._exchange.participants()
-        problem, bound = None, self.runtime.timeout
+        problem, bound = None, self._exchange.timeout
         try:
             if not isinstance(handle, DispatchHandle):
                 raise lay.EPConfigError("combine needs the handle that this Buffer's dispatch "

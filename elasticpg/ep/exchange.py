@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 import torch
 
@@ -29,9 +30,27 @@ HEADER_ROUND, DISPATCH_ROUND, COMBINE_ROUND, MEMBER_ROUND = 0x4550, 0x4551, 0x45
 _UINT8 = dtype_code(torch.uint8)
 
 
+class ExchangeLike(Protocol):
+    """What Buffer needs from a transport: who takes part, and one all_to_all of bytes."""
+
+    rank: int
+    size: int  # slots: the R of the layout
+    timeout: float  # seconds: what timeout_us=-1 means
+
+    def participants(self) -> tuple[int, ...]: ...
+
+    def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list[torch.Tensor],
+                 recvs: list[torch.Tensor], bound: float) -> set[int]: ...
+
+
 class Exchange:
+    """Over an elasticpg group's runtime."""
+
     def __init__(self, runtime: GroupRuntime) -> None:
         self.rt = runtime
+        self.rank = runtime.rank
+        self.size = runtime.slots
+        self.timeout = runtime.timeout
 
     def participants(self) -> tuple[int, ...]:
         """Settle membership at this operation boundary; who the next round runs over."""
