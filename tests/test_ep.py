@@ -393,3 +393,24 @@ def test_bad_input_is_a_clear_error_on_every_rank(pool):
         for name, err in v.items():
             want = "EPMismatchError" if name.startswith("mismatched") else "EPConfigError"
             assert err == want, (rank, name, err)
+
+
+def test_the_reference_import_paths_reach_the_buffer():
+    from elasticpg.compat import mooncake as compat
+    from elasticpg.ep import Buffer
+
+    if not compat.install_alias():
+        pytest.skip("a real mooncake package is installed")
+    try:
+        from mooncake import ep
+        from mooncake.mooncake_ep_buffer import Buffer as RefBuffer
+
+        assert RefBuffer is Buffer and ep.Buffer is Buffer
+        assert ep.get_ep_buffer_size_hint(16, 256, 2, 8) == Buffer.get_ep_buffer_size_hint(
+            16, 256, 2, 8)
+        assert callable(ep.get_active_ranks)
+    finally:
+        compat.uninstall_alias()
+    import sys
+
+    assert "mooncake.ep" not in sys.modules and "mooncake.mooncake_ep_buffer" not in sys.modules
