@@ -7,7 +7,8 @@ straightforward gloo baseline, in one run, on the same processes and the same in
 A shape is tokens-per-rank x hidden x experts x top-k. The baseline runs the very same Buffer
 (routing, packing, layout, combine math) with its byte exchange done by gloo's
 `all_to_all_single` (a counts exchange, then the data with the exchanged split sizes), so the
-ratio is the transport's: elasticpg's direct shared-memory exchange against gloo's. Before
+ratio is the transport's: elasticpg's direct shared-memory exchange (one round per call: each
+receive is sized by what its sender posted) against gloo's (two: sizes, then data). Before
 timing, both backends' combined outputs are compared on one step (they must be identical).
 
 Each step is preceded by an (untimed) barrier so ranks start it together; a step's time is the
@@ -40,8 +41,9 @@ BACKENDS = ("elasticpg", "gloo")
 
 
 class GlooExchange:
-    """The baseline transport: each round is one gloo all_to_all_single of the concatenated
-    per-destination bytes, with split sizes known from the previous (header) round."""
+    """The baseline transport: gloo's all_to_all_single of the per-destination sizes, then of
+    the concatenated bytes with those split sizes (what a straightforward gloo version of the
+    exchange does); the receives are views of one output buffer."""
 
     def __init__(self, group: Any, rank: int, size: int) -> None:
         self.group, self.rank, self.size, self.timeout = group, rank, size, 60.0
@@ -49,20 +51,22 @@ class GlooExchange:
     def participants(self) -> tuple[int, ...]:
         return tuple(range(self.size))
 
-    def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list, recvs: list,
-                 bound: float) -> set[int]:
+    def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list, alloc: Any,
+                 bound: float) -> tuple[dict, set[int]]:
         import torch
         import torch.distributed as dist
 
-        inp = torch.cat(sends) if sends else torch.empty(0, dtype=torch.uint8)
-        out = torch.empty(sum(r.numel() for r in recvs), dtype=torch.uint8)
-        dist.all_to_all_single(out, inp, [r.numel() for r in recvs], [s.numel() for s in sends],
-                               group=self.group)
-        at = 0
-        for r in recvs:
-            r.copy_(out[at:at + r.numel()])
-            at += r.numel()
-        return set()
+        sizes = torch.tensor([s.numel() for s in sends], dtype=torch.int64)
+        rsizes = torch.empty_like(sizes)
+        dist.all_to_all_single(rsizes, sizes, group=self.group)
+        inp = torch.cat(sends)
+        out = torch.empty(int(rsizes.sum()), dtype=torch.uint8)
+        dist.all_to_all_single(out, inp, rsizes.tolist(), sizes.tolist(), group=self.group)
+        got, at = {}, 0
+        for p, n in zip(parts, rsizes.tolist(), strict=True):
+            got[p] = out[at:at + n]
+            at += n
+        return got, set()
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:

@@ -47,14 +47,10 @@ def simulate(xs, idxs, ws, experts, ranks, usable):
             outs.append(None)  # a dead rank has no output
             continue
         rows_total = sum(p.rank_rows)
-        answers = torch.empty(rows_total, xs[0].shape[1])
-        for d in range(ranks):
-            if usable[d] and p.rank_rows[d]:
-                a = p.row_offsets[d]
-                answers[a:a + p.rank_rows[d]] = expert_out[d][layouts[d].flat_rows(s, stride)]
+        answers = {d: expert_out[d][layouts[d].flat_rows(s, stride)]
+                   for d in range(ranks) if usable[d] and p.rank_rows[d]}
         combined = torch.zeros(xs[s].shape)
-        lay.fold(combined, p, answers, lay.row_weights(p, ws[s], rows_total),
-                 [d for d in range(ranks) if usable[d]])
+        lay.fold(combined, p, answers, lay.row_weights(p, ws[s], rows_total))
         outs.append(combined)
     return outs
 
