@@ -100,10 +100,11 @@ def layout_problems(rank: int, world: int, step: int, dtype, recv, count, handle
     return problems
 
 
-def job_dense(rank: int, world: int, port: int) -> list:
+def job_dense(rank: int, world: int, port: int, transport: str = "shm") -> list:
     from elasticpg.ep import Buffer
 
-    init_group(rank, world, port)
+    init_group(rank, world, port,
+               env={"ELASTICPG_TRANSPORT": "tcp"} if transport == "tcp" else {})
     buf = Buffer(dist.group.WORLD, Buffer.get_ep_buffer_size_hint(N, HIDDEN, world, EXPERTS))
     results = []
     for step, (dtype, fp8) in enumerate([(torch.float32, False), (torch.bfloat16, False),
@@ -145,9 +146,11 @@ def zero_copy_step(buf, rank: int, world: int) -> tuple:
             combined is out, [])
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_dispatch_combine_equal_the_dense_reference(pool, world):
-    for rank_res in pool.run(job_dense, world=world, timeout=60):
+@pytest.mark.parametrize("world, transport", [(2, "shm"), (4, "shm"), (2, "tcp")])
+def test_dispatch_combine_equal_the_dense_reference(pool, world, transport):
+    if EXPERTS % world:
+        pytest.skip("needs num_experts divisible by the ranks")
+    for rank_res in pool.run(job_dense, transport, world=world, timeout=60):
         for step, ok, active, dtype_ok, problems in rank_res:
             assert ok, f"step {step} differs from the dense reference"
             assert active == [1] * world and dtype_ok and not problems, (step, problems)
