@@ -16,8 +16,6 @@ past recv_count are never read and are not cleared.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ..api import runtime_of
@@ -25,7 +23,10 @@ from . import layout as lay
 from .exchange import COMBINE_ROUND, DISPATCH_ROUND, MEMBER_ROUND, Exchange, ExchangeLike
 
 DISPATCH_KIND, COMBINE_KIND = 1, 2
-HB = lay.HEADER_WORDS * 8  # bytes of the header at the front of every blob
+HB = lay.HEADER_WORDS * 8
+# what a rank's own argument checks and preparation may raise: it still takes part in the
+# round (with a rejected header) so that no rank waits for it, then raises
+BAD_CALL = (lay.EPConfigError, TypeError, ValueError, RuntimeError)  # bytes of the header at the front of every blob
 
 
 class EventOverlap:
@@ -124,18 +125,23 @@ class Buffer:
         inview = set(parts) & self.members
         return [bool(active[r]) and r in inview for r in range(self.group_size)]
 
-    def _round(self, data_code: int, parts: tuple[int, ...], header: Callable[[int], list[int]],
+    def _round(self, data_code: int, parts: tuple[int, ...], call: tuple[int, ...],
                sends: dict[int, torch.Tensor], bound: float,
-               problem: lay.EPConfigError | None) -> tuple[dict[int, torch.Tensor], set[int]]:
+               problem: Exception | None) -> tuple[dict[int, torch.Tensor], set[int]]:
         """One round: every blob carries our header (HB reserved bytes at its front) and its
         data; returns each heard peer's data (its blob past the header) and the ranks whose
         bytes did not arrive whole (failed, timed out, or outside the view).
 
-        `header(nbytes)`: our header words for a destination. `problem`: this rank's own
+        `call`: (kind, N, hidden, num_experts, dtype code, tokens), our header's first words
+        (built inside the caller's argument checks, so a bad call never skips the round).
+        `problem`: this rank's own
         arguments were bad; it still takes part (with a rejected header and no data, so that
         the others raise instead of waiting), then raises it. A peer whose call differs
         (EPMismatchError) or that rejected its arguments makes every rank raise once the round
         is complete, so the group stays in step and usable."""
+        def header(nbytes: int) -> list[int]:
+            return lay.header_words(*call, nbytes)
+
         blobs = []
         for p in parts:
             blob = sends.get(p) if problem is None else None
@@ -189,13 +195,11 @@ class Buffer:
             sends = self._pack_dispatch(xc, plan, use_fp8, local)
             code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
             rb = lay.row_bytes(hidden, use_fp8, xc.element_size())
-        except lay.EPConfigError as exc:
-            problem, sends = exc, {}
+            call = (DISPATCH_KIND, n, hidden, num_experts, code, t)
+        except BAD_CALL as exc:  # raised once the round is complete, on every rank
+            problem, sends, call = exc, {}, ()
 
-        got, failed = self._round(
-            DISPATCH_ROUND, parts,
-            lambda nb: lay.header_words(DISPATCH_KIND, n, hidden, num_experts, code, t, nb),
-            sends, bound, problem)
+        got, failed = self._round(DISPATCH_ROUND, parts, call, sends, bound, problem)
         counts: list[list[int] | None] = [None] * r
         for s, blob in got.items():
             if usable[s] and blob.numel():
@@ -347,14 +351,11 @@ class Buffer:
                                        out=blob[HB:].view(xs.dtype).view(rows, hidden))
                     sends[s] = blob
             row_b = hidden * xs.element_size()
-            code = lay.DTYPE_CODES[xs.dtype]
-        except lay.EPConfigError as exc:
-            problem, sends = exc, {}
+            call = (COMBINE_KIND, n, hidden, num_experts, lay.DTYPE_CODES[xs.dtype], t)
+        except BAD_CALL as exc:  # raised once the round is complete, on every rank
+            problem, sends, call = exc, {}, ()
 
-        got, failed = self._round(
-            COMBINE_ROUND, parts,
-            lambda nb: lay.header_words(COMBINE_KIND, n, hidden, num_experts, code, t, nb),
-            sends, bound, problem)
+        got, failed = self._round(COMBINE_ROUND, parts, call, sends, bound, problem)
         active = active_ranks.tolist()
         answers = {}
         for d in range(r):
