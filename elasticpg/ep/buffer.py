@@ -23,10 +23,10 @@ from . import layout as lay
 from .exchange import COMBINE_ROUND, DISPATCH_ROUND, MEMBER_ROUND, Exchange, ExchangeLike
 
 DISPATCH_KIND, COMBINE_KIND = 1, 2
-HB = lay.HEADER_WORDS * 8
+HB = lay.HEADER_WORDS * 8  # bytes of the header at the front of every blob
 # what a rank's own argument checks and preparation may raise: it still takes part in the
 # round (with a rejected header) so that no rank waits for it, then raises
-BAD_CALL = (lay.EPConfigError, TypeError, ValueError, RuntimeError)  # bytes of the header at the front of every blob
+BAD_CALL = (lay.EPConfigError, TypeError, ValueError, RuntimeError)
 
 
 class EventOverlap:
