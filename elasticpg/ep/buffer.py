@@ -157,7 +157,8 @@ class Buffer:
         problems, rejected = [], False
         out = {}
         for p, blob in got.items():
-            theirs = blob[:HB].view(torch.int64).tolist() if blob.numel() >= HB else None
+            # (a copy: a transport may hand back views at any byte offset)
+            theirs = blob[:HB].clone().view(torch.int64).tolist() if blob.numel() >= HB else None
             why = lay.header_mismatch(mine, theirs, p, self.rank) if theirs else \
                 f"rank {p} sent {blob.numel()} bytes, not even a header"
             if why:
