@@ -16,7 +16,7 @@ one copy per (source, local expert) and the layout is deterministic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -230,6 +230,7 @@ class RecvLayout:
     begin: list[list[int]]  # [R][L]: first row of source s's rows for local expert l
     counts: list[list[int]]  # [R][L]: 0 for sources that sent nothing or did not answer
     recv_count: list[int]  # [L]
+    _rows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def layout_range(self) -> torch.Tensor:
         """int64 [L, R]: (begin << 32) | count, as the reference packs it."""
@@ -239,7 +240,14 @@ class RecvLayout:
 
     def flat_rows(self, src: int, stride: int) -> torch.Tensor:
         """int64 indices into recv_x.view(L * stride, ...) of the rows from `src`, in the order
-        the source sent them (local expert, then token)."""
+        the source sent them (local expert, then token). Kept: combine sends back the same
+        rows that dispatch placed."""
+        rows = self._rows.get((src, stride))
+        if rows is None:
+            rows = self._rows[src, stride] = self._flat_rows(src, stride)
+        return rows
+
+    def _flat_rows(self, src: int, stride: int) -> torch.Tensor:
         parts = [torch.arange(e * stride + b, e * stride + b + c, dtype=torch.int64)
                  for e, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
                  if c]
