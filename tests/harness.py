@@ -14,7 +14,8 @@ from elasticpg.cli.rank_pool import RankPool, RankResult
 __all__ = ["HOST", "RankPool", "RankResult", "error_name", "init_group", "serving_steps",
            "TEST_ENV"]
 
-HOST = "127.0.0.1"
+# where jobs find their store: here, or the switch of a multi-host run (elasticpg.netns.nodes)
+HOST = os.environ.get("ELASTICPG_NETNS_STORE", "127.0.0.1")
 # Crashes are detected by closed links at once; the silence bound only catches hangs. On a
 # 2-core CI box running 5 ranks, a 3 s bound can mistake a starved rank for a hung one, so
 # tests use 10 s unless they pass their own (the hang tests do).

@@ -248,14 +248,16 @@ class _Runner:
 
         dist, cfg = self.dist, self.cfg
         timeout = timedelta(seconds=cfg["timeout"])
-        store = dist.TCPStore("127.0.0.1", cfg["port"], self.n, False, timeout=timeout)
+        store = dist.TCPStore(cfg.get("store_host", "127.0.0.1"), cfg["port"], self.n, False,
+                              timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.n,
                                 timeout=timeout)
         self.ctrl = dist.group.WORLD
-        # Same creation order on every rank (new_group is collective).
+        # Same creation order on every rank (new_group is collective). Under --netns each
+        # rank listens on its own host's address ($ELASTICPG_HOST, set by the node pool).
         self.groups["elasticpg"] = dist.new_group(
             backend="elasticpg", timeout=timeout,
-            pg_options=elasticpg.Options(host="127.0.0.1"))
+            pg_options=elasticpg.Options(host=None if cfg.get("netns") else "127.0.0.1"))
         self.groups["gloo"] = dist.new_group(backend="gloo", timeout=timeout)
 
     def teardown(self) -> None:
@@ -481,6 +483,43 @@ def _worker(rank: int, cfg: dict[str, Any]) -> None:
     runner.teardown()
 
 
+def _netns_job(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
+    """One rank of a --netns run, on a node of its own host (elasticpg.netns)."""
+    _worker(rank, {**cfg, "port": port})
+
+
+def _run_over_netns(cfg: dict[str, Any], ranks: int, timeout: float) -> int:
+    """Every rank in a network namespace of its own ("hosts" joined by veth links to a
+    bridge): both backends cross real links. Needs root and `ip` (elasticpg.netns)."""
+    from elasticpg.netns.nodes import NodePool
+    from elasticpg.netns.topology import SWITCH_ADDR, Topology, unavailable
+
+    why = unavailable()
+    if why:
+        print(f"elasticpg-bench: --netns: {why}", file=sys.stderr)
+        return 2
+    topo = Topology(f"epgbench-{os.getpid()}", hosts=ranks)
+    pool = None
+    try:
+        topo.create()
+        pool = NodePool(topo, range(ranks), output=sys.stdout.fileno())
+        from elasticpg.cli import bench as this  # picklable by name, also under `python -m`
+
+        pool.run(this._netns_job, {**cfg, "netns": True, "store_host": SWITCH_ADDR,
+                              "gloo_ifname": "eth0"},
+                 nodes=list(range(ranks)), timeout=timeout)
+    except AssertionError as exc:  # a rank failed: NodePool.run says which and why
+        print(f"elasticpg-bench: FAILED:\n{exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if pool is not None:
+            pool.close()
+        left = topo.remove()
+        if left:
+            print(f"elasticpg-bench: could not remove namespaces: {left}", file=sys.stderr)
+    return 0
+
+
 # ---- command line -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="per-operation timeout in seconds for both backends (default 300)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the random inputs")
+    p.add_argument("--netns", action="store_true",
+                   help="one rank per network namespace, joined by veth links (multi-host "
+                        "over real links, on this machine; needs root and iproute2)")
     p.add_argument("--json", metavar="PATH", help="write all rows (and metadata) as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write markdown tables for a README")
     return p
@@ -569,9 +611,8 @@ def main(argv: list[str] | None = None) -> int:
               f"# ratio = elasticpg time / gloo time (lower is better), speedup = gloo / "
               f"elasticpg; every point is checked: elasticpg's result must equal gloo's")
 
-    store, port = listen_store(args.ranks, args.timeout)
     cfg = {
-        "ranks": args.ranks, "ops": args.ops, "sizes": sizes, "port": port,
+        "ranks": args.ranks, "ops": args.ops, "sizes": sizes,
         "target_seconds": args.target_seconds, "min_iters": args.min_iters,
         "max_iters": args.max_iters, "warmup": args.warmup, "rounds": args.rounds,
         "threads": threads, "timeout": args.timeout, "seed": args.seed, "json": args.json,
@@ -579,6 +620,13 @@ def main(argv: list[str] | None = None) -> int:
         "gloo_ifname": _loopback_ifname(),
     }
     t0 = time.perf_counter()
+    if args.netns:
+        rc = _run_over_netns(cfg, args.ranks, timeout=args.timeout * 20)
+        print(f"# total wall time {time.perf_counter() - t0:.1f} s (including process "
+              f"start-up)", flush=True)
+        return rc
+    store, port = listen_store(args.ranks, args.timeout)
+    cfg["port"] = port
     ctx = mp.start_processes(this._worker, args=(cfg,), nprocs=args.ranks, join=False,
                              start_method="spawn")
     try:

@@ -15,8 +15,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.reduction import Reduce, reduce_into
+from ..core.reduction import WIDENED, Reduce, reduce_into
 from .context import OpContext
+
+# Reductions whose two operands may be swapped without changing a bit (IEEE addition and
+# multiplication are commutative), for dtypes reduced in their own precision (not WIDENED).
+_SWAPPABLE = frozenset({Reduce.SUM, Reduce.AVG, Reduce.PRODUCT, Reduce.BAND, Reduce.BOR,
+                        Reduce.BXOR})
 
 
 def _reduce_ordered(ctx: OpContext, out: torch.Tensor, parts: dict[int, torch.Tensor],
@@ -26,6 +31,9 @@ def _reduce_ordered(ctx: OpContext, out: torch.Tensor, parts: dict[int, torch.Te
         return
     order = sorted(parts)
     ordered = [parts[r] for r in order]
+    if len(ordered) == 2 and op in _SWAPPABLE and out.dtype not in WIDENED \
+            and ordered[1].data_ptr() == out.data_ptr():
+        ordered.reverse()  # the same bits, reduced in place: no copy of a received buffer
     first = ordered[0]
     if first.data_ptr() == out.data_ptr():
         reduce_into(out, ordered, op)
@@ -37,7 +45,15 @@ def _reduce_ordered(ctx: OpContext, out: torch.Tensor, parts: dict[int, torch.Te
         reduce_into(out, ordered, op)
 
 
+def _into(dest: torch.Tensor, x: torch.Tensor) -> None:
+    """dest = x, unless x was received straight into dest (OpContext.expect)."""
+    if x.data_ptr() != dest.data_ptr():
+        dest.reshape(-1).copy_(x)
+
+
 def allreduce(ctx: OpContext, t: torch.Tensor, op: Reduce) -> None:
+    for p in ctx.peers:
+        ctx.expect(p, 0, ctx.scratch(p, t))
     for p in ctx.peers:
         ctx.send(p, 0, t)
     parts = {ctx.me: t}
@@ -53,9 +69,10 @@ def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:
         for p in ctx.peers:
             ctx.send(p, 0, t)
         return
+    ctx.expect(root, 0, t)
     x = ctx.recv(root, 0, t.dtype, t.numel())
     if x is not None:
-        t.reshape(-1).copy_(x)
+        _into(t, x)
 
 
 def reduce(ctx: OpContext, t: torch.Tensor, root: int, op: Reduce) -> None:
@@ -73,14 +90,17 @@ def reduce(ctx: OpContext, t: torch.Tensor, root: int, op: Reduce) -> None:
 def allgather(ctx: OpContext, outs: Sequence[torch.Tensor], t: torch.Tensor,
               slot_of: Sequence[int]) -> None:
     """outs[slot_of[i]] = participant i's t."""
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    for p in ctx.peers:
+        if outs[idx[p]].is_contiguous():
+            ctx.expect(p, 0, outs[idx[p]])
     for p in ctx.peers:
         ctx.send(p, 0, t)
-    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
     outs[idx[ctx.me]].reshape(-1).copy_(t.reshape(-1))
     for p in ctx.peers:
         x = ctx.recv(p, 0, t.dtype, t.numel())
         if x is not None:
-            outs[idx[p]].reshape(-1).copy_(x)
+            _into(outs[idx[p]], x)
 
 
 def gather(ctx: OpContext, outs: Sequence[torch.Tensor], t: torch.Tensor, root: int,
@@ -128,6 +148,9 @@ def alltoall(ctx: OpContext, outs: Sequence[torch.Tensor], ins: Sequence[torch.T
     """outs[slot of p] = what p sent me; ins[slot of p] goes to p. Sizes may differ per pair."""
     idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
     for p in ctx.peers:
+        if outs[idx[p]].is_contiguous():
+            ctx.expect(p, 0, outs[idx[p]])
+    for p in ctx.peers:
         ctx.send(p, 0, ins[idx[p]])
     mine = idx[ctx.me]
     outs[mine].reshape(-1).copy_(ins[mine].reshape(-1))
@@ -135,7 +158,7 @@ def alltoall(ctx: OpContext, outs: Sequence[torch.Tensor], ins: Sequence[torch.T
         o = outs[idx[p]]
         x = ctx.recv(p, 0, o.dtype, o.numel(), msg_numel=o.numel())
         if x is not None:
-            o.reshape(-1).copy_(x)
+            _into(o, x)
 
 
 def barrier(ctx: OpContext) -> None:

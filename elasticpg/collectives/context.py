@@ -9,6 +9,7 @@ is skipped, and the operation completes over the rest with local_success=False.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -18,7 +19,7 @@ from ..core.dtypes import dtype_name
 from ..core.framing import Header, MsgType, OpKind
 from ..core.schedules import peer_order
 from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
-from ..transport.mailbox import Mailbox
+from ..transport.mailbox import Mailbox, ViewLagError
 from ..transport.tcp import tensor_bytes
 
 
@@ -33,6 +34,13 @@ class Link(Protocol):
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None: ...
 
     def note_decision(self, epoch: int, active: frozenset[int]) -> None: ...
+
+    def shm_probe(self, peer: int, seq: int, epoch: int) -> Callable[[], bool] | None: ...
+
+    def scratch(self, peer: int, seq: int, nbytes: int) -> torch.Tensor: ...
+
+
+EXPECT_FROM = 1 << 16  # payload bytes from which receives go straight to their destination
 
 
 class OpSpec(NamedTuple):
@@ -95,6 +103,19 @@ class OpContext:
             return False
         return True
 
+    def expect(self, peer: int, step: int, dest: torch.Tensor) -> None:
+        """Let `peer`'s frame for `step` land in `dest` (contiguous) if it has not come yet:
+        large payloads only, where allocating (page faults) and copying cost more than the
+        lock this takes. `recv` then returns a view of `dest`."""
+        nbytes = dest.numel() * dest.element_size()
+        if nbytes >= EXPECT_FROM and peer not in self.failed:
+            self.link.mailbox.expect(peer, self.seq, step, dest.reshape(-1).view(torch.uint8))
+
+    def scratch(self, peer: int, like: torch.Tensor) -> torch.Tensor:
+        """A reusable receive buffer shaped like `like`, for `peer`'s frame of this op."""
+        return self.link.scratch(peer, self.seq, like.numel() * like.element_size()) \
+            .view(like.dtype)
+
     def recv(self, peer: int, step: int, dtype: torch.dtype, numel: int,
              msg_numel: int | None = None) -> torch.Tensor | None:
         """The tensor `peer` sent for this step, or None if the peer failed first
@@ -104,9 +125,14 @@ class OpContext:
         belongs to a different call: other op, dtype, count, root or reduce op.
         """
         try:
-            header, payload = self.link.mailbox.take_coll(peer, self.seq, step, self.deadline,
-                                                          vet=self._vet)
+            header, payload = self.link.mailbox.take_coll(
+                peer, self.seq, step, self.deadline, vet=self._vet,
+                probe=self.link.shm_probe(peer, self.seq, self.epoch))
         except PeerFailedError:
+            self.failed.add(peer)
+            return None
+        except ViewLagError:
+            self.lagged.add(peer)  # view lag: skipped, not failed (see lag)
             self.failed.add(peer)
             return None
         except OperationTimeoutError:

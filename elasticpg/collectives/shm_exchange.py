@@ -31,6 +31,10 @@ class _PeerGoneError(Exception):
     pass
 
 
+class _PeerLagError(Exception):
+    """The peer runs this collective under a view that puts it on TCP (see runtime.shm_probe)."""
+
+
 def _ranks(mask: int) -> list[int]:
     return [r for r in range(mask.bit_length()) if mask >> r & 1]
 
@@ -117,6 +121,8 @@ class ShmOp:
             raise OperationTimeoutError(f"group closed: {mb._closed}")
         if min(int(region.ctl[TOK]), int(region.ctl[TOK + 8])) > token:
             raise _PeerGoneError  # it moved past this round: it counted us out
+        if mb.has_coll_from(peer, self.ctx.seq):
+            raise _PeerLagError
 
     def _wait(self, peer: int, region: Region, cond, token: int, what: str) -> bool:
         try:
@@ -126,6 +132,10 @@ class ShmOp:
         except _PeerGoneError:
             if cond():  # it posted before it went: what it wrote whole still counts
                 return True
+            self.ctx.failed.add(peer)
+            return False
+        except _PeerLagError:
+            self.ctx.lagged.add(peer)
             self.ctx.failed.add(peer)
             return False
         except TimeoutError:

@@ -42,6 +42,7 @@ _UNSIGNED_WIDE = {torch.uint16, torch.uint32, torch.uint64}
 _UPCAST = {getattr(torch, n) for n in (
     "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
     "complex32") if hasattr(torch, n)}
+WIDENED = frozenset(_UPCAST)  # dtypes reduced in a wider type, then rounded back
 
 
 def from_torch(op: object) -> Reduce:

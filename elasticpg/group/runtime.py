@@ -148,6 +148,7 @@ class GroupRuntime:
         self._link_locks: dict[int, threading.Lock] = {}
         self._linked_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
         self._newest_inc: dict[int, int] = {}  # the newest process seen in each slot
+        self._scratch: dict[tuple[int, int], torch.Tensor] = {}  # see scratch
         initial = View.initial(self.slots, range(world_size))
         self.views = ViewKeeper(self.control, rank, initial, on_applied=self._view_applied,
                                 announce=self._announce_view)
@@ -161,7 +162,8 @@ class GroupRuntime:
         self.transport = TcpTransport(
             rank, secret, scope=group_id, host=options.host or default_host(),
             on_frame=self._on_frame, on_lost=self._on_lost,
-            on_connected=self._on_connected, incarnation=self.incarnation)
+            on_connected=self._on_connected, incarnation=self.incarnation,
+            buffer_for=self.mailbox.buffer_for)
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
@@ -487,6 +489,40 @@ class GroupRuntime:
             # frame it sent before going away (an ABORT, its last contribution) is seen first.
             self.link_broke(peer, f"send failed: {exc}", how="send")
             raise PeerFailedError([peer], f"send failed: {exc}") from None
+
+    def shm_probe(self, peer: int, seq: int, epoch: int) -> Callable[[], bool] | None:
+        """For a TCP wait on `peer` in collective `seq` (run in view `epoch`): None unless the
+        peer shares our host; then a check whether, once a newer view is known to be decided,
+        it posted that collective (or a later one) in shared memory.
+
+        Ranks of one host use shared memory only when every participant shares the host, so
+        when a failure view spreads, a rank still on the old (multi-host) view waits on TCP
+        while its neighbour, on the new (one-host) view, posts in shared memory. Without this
+        each would wait for the other until the timeout; with it both see view lag (the shared-
+        memory side sees our TCP frame: shm_exchange) and go on to apply the newer view."""
+        shm = self.shm
+        if shm.mine is None or shm.host_of(peer) != shm.host_id:
+            return None
+
+        def posted() -> bool:
+            if self.state.noted_epoch <= epoch:
+                return False  # no view change under way: the peer runs this op as we do
+            region = shm.region(peer, 0.5)
+            return region is not None and region.newest_seq() >= seq
+
+        return posted
+
+    def scratch(self, peer: int, seq: int, nbytes: int) -> torch.Tensor:
+        """A receive buffer for `peer`'s frame in collective `seq`, kept for the next calls of
+        that size: a fresh large buffer costs a page fault per 4 KiB on every call. Two per
+        peer, by the parity of `seq`, so a frame of the last op can never share one with the
+        next (one size each: a loop of mixed sizes reallocates, as without them)."""
+        key = (peer, seq & 1)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() != nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            self._scratch[key] = buf
+        return buf
 
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None:
         """Tell the other participants that collective `seq` is broken, then poison the group."""

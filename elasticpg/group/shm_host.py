@@ -58,16 +58,16 @@ class ShmHost:
         """True iff every participant published our (non-empty) host id."""
         if self.mine is None or len(participants) < 2:
             return False
-        for p in participants:
-            if p == self.rank:
-                continue
-            host = self._hosts.get(p)
-            if host is None:
-                host = self._info(p, timeout).split("|", 1)[0]
-                self._hosts[p] = host
-            if host != self.host_id:
-                return False
-        return True
+        return all(self.host_of(p, timeout) == self.host_id for p in participants
+                   if p != self.rank)
+
+    def host_of(self, peer: int, timeout: float = 1.0) -> str:
+        """The host id `peer` published ("" if unknown or off), looked up once."""
+        host = self._hosts.get(peer)
+        if host is None:
+            host = self._info(peer, timeout).split("|", 1)[0]
+            self._hosts[peer] = host
+        return host
 
     def regions_for(self, participants: tuple[int, ...],
                     timeout: float) -> dict[int, Region] | None:

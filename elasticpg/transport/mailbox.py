@@ -24,6 +24,11 @@ from ..core.framing import Header
 from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
 
 Frame = tuple[Header, torch.Tensor]
+PROBE_SLICE = 0.05  # seconds between probes of a wait that has one (see take_coll)
+
+
+class ViewLagError(Exception):
+    """The awaited peer runs this collective under another view, over another transport."""
 
 
 @dataclass(eq=False)
@@ -49,6 +54,7 @@ class Mailbox:
         self._aborted: dict[int, str] = {}
         self._closed: str | None = None
         self._floor = 0  # collectives below this sequence number have ended (see forget_seq)
+        self._dest: dict[tuple[int, int, int], torch.Tensor] = {}  # see expect
 
     # ---- producers (reader threads) -------------------------------------------------------
     def deliver_coll(self, header: Header, payload: torch.Tensor) -> None:
@@ -57,6 +63,23 @@ class Mailbox:
                 return  # its collective ended here: nobody will ever take it
             self._coll[(header.src, header.seq, header.step)] = (header, payload)
             self._cv.notify_all()
+
+    def expect(self, src: int, seq: int, step: int, dest: torch.Tensor) -> None:
+        """Receive the frame (src, seq, step) straight into `dest` (a byte tensor) if it has
+        not arrived yet: no allocation, and no copy when `dest` is the output itself."""
+        with self._cv:
+            if (src, seq, step) not in self._coll and seq >= self._floor:
+                self._dest[(src, seq, step)] = dest
+
+    def buffer_for(self, header: Header) -> torch.Tensor | None:
+        """Reader thread, a COLL header in hand: the posted destination of its payload, if any
+        (and only if its size matches: a frame of another size is a mismatch, reported when
+        taken, and must not land in someone's output)."""
+        if not self._dest:
+            return None
+        with self._cv:
+            dest = self._dest.pop((header.src, header.seq, header.step), None)
+        return dest if dest is not None and dest.numel() == header.nbytes else None
 
     def deliver_p2p(self, header: Header, payload: torch.Tensor) -> None:
         with self._cv:
@@ -107,12 +130,15 @@ class Mailbox:
         return rank in self._failed
 
     def take_coll(self, src: int, seq: int, step: int, deadline: float,
-                  vet: Callable[[Header], str] | None = None) -> Frame:
+                  vet: Callable[[Header], str] | None = None,
+                  probe: Callable[[], bool] | None = None) -> Frame:
         """Wait for the frame (src, seq, step); raise if src fails, seq aborts or time runs out.
 
         While waiting, `vet` sees every other frame of the same collective: a frame from a rank
         we do not expect to hear from can still prove the ranks made different calls (e.g. two
-        roots), which turns a would-be timeout into a mismatch error.
+        roots), which turns a would-be timeout into a mismatch error. `probe` (polled every
+        `PROBE_SLICE` s) says src runs this collective over another transport, so its frame
+        will never come: ViewLagError.
         """
         key = (src, seq, step)
         with self._cv:
@@ -131,11 +157,20 @@ class Mailbox:
                     raise PeerFailedError([src], self._failed[src])
                 if self._closed is not None:
                     raise OperationTimeoutError(f"group closed: {self._closed}")
+                if probe is not None and probe():
+                    raise ViewLagError(f"rank {src} runs collective #{seq} over shared memory")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OperationTimeoutError(
                         f"timed out waiting for rank {src} in collective #{seq} (step {step})")
-                self._cv.wait(left)
+                self._cv.wait(left if probe is None else min(left, PROBE_SLICE))
+
+    def has_coll_from(self, src: int, seq: int) -> bool:
+        """Whether a frame of collective `seq` or a later one from `src` waits here."""
+        if not self._coll:
+            return False
+        with self._cv:
+            return any(s == src and q >= seq for s, q, _t in self._coll)
 
     def forget_seq(self, seq: int) -> None:
         """Collective `seq` ended: drop its frames (and any older), refuse later ones.
@@ -144,17 +179,20 @@ class Mailbox:
         that a reader stores concurrently is dropped by the next call, so at most one
         collective's stragglers wait here at any time."""
         self._floor = max(self._floor, seq + 1)
-        if not self._coll:  # the common case over shared memory: nothing was queued
+        if not self._coll and not self._dest:  # the common case: nothing was queued
             return
         with self._cv:
             for key in [k for k in self._coll if k[1] < self._floor]:
                 del self._coll[key]
+            for key in [k for k in self._dest if k[1] < self._floor]:
+                del self._dest[key]
 
     def restart_at(self, seq: int) -> None:
         """This rank's next collective is `seq` (a joiner taking the group's numbering)."""
         with self._cv:
             self._floor = seq
             self._coll.clear()
+            self._dest.clear()
 
     def discard_p2p(self, rank: int) -> int:
         """Drop `rank`'s queued point-to-point frames (its slot left the group, or another

@@ -54,7 +54,7 @@ _BYTE = np.dtype(np.uint8)
 
 
 def host_id() -> str:
-    """Ranks whose host ids are equal can map each other's regions ("" if shm is off here).
+    """Ranks whose host ids are equal map each other's regions ("" if shm is off here).
 
     On by default on x86-64 Linux; ELASTICPG_TRANSPORT=tcp keeps this process's groups on TCP
     (for comparison, or where /proc/<pid>/fd of a peer is not readable). The protocol relies on
@@ -68,9 +68,13 @@ def host_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
+        net = os.stat("/proc/self/ns/net")
     except OSError:
         return ""
-    return f"{socket.gethostname()}/{boot}/{os.getuid()}"
+    # The network namespace is part of the identity: namespaces share hostname, boot id and
+    # uid, and ranks in different ones are different hosts to the group (their peers reach them
+    # only over the network, as in the multi-host tests) even if they could map our memory.
+    return f"{socket.gethostname()}/{boot}/{os.getuid()}/net:{net.st_dev}:{net.st_ino}"
 
 
 def window_bytes() -> int:
@@ -138,6 +142,12 @@ class Region:
     @property
     def region_id(self) -> int:
         return int(self.ctl[1])
+
+    def newest_seq(self) -> int:
+        """The collective sequence number of the newest post, -1 if none (tokens are
+        seq << 20 | round + 1, so 0 means no post)."""
+        newest = max(int(self.ctl[TOK]), int(self.ctl[TOK + 8]))
+        return newest >> 20 if newest else -1
 
     def raw(self, b: int) -> torch.Tensor:
         return self.data[2 * b * self.window:(2 * b + 1) * self.window]

@@ -10,7 +10,9 @@ one about the replacement that took its slot. Anything that goes wrong while a r
 a frame (a corrupt header, an exception in a callback) ends that link the same way, reported,
 never as a silently dead thread.
 
-Every send is bounded by a deadline. Large payloads go out in chunks, and each chunk records
+Every send is bounded by a deadline. A small frame first tries one non-blocking send (the
+socket buffer nearly always has room: one system call, no poll); only what does not fit waits,
+bounded. Large payloads go out in chunks, and each chunk records
 progress, so the liveness thread can tell a send that moves slowly from one to a peer that
 stopped reading (`heartbeat`).
 """
@@ -90,7 +92,8 @@ class TcpTransport:
                  on_frame: Callable[[Header, torch.Tensor], None],
                  on_lost: Callable[[int, str, int], None],
                  on_connected: Callable[[int, int], None] | None = None,
-                 incarnation: int = 0) -> None:
+                 incarnation: int = 0,
+                 buffer_for: Callable[[Header], torch.Tensor | None] | None = None) -> None:
         self.rank = rank
         self.incarnation = incarnation
         self._secret = secret
@@ -98,6 +101,7 @@ class TcpTransport:
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._on_connected = on_connected
+        self._buffer_for = buffer_for  # a posted destination for a payload (Mailbox.expect)
         self._lock = threading.Lock()
         self._out: dict[int, socket.socket] = {}
         self._out_locks: dict[int, threading.Lock] = {}
@@ -176,7 +180,11 @@ class TcpTransport:
                     raise FramingError(f"link from rank {src} carried a frame from {header.src}")
                 if header.type == MsgType.HEARTBEAT:
                     continue
-                payload = torch.empty(header.nbytes, dtype=torch.uint8)
+                payload = None
+                if self._buffer_for is not None and header.type == MsgType.COLL:
+                    payload = self._buffer_for(header)
+                if payload is None:
+                    payload = torch.empty(header.nbytes, dtype=torch.uint8)
                 if header.nbytes and not recv_exact(sock, memoryview(payload.numpy())):
                     raise ConnectionError("connection closed mid-frame")
                 self._last_heard[src] = time.monotonic()
@@ -254,15 +262,26 @@ class TcpTransport:
             now = time.monotonic()
             self._progress[peer] = now
             try:
-                sock.settimeout(max((now + 10.0 if deadline is None else deadline) - now, 0.001))
                 if len(payload) < _SMALL:
-                    sock.sendall(hdr + bytes(payload) if payload else hdr)
+                    frame = hdr + bytes(payload) if payload else hdr
+                    try:  # one system call when the socket buffer has room (nearly always)
+                        sent = sock.send(frame, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(frame):
+                        sock.settimeout(max((now + 10.0 if deadline is None else deadline)
+                                            - now, 0.001))
+                        sock.sendall(memoryview(frame)[sent:])
+                        sock.settimeout(None)  # blocking again: the fast path needs no poll
                 else:
+                    sock.settimeout(max((now + 10.0 if deadline is None else deadline) - now,
+                                        0.001))
                     sock.sendall(hdr)
                     view = memoryview(payload).cast("B")
                     for off in range(0, len(view), _CHUNK):
                         sock.sendall(view[off:off + _CHUNK])
                         self._progress[peer] = time.monotonic()
+                    sock.settimeout(None)
             except TimeoutError:
                 raise SendTimeoutError(f"rank {peer} did not take a {len(payload)}-byte frame "
                                        f"by the deadline (it stopped reading?)") from None
@@ -289,6 +308,7 @@ class TcpTransport:
                     continue
                 sock.settimeout(bound)
                 sock.sendall(Header(MsgType.HEARTBEAT, self.rank, 0).pack())
+                sock.settimeout(None)  # see send: its fast path wants a blocking socket
                 self._last_sent[peer] = now
             except OSError:
                 stuck.append((peer, sock))

@@ -147,3 +147,20 @@ def test_close_cancels_every_posted_receive():
     assert isinstance(got.errors[0], OperationTimeoutError)
     with pytest.raises(OperationTimeoutError, match="group closed"):
         mb.take_coll(0, 0, 0, time.monotonic() + 1)
+
+
+def test_a_posted_destination_takes_only_its_own_frame_of_its_size():
+    mb = Mailbox()
+    dest = torch.zeros(8, dtype=torch.uint8)
+    mb.expect(1, 5, 0, dest)
+    h = Header(MsgType.COLL, 1, 8, OpKind.ALLGATHER, seq=5)
+    assert mb.buffer_for(Header(MsgType.COLL, 2, 8, OpKind.ALLGATHER, seq=5)) is None  # other src
+    assert mb.buffer_for(Header(MsgType.COLL, 1, 4, OpKind.ALLGATHER, seq=5)) is None  # size
+    mb.expect(1, 5, 0, dest)  # the size check consumed the posting: post again
+    assert mb.buffer_for(h) is dest
+    assert mb.buffer_for(h) is None  # used once
+    mb.expect(1, 6, 0, dest)
+    mb.forget_seq(6)  # its collective ended: a late frame must not land in the output
+    assert mb.buffer_for(Header(MsgType.COLL, 1, 8, OpKind.ALLGATHER, seq=6)) is None
+    mb.expect(1, 3, 0, dest)  # an ended collective: nothing is posted
+    assert mb.buffer_for(Header(MsgType.COLL, 1, 8, OpKind.ALLGATHER, seq=3)) is None

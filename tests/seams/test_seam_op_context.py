@@ -35,6 +35,16 @@ class FakeLink:
     def note_decision(self, epoch, active) -> None:
         self.decisions.append(epoch)
 
+    probes: dict[int, bool] = {}  # peer -> "it posted this collective in shared memory"
+
+    def scratch(self, peer, seq, nbytes):
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def shm_probe(self, peer, seq, epoch):
+        if peer not in self.probes:
+            return None
+        return lambda: self.probes[peer]
+
 
 def _ctx(link: FakeLink, numel: int = 3, epoch: int = 2) -> OpContext:
     spec = OpSpec(OpKind.ALLREDUCE, dtype_code(torch.float32), numel, -1, int(Reduce.SUM))
@@ -105,3 +115,15 @@ def test_the_same_disagreement_within_one_view_is_a_mismatch():
     _frame_from(ctx, 1, [1.0] * 4, numel=4)
     with pytest.raises(CollectiveMismatchError, match="rank 1 sent 4 elements"):
         alg.allreduce(ctx, torch.zeros(3), Reduce.SUM)
+
+
+def test_a_same_host_peer_on_shared_memory_is_view_lag_not_a_failure():
+    """A rank on the old (multi-host, TCP) view waits for a neighbour that applied the new
+    (one-host) view and posted in shared memory: its frame never comes; the wait ends as lag."""
+    link = FakeLink()
+    link.probes = {1: True}
+    ctx = _ctx(link)
+    t0 = time.monotonic()
+    assert ctx.recv(1, 0, torch.float32, 3) is None
+    assert time.monotonic() - t0 < 1.0
+    assert ctx.lagged == {1} and ctx.failed_peers == set()
