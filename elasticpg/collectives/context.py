@@ -18,7 +18,7 @@ import torch
 from ..core.dtypes import dtype_name
 from ..core.framing import Header, MsgType, OpKind
 from ..core.schedules import peer_order
-from ..errors import CollectiveMismatchError, PeerFailedError
+from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
 from ..transport.mailbox import Mailbox, ViewLagError
 from ..transport.tcp import tensor_bytes
 
@@ -68,6 +68,10 @@ class OpContext:
     shm: Any = None  # a ShmOp when every participant shares this host (see runtime.new_op)
     peers: list[int] = field(init=False)  # everyone else, in this rank's ring order
     lagged: set[int] = field(default_factory=set)  # skipped for view lag (see lag); in failed
+    # give up on a peer that misses the deadline instead of failing the operation: it is then
+    # in failed and timed_out, and counts as having sent nothing (elasticpg.ep's timeout_us)
+    give_up_on_timeout: bool = False
+    timed_out: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.peers = peer_order(self.me, self.participants)
@@ -114,7 +118,8 @@ class OpContext:
 
     def recv(self, peer: int, step: int, dtype: torch.dtype, numel: int,
              msg_numel: int | None = None) -> torch.Tensor | None:
-        """The tensor `peer` sent for this step, or None if the peer failed first.
+        """The tensor `peer` sent for this step, or None if the peer failed first
+        (`numel` < 0: whatever size it sent).
 
         Raises CollectiveMismatchError (after telling the other participants) when the frame
         belongs to a different call: other op, dtype, count, root or reduce op. A peer already
@@ -133,8 +138,16 @@ class OpContext:
             self.lagged.add(peer)  # view lag: skipped, not failed (see lag)
             self.failed.add(peer)
             return None
+        except OperationTimeoutError:
+            if not self.give_up_on_timeout:
+                raise
+            self.timed_out.add(peer)
+            self.failed.add(peer)
+            return None
         except CollectiveMismatchError as exc:
             self._mismatch(str(exc))
+        if numel < 0:  # any size: the frame says how many (a sized all_to_all)
+            numel, msg_numel = header.nbytes // dtype.itemsize, header.numel
         expect_numel = self.spec.numel if msg_numel is None else msg_numel
         problem = self._compare(header, expect_numel, numel * dtype.itemsize)
         if problem:
