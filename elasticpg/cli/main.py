@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("elasticpg.cli.bench:main", "collectives side by side with gloo"),
     "failover": ("elasticpg.cli.failover:main", "failure detection and resume times"),
     "joinbench": ("elasticpg.cli.joinbench:main", "deferred-join timings"),
+    "demo": ("elasticpg.demo.cli:main", "MoE serving through a SIGKILL and a deferred join"),
     "run": ("elasticpg.launcher.cli:main",
             "launch a script like torchrun; restart only a worker that dies, as a replacement"),
 }
