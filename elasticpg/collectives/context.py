@@ -17,7 +17,7 @@ import torch
 from ..core.dtypes import dtype_name
 from ..core.framing import Header, MsgType, OpKind
 from ..core.schedules import peer_order
-from ..errors import CollectiveMismatchError, PeerFailedError
+from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import tensor_bytes
 
@@ -60,6 +60,10 @@ class OpContext:
     shm: Any = None  # a ShmOp when every participant shares this host (see runtime.new_op)
     peers: list[int] = field(init=False)  # everyone else, in this rank's ring order
     lagged: set[int] = field(default_factory=set)  # skipped for view lag (see lag); in failed
+    # give up on a peer that misses the deadline instead of failing the operation: it is then
+    # in failed and timed_out, and counts as having sent nothing (elasticpg.ep's timeout_us)
+    give_up_on_timeout: bool = False
+    timed_out: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.peers = peer_order(self.me, self.participants)
@@ -102,6 +106,12 @@ class OpContext:
             header, payload = self.link.mailbox.take_coll(peer, self.seq, step, self.deadline,
                                                           vet=self._vet)
         except PeerFailedError:
+            self.failed.add(peer)
+            return None
+        except OperationTimeoutError:
+            if not self.give_up_on_timeout:
+                raise
+            self.timed_out.add(peer)
             self.failed.add(peer)
             return None
         except CollectiveMismatchError as exc:

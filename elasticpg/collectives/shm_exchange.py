@@ -129,6 +129,10 @@ class ShmOp:
             self.ctx.failed.add(peer)
             return False
         except TimeoutError:
+            if self.ctx.give_up_on_timeout:
+                self.ctx.timed_out.add(peer)
+                self.ctx.failed.add(peer)
+                return False
             raise OperationTimeoutError(f"timed out waiting for rank {peer} in collective "
                                         f"#{self.ctx.seq} ({what})") from None
         return True

@@ -1,0 +1,380 @@
+"""`Buffer`: expert-parallel dispatch/combine with the reference's (Mooncake EP / DeepEP
+low-latency) programming model, over elasticpg's own data planes.
+
+Each call is two rounds of the group's all_to_all (see exchange.py): a fixed-size header round
+(the call's shape, checked for agreement on every rank, and how many bytes follow for each
+destination), then the data round, in which each rank's rows go straight to the rank that owns
+their experts. Nothing is gathered on every rank. The routing and layout math is in layout.py.
+
+Failure rules (SPEC section 6): a rank the group's view no longer holds, or whose entry in
+`active_ranks` is 0, or that the Buffer has not admitted (see update_ep_member), is never sent
+to and its experts are skipped. A source whose bytes do not arrive whole by the timeout counts
+as having sent nothing, and its entry is set to 0; entries are never set back to 1. Every
+output row a caller may read was written in this call from bytes that arrived whole; rows
+past recv_count are never read and are not cleared.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..api import runtime_of
+from . import layout as lay
+from .exchange import COMBINE_ROUND, DISPATCH_ROUND, HEADER_ROUND, MEMBER_ROUND, Exchange
+
+DISPATCH_KIND, COMBINE_KIND = 1, 2
+_HEADER_BYTES = lay.HEADER_WORDS * 8
+
+
+class EventOverlap:
+    """The reference's event wrapper. On CPU every call has completed when it returns, so
+    waiting is a no-op; with CUDA tensors the results were copied back synchronously."""
+
+    def __init__(self, event: object = None, extra_tensors: tuple | None = None) -> None:
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        return None
+
+    def __enter__(self) -> EventOverlap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _done() -> None:
+    """The receive hook: the receive is already complete when dispatch/combine return."""
+
+
+class DispatchHandle(tuple):
+    """The reference's 5-tuple (src_info, layout_range, N, hidden, num_experts), which code
+    written for it unpacks; it also carries what combine needs from the dispatch (the send
+    plan and which destinations were used)."""
+
+    plan: lay.SendPlan
+    sent_to: list[bool]
+    layout: lay.RecvLayout
+
+    def __new__(cls, items: tuple, plan: lay.SendPlan, sent_to: list[bool],
+                layout: lay.RecvLayout) -> DispatchHandle:
+        h = super().__new__(cls, items)
+        h.plan, h.sent_to, h.layout = plan, sent_to, layout
+        return h
+
+
+class Buffer:
+    """One rank's expert-parallel exchange over `group` (an elasticpg ProcessGroup).
+
+    Construction is local (no collective): a replacement rank can build its Buffer while it
+    warms up isolated, where dispatch/combine run over itself alone. `update_ep_member()` is
+    the collective that admits the group's current members; call it on every member after a
+    recovery."""
+
+    def __init__(self, group: object, num_ep_buffer_bytes: int = 0) -> None:
+        if not isinstance(num_ep_buffer_bytes, int) or num_ep_buffer_bytes < 0:
+            raise lay.EPConfigError(f"num_ep_buffer_bytes must be an int >= 0, got "
+                                    f"{num_ep_buffer_bytes!r}")
+        self.group = group
+        self.runtime = runtime_of(group)
+        self.rank = self.runtime.rank
+        self.group_size = self.runtime.slots
+        self.num_ep_buffer_bytes = num_ep_buffer_bytes
+        self._exchange = Exchange(self.runtime)
+        self.members = set(self.runtime.participants())
+        self._combine_buffer: torch.Tensor | None = None
+
+    # ---- membership -----------------------------------------------------------------------------
+    def update_ep_member(self) -> None:
+        """Collective on every active member: exchange with exactly the group's current members
+        from now on (after a recovery, this is what makes the recovered rank's experts count)."""
+        ex = self._exchange
+        parts = ex.participants()
+        empty = [torch.empty(0, dtype=torch.uint8) for _ in parts]
+        failed = ex.alltoall(MEMBER_ROUND, parts, empty, list(empty), self._deadline(-1))
+        self.members = set(parts) - failed
+
+    @staticmethod
+    def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                num_ranks: int, num_experts: int) -> int:
+        return lay.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _deadline(self, timeout_us: int) -> float:
+        if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < -1:
+            raise lay.EPConfigError(f"timeout_us must be an int >= -1 (-1: the group's "
+                                    f"operation timeout), got {timeout_us!r}")
+        bound = self.runtime.timeout if timeout_us < 0 else timeout_us / 1e6
+        return time.monotonic() + bound
+
+    def _check_buffer(self, n: int, hidden: int, num_experts: int) -> None:
+        if self.num_ep_buffer_bytes:
+            need = lay.size_hint(n, hidden, self.group_size, num_experts)
+            if self.num_ep_buffer_bytes < need:
+                raise lay.EPConfigError(
+                    f"num_ep_buffer_bytes ({self.num_ep_buffer_bytes}) is smaller than "
+                    f"get_ep_buffer_size_hint({n}, {hidden}, {self.group_size}, {num_experts}) "
+                    f"= {need}")
+
+    def _usable(self, active: list[int], parts: tuple[int, ...]) -> list[bool]:
+        inview = set(parts) & self.members
+        return [bool(active[r]) and r in inview for r in range(self.group_size)]
+
+    def _round(self, kind: int, data_code: int, header: Callable[[int], list[int]],
+               sends: dict[int, torch.Tensor], alloc: Callable[[int, int], torch.Tensor],
+               deadline: float) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """A header round then a data round; what arrived whole from each peer, and the peers
+        that did not answer. `header(nbytes)` -> our header words for a destination; raises
+        EPMismatchError (on every rank, before any data moves) if a peer's call differs."""
+        ex = self._exchange
+        parts = ex.participants()
+        empty = torch.empty(0, dtype=torch.uint8)
+        hs = [torch.tensor(header(sends.get(p, empty).numel()), dtype=torch.int64)
+              .view(torch.uint8) for p in parts]
+        hr = [torch.empty(_HEADER_BYTES, dtype=torch.uint8) for _ in parts]
+        failed = ex.alltoall(HEADER_ROUND, parts, hs, hr, deadline)
+        mine = header(0)
+        heard: dict[int, list[int]] = {}
+        problems = []
+        for p, h in zip(parts, hr, strict=True):
+            if p in failed:
+                continue
+            words = h.view(torch.int64).tolist()
+            problem = lay.header_mismatch(mine, words, p, self.rank)
+            if problem:
+                problems.append(problem)
+            heard[p] = words
+        if problems:
+            raise lay.EPMismatchError("expert-parallel call mismatch: " + "; ".join(problems))
+        parts2 = tuple(p for p in ex.participants() if p in parts)
+        out_s = [sends.get(p, empty) if p in heard else empty for p in parts2]
+        out_r = [alloc(p, heard[p][6]) if p in heard else empty for p in parts2]
+        failed |= ex.alltoall(data_code, parts2, out_s, out_r, deadline)
+        got = {p: r for p, r in zip(parts2, out_r, strict=True) if p in heard and p not in failed}
+        return got, failed | (set(range(self.group_size)) - set(parts2))
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, active_ranks: torch.Tensor,
+                 num_max_dispatch_tokens_per_rank: int, num_experts: int, timeout_us: int,
+                 use_fp8: bool = True, async_finish: bool = False,
+                 return_recv_hook: bool = False) -> tuple:
+        n, r = num_max_dispatch_tokens_per_rank, self.group_size
+        if not isinstance(x, torch.Tensor):
+            raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        device = x.device
+        xc = x.detach().to("cpu").contiguous()
+        idx = topk_idx.to("cpu").contiguous() if isinstance(topk_idx, torch.Tensor) else topk_idx
+        lay.check_dispatch(xc, idx, n, num_experts, r, use_fp8)
+        lay.check_active(active_ranks, r)
+        t, hidden = xc.shape
+        self._check_buffer(n, hidden, num_experts)
+        deadline = self._deadline(timeout_us)
+        local = num_experts // r
+        active = active_ranks.tolist()
+        parts = self._exchange.participants()
+        usable = self._usable(active, parts)
+        plan = lay.plan_dispatch(idx, num_experts, r, usable)
+        sends = self._pack_dispatch(xc, plan, use_fp8, local)
+        code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
+        rb = lay.row_bytes(hidden, use_fp8, xc.element_size())
+
+        def alloc(_p: int, nbytes: int) -> torch.Tensor:
+            return torch.empty(nbytes, dtype=torch.uint8)
+
+        got, failed = self._round(
+            DISPATCH_KIND, DISPATCH_ROUND,
+            lambda nb: lay.header_words(DISPATCH_KIND, n, hidden, num_experts, code, t, nb),
+            sends, alloc, deadline)
+        counts: list[list[int] | None] = [None] * r
+        for s, blob in got.items():
+            if usable[s] and blob.numel():
+                c = blob[:4 * local].view(torch.int32).tolist()
+                if 4 * local + sum(c) * rb != blob.numel():
+                    raise lay.EPMismatchError(f"rank {s} sent {blob.numel()} bytes for "
+                                              f"{sum(c)} rows of {rb} bytes")
+                counts[s] = c
+        layout = lay.recv_layout(counts, local)
+        recv_x, scales, src_info = self._unpack_dispatch(got, counts, layout, local, n, hidden,
+                                                         xc.dtype, use_fp8)
+        self._mark_inactive(active_ranks, usable, failed)
+        handle = DispatchHandle((src_info, layout.layout_range(), n, hidden, num_experts),
+                                plan, usable, layout)
+        recv_count = torch.tensor(layout.recv_count, dtype=torch.int32)
+        if device.type != "cpu":
+            recv_x, recv_count = recv_x.to(device), recv_count.to(device)
+            scales = scales.to(device) if scales is not None else None
+        out_x = (recv_x, scales) if use_fp8 else recv_x
+        return out_x, recv_count, handle, EventOverlap(), _done
+
+    def _pack_dispatch(self, x: torch.Tensor, plan: lay.SendPlan, fp8: bool,
+                       local: int) -> dict[int, torch.Tensor]:
+        """One blob per destination: counts per local expert (int32 [L]), the rows' token
+        indices (int32), the rows' data, then (fp8) their scales."""
+        if fp8:
+            data, sc = lay.quantize_fp8(x)
+            data = data.view(torch.uint8)
+        else:
+            data, sc = x, None
+        hidden = x.shape[1]
+        sends = {}
+        for d, c in enumerate(plan.rank_rows):
+            if not c:
+                continue
+            a = plan.row_offsets[d]
+            rows = plan.row_token[a:a + c]
+            dbytes = c * hidden * data.element_size()
+            sbytes = c * (hidden // lay.FP8_BLOCK) * 4 if fp8 else 0
+            blob = torch.empty(4 * (local + c) + dbytes + sbytes, dtype=torch.uint8)
+            blob[:4 * local].view(torch.int32).copy_(torch.tensor(plan.counts[d],
+                                                                  dtype=torch.int32))
+            blob[4 * local:4 * (local + c)].view(torch.int32).copy_(rows)
+            o = 4 * (local + c)
+            torch.index_select(data, 0, rows, out=blob[o:o + dbytes].view(data.dtype)
+                               .view(c, hidden))
+            if sc is not None:
+                torch.index_select(sc, 0, rows, out=blob[o + dbytes:].view(torch.float32)
+                                   .view(c, -1))
+            sends[d] = blob
+        return sends
+
+    def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
+                         layout: lay.RecvLayout, local: int, n: int, hidden: int,
+                         dtype: torch.dtype, fp8: bool):
+        r = self.group_size
+        stride = r * n
+        recv_x = torch.empty(local, stride, hidden,
+                             dtype=torch.float8_e4m3fn if fp8 else dtype)
+        src_info = torch.full((local, stride), -1, dtype=torch.int32)
+        scales = None
+        if fp8:
+            # column-major, as the reference's fast path lays it out: [L, hidden/128, R*N]
+            scales = torch.empty(local, hidden // lay.FP8_BLOCK, stride,
+                                 dtype=torch.float32).transpose(1, 2)
+        flat_x = recv_x.view(local * stride, hidden)
+        for s in range(r):
+            c = counts[s]
+            if c is None or not sum(c):
+                continue
+            blob, rows = got[s], sum(c)
+            idx = layout.flat_rows(s, stride)
+            o = 4 * (local + rows)
+            src_info.view(-1).index_copy_(0, idx, blob[4 * local:o].view(torch.int32))
+            esize = 1 if fp8 else recv_x.element_size()
+            data = blob[o:o + rows * hidden * esize].view(recv_x.dtype if not fp8
+                                                          else torch.uint8).view(rows, hidden)
+            if fp8:
+                flat_x.view(torch.uint8).index_copy_(0, idx, data)
+                sc = blob[o + rows * hidden:].view(torch.float32).view(rows, -1)
+                a = 0
+                for lx, (b, k) in enumerate(zip(layout.begin[s], c, strict=True)):
+                    if k:
+                        scales[lx, b:b + k].copy_(sc[a:a + k])
+                        a += k
+            else:
+                flat_x.index_copy_(0, idx, data)
+        return recv_x, scales, src_info
+
+    def _mark_inactive(self, active_ranks: torch.Tensor, usable: list[bool],
+                       failed: set[int]) -> None:
+        """Set to 0 every rank whose experts this call could not use; never set a 1."""
+        off = [i for i in range(self.group_size) if not usable[i] or i in failed]
+        if off:
+            active_ranks[off] = 0
+
+    # ---- combine --------------------------------------------------------------------------------
+    def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """The tensor [L, R*N, hidden] (bfloat16) that combine(..., zero_copy=True) reads the
+        expert outputs from: write them here instead of passing x."""
+        _src, _lr, n, hidden, num_experts = handle
+        shape = (num_experts // self.group_size, self.group_size * n, hidden)
+        if self._combine_buffer is None or tuple(self._combine_buffer.shape) != shape:
+            self._combine_buffer = torch.empty(shape, dtype=torch.bfloat16)
+        return self._combine_buffer
+
+    def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                active_ranks: torch.Tensor, timeout_us: int, handle: tuple,
+                zero_copy: bool = False, async_finish: bool = False,
+                return_recv_hook: bool = False, out: torch.Tensor | None = None) -> tuple:
+        if not isinstance(handle, DispatchHandle):
+            raise lay.EPConfigError("combine needs the handle that this Buffer's dispatch "
+                                    "returned")
+        _src, _lr, n, hidden, num_experts = handle
+        r, local = self.group_size, num_experts // self.group_size
+        plan, layout = handle.plan, handle.layout
+        if zero_copy:
+            if self._combine_buffer is None:
+                raise lay.EPConfigError("combine(zero_copy=True) before get_next_combine_buffer")
+            xs = self._combine_buffer
+        else:
+            xs = x
+        device = topk_idx.device if isinstance(topk_idx, torch.Tensor) else torch.device("cpu")
+        xs = xs.detach().to("cpu").contiguous() if isinstance(xs, torch.Tensor) else xs
+        idx = topk_idx.to("cpu") if isinstance(topk_idx, torch.Tensor) else topk_idx
+        w = topk_weights.to("cpu") if isinstance(topk_weights, torch.Tensor) else topk_weights
+        lay.check_combine(xs, idx, w, local, r, n, hidden, num_experts, plan.sel_row.shape[0])
+        if not torch.equal(idx, _sel_experts(plan, idx)):
+            raise lay.EPConfigError("combine topk_idx differs from the dispatch's")
+        lay.check_active(active_ranks, r)
+        if out is not None and (tuple(out.shape) != (idx.shape[0], hidden)):
+            raise lay.EPConfigError(f"out must have shape {(idx.shape[0], hidden)}, got "
+                                    f"{tuple(out.shape)}")
+        deadline = self._deadline(timeout_us)
+        stride = r * n
+        flat = xs.view(local * stride, hidden)
+        sends = {}
+        for s in range(r):
+            if sum(layout.counts[s]):
+                sends[s] = flat.index_select(0, layout.flat_rows(s, stride)).view(-1) \
+                    .view(torch.uint8)
+        rows_total = sum(plan.rank_rows)
+        answers = torch.empty(rows_total, hidden, dtype=xs.dtype)
+        offs = plan.row_offsets
+        row_b = hidden * xs.element_size()
+
+        def alloc(p: int, nbytes: int) -> torch.Tensor:
+            if nbytes == plan.rank_rows[p] * row_b:
+                a = offs[p]
+                return answers[a:a + plan.rank_rows[p]].view(-1).view(torch.uint8)
+            return torch.empty(nbytes, dtype=torch.uint8)  # not what we asked for: unused
+
+        code = lay.DTYPE_CODES[xs.dtype]
+        t = plan.sel_row.shape[0]
+        got, failed = self._round(
+            COMBINE_KIND, COMBINE_ROUND,
+            lambda nb: lay.header_words(COMBINE_KIND, n, hidden, num_experts, code, t, nb),
+            sends, alloc, deadline)
+        active = active_ranks.tolist()
+        dests = []
+        for d in range(r):
+            if not handle.sent_to[d] or not active[d] or not plan.rank_rows[d]:
+                continue
+            if d in got and got[d].numel() == plan.rank_rows[d] * row_b:
+                dests.append(d)
+            else:
+                failed.add(d)  # it did not answer (whole): its experts count as inactive
+        weights = lay.row_weights(plan, w, rows_total)
+        combined = torch.zeros(t, hidden, dtype=torch.float32)
+        lay.fold(combined, plan, answers, weights, dests)
+        self._mark_inactive(active_ranks, [True] * r, failed)
+        result = combined.to(xs.dtype)
+        if out is not None:
+            out.copy_(result)
+            result = out
+        elif device.type != "cpu":
+            result = result.to(device)
+        return result, EventOverlap(), _done
+
+
+def _sel_experts(plan: lay.SendPlan, idx: torch.Tensor) -> torch.Tensor:
+    """topk_idx as the plan saw it (the identity: a cheap guard that combine got the same
+    routing as its dispatch, comparing only the selections that were sent)."""
+    sent = plan.sel_row >= 0
+    if not bool(sent.any()):
+        return idx
+    same = idx.clone()
+    same[sent] = plan.row_expert[plan.sel_row[sent]]
+    return same

@@ -1,0 +1,301 @@
+"""Routing and layout of expert-parallel dispatch/combine, as pure functions over tensors.
+
+No I/O, no group: the shell (`buffer.py`) asks these functions what to send where, moves the
+bytes, and asks them how to lay out what arrived. Everything that can be wrong about a call is
+decided here, in-process, table-driven and testable without a single process spawned.
+
+Vocabulary (the DeepEP low-latency model): R ranks, E experts, L = E // R local experts per
+rank, expert e lives on rank e // L; N = the most tokens any rank dispatches in one step.
+
+A *row* is one (token, expert) pair: a token that selects an expert twice is sent to it once
+(the expert computes it once) and combine applies the sum of both weights, which is what the
+dense reference computes. Rows leave a source sorted by (expert, token), so each destination's
+rows are contiguous, grouped by local expert, in token order: the receiver can place them with
+one copy per (source, local expert) and the layout is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_BLOCK = 128  # channels per fp8 scale
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_AMAX = 1e-4  # scale floor, so an all-zero block does not divide by zero
+HEADER_WORDS = 8  # int64 words of the per-destination header (see header_words)
+EP_VERSION = 1
+X_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class EPConfigError(ValueError):
+    """A dispatch/combine argument is wrong at the caller (shape, dtype, range, size)."""
+
+
+class EPMismatchError(EPConfigError):
+    """Ranks called dispatch/combine with different N, hidden, num_experts or dtype."""
+
+
+# ---- sizes -------------------------------------------------------------------------------------
+def row_bytes(hidden: int, fp8: bool, itemsize: int) -> int:
+    """Bytes one dispatched row occupies on the wire: data, fp8 scales, its token index."""
+    return (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * itemsize) + 4
+
+
+def size_hint(n: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Bytes of exchange buffer one rank needs for the largest step: every one of its N tokens
+    may go to every local expert of every rank (dispatch, in float32), and come back (combine),
+    plus the received side of both. Deterministic and conservative, as the reference's hint."""
+    check_shape(n, hidden, num_ranks, num_experts)
+    local = num_experts // num_ranks
+    rows = n * num_ranks * local  # rows a rank may send (and receive), at most
+    return 2 * rows * (row_bytes(hidden, False, 4) + hidden * 4) + \
+        num_ranks * HEADER_WORDS * 8 * 2
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def check_shape(n: int, hidden: int, num_ranks: int, num_experts: int) -> None:
+    for name, v in (("num_max_dispatch_tokens_per_rank", n), ("hidden", hidden),
+                    ("num_ranks", num_ranks), ("num_experts", num_experts)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise EPConfigError(f"{name} must be a positive int, got {v!r}")
+    if num_experts % num_ranks:
+        raise EPConfigError(f"num_experts ({num_experts}) must be divisible by the number of "
+                            f"ranks ({num_ranks})")
+
+
+def check_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, n: int, num_experts: int,
+                   num_ranks: int, use_fp8: bool) -> None:
+    """Raise EPConfigError for anything dispatch cannot run on, before any byte moves."""
+    check_shape(n, x.shape[1] if x.dim() == 2 else 1, num_ranks, num_experts)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise EPConfigError(f"x must be a 2-D tensor [tokens, hidden], got shape "
+                            f"{tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in X_DTYPES:
+        raise EPConfigError(f"x must be bfloat16 or float32, got {x.dtype}")
+    t, hidden = x.shape
+    if use_fp8 and hidden % FP8_BLOCK:
+        raise EPConfigError(f"use_fp8 needs hidden divisible by {FP8_BLOCK}, got {hidden}")
+    check_topk(topk_idx, t, num_experts)
+    if t > n:
+        raise EPConfigError(f"x has {t} tokens, more than num_max_dispatch_tokens_per_rank "
+                            f"({n})")
+
+
+def check_topk(topk_idx: torch.Tensor, t: int, num_experts: int) -> None:
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 \
+            or topk_idx.dim() != 2:
+        raise EPConfigError(f"topk_idx must be a 2-D int64 tensor [tokens, k], got "
+                            f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} of shape "
+                            f"{tuple(getattr(topk_idx, 'shape', ()))}")
+    if topk_idx.shape[0] != t:
+        raise EPConfigError(f"topk_idx has {topk_idx.shape[0]} rows, x has {t} tokens")
+    if topk_idx.numel():
+        lo, hi = int(topk_idx.min()), int(topk_idx.max())
+        if lo < -1 or hi >= num_experts:
+            bad = lo if lo < -1 else hi
+            raise EPConfigError(f"topk_idx holds expert {bad}, outside -1..{num_experts - 1}")
+
+
+def check_active(active_ranks: torch.Tensor, num_ranks: int) -> None:
+    if not isinstance(active_ranks, torch.Tensor) or active_ranks.dtype != torch.int32 \
+            or active_ranks.shape != (num_ranks,):
+        raise EPConfigError(f"active_ranks must be an int32 tensor of shape ({num_ranks},), "
+                            f"got {getattr(active_ranks, 'dtype', type(active_ranks).__name__)} "
+                            f"{tuple(getattr(active_ranks, 'shape', ()))}")
+
+
+def check_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                  local: int, num_ranks: int, n: int, hidden: int, num_experts: int,
+                  tokens: int) -> None:
+    want = (local, num_ranks * n, hidden)
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+        raise EPConfigError(f"combine x must have shape {want} (local experts, R*N, hidden), "
+                            f"got {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in X_DTYPES:
+        raise EPConfigError(f"combine x must be bfloat16 or float32, got {x.dtype}")
+    check_topk(topk_idx, tokens, num_experts)
+    if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point() \
+            or tuple(topk_weights.shape) != tuple(topk_idx.shape):
+        raise EPConfigError(f"topk_weights must be a float tensor of topk_idx's shape "
+                            f"{tuple(topk_idx.shape)}, got "
+                            f"{getattr(topk_weights, 'dtype', None)} "
+                            f"{tuple(getattr(topk_weights, 'shape', ()))}")
+
+
+# ---- dispatch: what a source sends ---------------------------------------------------------------
+@dataclass
+class SendPlan:
+    """Where each of a source's rows goes, and how combine folds the answers back."""
+
+    row_token: torch.Tensor  # int64 [rows]: the token of each row, rows sorted (expert, token)
+    row_expert: torch.Tensor  # int64 [rows]
+    counts: list[list[int]]  # [R][L]: rows for each local expert of each destination
+    rank_rows: list[int]  # [R]: rows per destination (contiguous, in destination order)
+    sel_row: torch.Tensor  # int64 [T, k]: each selection's row, -1 if not sent
+
+    @property
+    def row_offsets(self) -> list[int]:
+        out, acc = [], 0
+        for c in self.rank_rows:
+            out.append(acc)
+            acc += c
+        return out
+
+
+def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
+                  usable: list[bool]) -> SendPlan:
+    """The rows a source sends: one per distinct (token, expert) pair whose expert lives on a
+    `usable` rank, sorted by (expert, token)."""
+    t, k = topk_idx.shape
+    local = num_experts // num_ranks
+    valid = topk_idx >= 0
+    if not all(usable):
+        ok = torch.tensor(usable, dtype=torch.bool)
+        valid &= ok[topk_idx.clamp(min=0) // local]
+    tok = torch.arange(t, dtype=torch.int64).unsqueeze(1).expand(t, k)
+    keys = topk_idx[valid] * max(t, 1) + tok[valid]
+    ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    row_expert = ukeys // max(t, 1)
+    row_token = ukeys - row_expert * max(t, 1)
+    per_expert = torch.bincount(row_expert, minlength=num_experts).view(num_ranks, local)
+    sel_row = torch.full((t, k), -1, dtype=torch.int64)
+    sel_row[valid] = inverse
+    counts = per_expert.tolist()
+    return SendPlan(row_token, row_expert, counts, [sum(c) for c in counts], sel_row)
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row, per-128-channel float8_e4m3fn: (data [T, hidden], scales float32 [T, hidden/128])
+    with x ~= data * scale and scale = max(amax, 1e-4) / 448."""
+    t, hidden = x.shape
+    blocks = x.view(t, hidden // FP8_BLOCK, FP8_BLOCK).float()
+    amax = blocks.abs().amax(dim=2).clamp(min=FP8_MIN_AMAX)
+    data = (blocks * (FP8_MAX / amax).unsqueeze(2)).to(torch.float8_e4m3fn).view(t, hidden)
+    return data, amax / FP8_MAX
+
+
+def dequantize_fp8(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values of fp8 `data` [..., hidden] with `scales` [..., hidden/128]."""
+    shape = data.shape
+    blocks = data.float().reshape(*shape[:-1], shape[-1] // FP8_BLOCK, FP8_BLOCK)
+    return (blocks * scales.unsqueeze(-1)).reshape(shape)
+
+
+# ---- the per-destination header -------------------------------------------------------------------
+DTYPE_CODES = {torch.bfloat16: 1, torch.float32: 2}
+FP8_CODE = 3
+
+
+def header_words(kind: int, n: int, hidden: int, num_experts: int, code: int, tokens: int,
+                 nbytes: int) -> list[int]:
+    """What one rank tells each other rank before an exchange: the call's shape (checked for
+    agreement) and how many bytes follow for that destination."""
+    return [EP_VERSION | kind << 8, n, hidden, num_experts, code, tokens, nbytes, 0]
+
+
+def header_mismatch(mine: list[int], theirs: list[int], peer: int, me: int) -> str:
+    """Why a peer's header disagrees with ours ("" if it agrees)."""
+    names = ("call", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "dtype")
+    for i, name in enumerate(names):
+        if mine[i] != theirs[i]:
+            what = {v: k for k, v in DTYPE_CODES.items()} | {FP8_CODE: "fp8"}
+            a, b = (what.get(theirs[i], theirs[i]), what.get(mine[i], mine[i])) if i == 4 \
+                else (theirs[i], mine[i])
+            if i == 0:
+                a, b = f"#{theirs[i] >> 8}", f"#{mine[i] >> 8}"
+            return f"rank {peer} used {name} {a}, rank {me} used {b}"
+    return ""
+
+
+# ---- dispatch: how a destination lays out what arrived -----------------------------------------------
+@dataclass
+class RecvLayout:
+    """Where the rows from each source land in recv_x (grouped by source rank, then token)."""
+
+    begin: list[list[int]]  # [R][L]: first row of source s's rows for local expert l
+    counts: list[list[int]]  # [R][L]: 0 for sources that sent nothing or did not answer
+    recv_count: list[int]  # [L]
+
+    def layout_range(self) -> torch.Tensor:
+        """int64 [L, R]: (begin << 32) | count, as the reference packs it."""
+        b = torch.tensor(self.begin, dtype=torch.int64).T
+        c = torch.tensor(self.counts, dtype=torch.int64).T
+        return (b << 32) | c
+
+    def flat_rows(self, src: int, stride: int) -> torch.Tensor:
+        """int64 indices into recv_x.view(L * stride, ...) of the rows from `src`, in the order
+        the source sent them (local expert, then token)."""
+        parts = [torch.arange(l * stride + b, l * stride + b + c, dtype=torch.int64)
+                 for l, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
+                 if c]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+def recv_layout(counts: list[list[int] | None], local: int) -> RecvLayout:
+    """Rows per (source, local expert) -> their place; a None entry is a source that sent
+    nothing (inactive, gone, or timed out)."""
+    begin = [[0] * local for _ in counts]
+    got = [c if c is not None else [0] * local for c in counts]
+    total = [0] * local
+    for s, row in enumerate(got):
+        for l, c in enumerate(row):
+            begin[s][l] = total[l]
+            total[l] += c
+    return RecvLayout(begin, got, total)
+
+
+def layout_from_range(layout_range: torch.Tensor) -> RecvLayout:
+    """The RecvLayout a dispatch handle's layout_range encodes (combine reads it back)."""
+    lr = layout_range.to(torch.int64)
+    begin = (lr >> 32).T.tolist()
+    counts = (lr & 0xFFFFFFFF).T.tolist()
+    return RecvLayout(begin, counts, [sum(c[l] for c in counts) for l in range(lr.shape[0])])
+
+
+# ---- combine: folding the answers -----------------------------------------------------------------
+def row_weights(plan: SendPlan, topk_weights: torch.Tensor, rows: int) -> torch.Tensor:
+    """float32 [rows]: the summed weight of every selection that maps to each row (a token that
+    picked an expert twice gets both weights on its one row)."""
+    w = torch.zeros(rows, dtype=torch.float32)
+    sel = plan.sel_row
+    valid = sel >= 0
+    if rows:
+        w.index_add_(0, sel[valid], topk_weights.to(torch.float32)[valid])
+    return w
+
+
+def fold(combined: torch.Tensor, plan: SendPlan, answers: torch.Tensor, weights: torch.Tensor,
+         dests: list[int]) -> None:
+    """combined [T, hidden] float32 += sum over the rows of `dests` of weight * answer.
+
+    `answers` [rows, hidden] holds every destination's answer at its row offset; only the
+    ranges of `dests` (those that answered whole, and are active) are read, so no unwritten or
+    partial row ever reaches the output."""
+    offs = plan.row_offsets
+    for d in dests:
+        a, c = offs[d], plan.rank_rows[d]
+        if c:
+            part = answers[a:a + c].to(torch.float32)
+            part.mul_(weights[a:a + c].unsqueeze(1))
+            combined.index_add_(0, plan.row_token[a:a + c], part)
+
+
+def dense_reference(xs: list[torch.Tensor], topks: list[torch.Tensor],
+                    weights: list[torch.Tensor], num_experts: int, num_ranks: int,
+                    expert_fn, dead: frozenset[int] = frozenset()) -> list[torch.Tensor]:
+    """The single-process answer every rank's combine must give: for each rank's tokens,
+    sum_k w * expert_fn(x, e) over selections whose expert is not on a `dead` rank, in
+    float32. (Used by the tests and the benchmark's self-check.)"""
+    local = num_experts // num_ranks
+    out = []
+    for x, idx, w in zip(xs, topks, weights, strict=True):
+        acc = torch.zeros(x.shape, dtype=torch.float32)
+        for t in range(x.shape[0]):
+            for j in range(idx.shape[1]):
+                e = int(idx[t, j])
+                if e < 0 or e // local in dead:
+                    continue
+                acc[t] += float(w[t, j]) * expert_fn(x[t].float(), e)
+        out.append(acc)
+    return out
