@@ -104,14 +104,14 @@ class Progress:
 
     def status(self, now: float) -> str:
         mask = "".join("#" if a else "." for a in self.mask) or "-"
-        return (f"[{self.elapsed(now):6.2f}s] {self.mode:8s} step {self.step:4d}/{self.steps}"
+        return (f"[{self.elapsed(now):6.2f}s] {self.mode:8s} step {self.step:4d}"
                 f"  {self.rate():8,.0f} req/s  ranks {mask}  epoch {self.epoch:2d}  "
                 f"checks {self.checks - self.bad_checks}/{self.checks} ok  {self.what}")
 
 
 class PlainView:
     def __init__(self, progress: Progress, out: TextIO = sys.stdout) -> None:
-        self.p, self.out, self.last = progress, out, 0.0
+        self.p, self.out, self.last, self.shown = progress, out, 0.0, ""
 
     def __enter__(self) -> PlainView:
         return self
@@ -124,10 +124,12 @@ class PlainView:
         for line in self.p.news:
             print(line, file=self.out, flush=True)
         self.p.news.clear()
-        if force or now - self.last >= PLAIN_EVERY:
+        if (force or now - self.last >= PLAIN_EVERY) and self.p.t0 is not None:
             self.last = now
-            if self.p.t0 is not None:
-                print(self.p.status(now), file=self.out, flush=True)
+            line = self.p.status(now)
+            if line.split("] ", 1)[1] != self.shown:  # only when something moved
+                self.shown = line.split("] ", 1)[1]
+                print(line, file=self.out, flush=True)
 
 
 class RichView:
@@ -150,7 +152,7 @@ class RichView:
         now = time.time()
         p = self.p
         mask = " ".join("[green]#[/]" if a else "[red]x[/]" for a in p.mask) or "-"
-        t.add_row("step", f"{p.step} / {p.steps}", "requests/s", f"{p.rate():,.0f}")
+        t.add_row("step", str(p.step), "requests/s", f"{p.rate():,.0f}")
         t.add_row("ranks", mask, "epoch", str(p.epoch))
         t.add_row("checks", f"{p.checks - p.bad_checks}/{p.checks} equal the reference",
                   "elapsed", f"{p.elapsed(now):.1f} s")

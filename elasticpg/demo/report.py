@@ -76,6 +76,7 @@ def analyse(events: Sequence[Event], settings: dict[str, Any]) -> dict[str, Any]
         }
     if start and t_kill is not None:
         replacement["kill_to_process_start_ms"] = _ms(start["started"] - t_kill)
+        replacement["python_and_torch_import_ms"] = _ms(start["imported"] - start["started"])
 
     def rate(lo: float | None, hi: float | None) -> float | None:
         if lo is None or hi is None or hi <= lo:
@@ -178,6 +179,10 @@ REPORT_ROWS = [
      lambda r: _fmt(r["median_step_before_ms"], " ms")),
     ("replacement: process start -> active",
      lambda r: _fmt(r["replacement"].get("start_to_active_ms"), " ms")),
+    ("replacement: SIGKILL -> its process started",
+     lambda r: _fmt(r["replacement"].get("kill_to_process_start_ms"), " ms")),
+    ("replacement: python + import torch, elasticpg",
+     lambda r: _fmt(r["replacement"].get("python_and_torch_import_ms"), " ms")),
     ("replacement: warm-up (isolated)", lambda r: _fmt(r["replacement"].get("warmup_ms"), " ms")),
     ("replacement: join_group -> active",
      lambda r: _fmt(r["replacement"].get("join_call_to_active_ms"), " ms")),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-STARTED = time.time()  # before the heavy imports: the replacement's "process start"
+IMPORTED = time.time()  # when this module began: after python and elasticpg (torch) loaded
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -42,6 +42,22 @@ from .settings import DemoSettings  # noqa: E402
 
 EVENT_PREFIX = "@demo "
 SYNC_POLL = 0.005  # seconds between recovery-phase rounds in sync mode (pacing, not a wait)
+
+
+def process_start() -> float:
+    """When this process was created (Linux: its /proc start time, in clock ticks since boot,
+    against CLOCK_BOOTTIME now), so a replacement's start-to-active includes starting Python
+    and importing torch; elsewhere the time this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return IMPORTED
+
+
+STARTED = process_start()
 
 
 def emit(kind: str, **fields: object) -> None:
@@ -95,7 +111,7 @@ class Rank:
             slots = self.placement.route(picks, ids, mask)
             recv_x, recv_count, handle, _, _ = self.buffer.dispatch(
                 h, slots, active, s.max_tokens_per_rank, self.placement.num_slots,
-                self.timeout_us)
+                self.timeout_us, use_fp8=False)
             if kill_now and layer == s.layers // 2:
                 emit("kill", rank=self.rank, step=self.step, layer=layer)
                 os.kill(os.getpid(), signal.SIGKILL)  # for real: no cleanup, no goodbye
@@ -234,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     s = DemoSettings.from_json(args[0])
     torch.set_num_threads(1)
     emit("start", rank=int(os.environ.get("RANK", "-1")), pid=os.getpid(), started=STARTED,
-         restart=restart_count(), replacement=elasticpg.is_replacement())
+         imported=IMPORTED, restart=restart_count(), replacement=elasticpg.is_replacement())
     dist.init_process_group("elasticpg", timeout=timedelta(seconds=s.op_timeout))
     try:
         me = Rank(s)

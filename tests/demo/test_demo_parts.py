@@ -169,7 +169,7 @@ def synthetic_run():
         for r, (b, e) in zip(ranks, split, strict=True):
             ev.append(_step(r, step, t0 + 0.01 * (step == 5), t1 + 0.02 * (step == 5),
                             step * 8 + b, step * 8 + e, mask, err=0.0 if step % 5 == 0 else None))
-    ev.append({"ev": "start", "rank": 1, "pid": 9, "started": 0.6, "restart": 1,
+    ev.append({"ev": "start", "rank": 1, "pid": 9, "started": 0.6, "imported": 0.7, "restart": 1,
                "replacement": True, "t": 0.6})
     ev.append({"ev": "warmup_start", "rank": 1, "isolated": True, "t": 0.8})
     ev.append({"ev": "warmup_end", "rank": 1, "passes": 40, "t": 1.4})
