@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from elasticpg.ep import layout as lay
 
-from .harness import error_name, init_group
+from .harness import init_group
 
 HIDDEN, N, EXPERTS, TOPK = 256, 16, 8, 3
 
@@ -125,3 +125,113 @@ def test_dispatch_combine_equal_the_dense_reference(pool, world):
         for step, ok, active, dtype_ok, problems in rank_res:
             assert ok, f"step {step} differs from the dense reference"
             assert active == [1] * world and dtype_ok and not problems, (step, problems)
+
+
+# ---- failures -------------------------------------------------------------------------------------
+def _buffer(rank: int, world: int, port: int, **init):
+    from elasticpg.ep import Buffer
+
+    init_group(rank, world, port, **init)
+    return Buffer(dist.group.WORLD)
+
+
+def _steps(buf, rank, world, first, count, dead, active, dtype=torch.float32):
+    """Steps first..first+count-1 with `dead`'s experts gone; whether each matched."""
+    out = []
+    for step in range(first, first + count):
+        combined, ref, _x, _ = ep_step(buf, rank, world, step, dtype, False, active, dead)
+        out.append(_close(combined, ref, TOL[dtype]))
+    return out
+
+
+def job_dies_between_dispatch_and_combine(rank: int, world: int, port: int) -> dict:
+    buf = _buffer(rank, world, port)
+    active = torch.ones(world, dtype=torch.int32)
+    ok = _steps(buf, rank, world, 0, 2, frozenset(), active)
+
+    def victim_exits():
+        if rank == 3:
+            os._exit(0)  # after its dispatch, before its combine
+
+    combined, ref, _x, _ = ep_step(buf, rank, world, 2, torch.float32, False, active,
+                                   frozenset({3}), before_combine=victim_exits)
+    ok.append(_close(combined, ref, TOL[torch.float32]))
+    after = active.tolist()
+    ok += _steps(buf, rank, world, 3, 3, frozenset({3}), active)
+    return {"ok": ok, "active": after, "mask": dist.get_world_size()}
+
+
+def test_a_rank_that_dies_between_dispatch_and_combine(pool):
+    res = pool.run_raw(job_dies_between_dispatch_and_combine, world=4, timeout=90)
+    assert res[3].status == "dead"
+    for r in (0, 1, 2):
+        assert res[r].status == "ok", res[r].value
+        v = res[r].value
+        assert all(v["ok"]), v
+        assert v["active"] == [1, 1, 1, 0], v
+
+
+def job_dies_inside_a_dispatch(rank: int, world: int, port: int) -> dict:
+    """Rank 2 dies after posting the first window of its dispatch data (a 4 KiB window, so
+    its rows span several): the others hold part of its rows, and must use none of them."""
+    from elasticpg.collectives.shm_exchange import ShmOp
+    from elasticpg.ep.exchange import DISPATCH_ROUND
+
+    buf = _buffer(rank, world, port, env={"ELASTICPG_SHM_WINDOW": "4096"})
+    active = torch.ones(world, dtype=torch.int32)
+    ok = _steps(buf, rank, world, 0, 1, frozenset(), active)
+    if rank == 2:
+        post = ShmOp.post
+
+        def post_then_die(self, k, *args, **kw):
+            if self.ctx.spec.root == DISPATCH_ROUND and k == 1:
+                os._exit(0)
+            return post(self, k, *args, **kw)
+
+        ShmOp.post = post_then_die
+    ok += _steps(buf, rank, world, 1, 4, frozenset({2}), active)
+    return {"ok": ok, "active": active.tolist()}
+
+
+def test_a_rank_that_dies_inside_a_dispatch(pool):
+    res = pool.run_raw(job_dies_inside_a_dispatch, world=4, timeout=90)
+    assert res[2].status == "dead"
+    for r in (0, 1, 3):
+        assert res[r].status == "ok", res[r].value
+        assert all(res[r].value["ok"]) and res[r].value["active"] == [1, 1, 0, 1], res[r].value
+
+
+def job_hung_rank_times_out(rank: int, world: int, port: int) -> dict:
+    """A SIGSTOPped rank: dispatch gives up on it after timeout_us, marks it 0, and the step's
+    results are those without its experts."""
+    import signal
+
+    buf = _buffer(rank, world, port)
+    active = torch.ones(world, dtype=torch.int32)
+    ok = _steps(buf, rank, world, 0, 1, frozenset(), active)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    x, idx, w = step_inputs(rank, 1, torch.float32)
+    import time as _t
+
+    t0 = _t.monotonic()
+    recv, count, handle, _e, _h = buf.dispatch(x, idx, active, N, EXPERTS, 500_000,
+                                               use_fp8=False)
+    waited = _t.monotonic() - t0
+    y = run_experts(buf, recv, count, rank, EXPERTS, False)
+    combined, _ev, _hk = buf.combine(y, idx, w, active, 500_000, handle)
+    xs, idxs, ws = zip(*(step_inputs(r, 1, torch.float32) for r in range(world)), strict=True)
+    ref = lay.dense_reference(list(xs), list(idxs), list(ws), EXPERTS, world, expert_fn,
+                              frozenset({1}))
+    ok.append(_close(combined, ref[rank], TOL[torch.float32]))
+    ok += _steps(buf, rank, world, 2, 2, frozenset({1}), active)
+    return {"ok": ok, "active": active.tolist(), "waited": waited}
+
+
+def test_a_hung_rank_is_given_up_after_timeout_us(pool):
+    res = pool.run_raw(job_hung_rank_times_out, world=4, timeout=90, victim=1)
+    for r in (0, 2, 3):
+        assert res[r].status == "ok", res[r].value
+        v = res[r].value
+        assert all(v["ok"]) and v["active"] == [1, 0, 1, 1], v
+        assert 0.4 < v["waited"] < 5.0, v  # bounded by timeout_us, not by the group's 10 s

@@ -16,7 +16,6 @@ past recv_count are never read and are not cleared.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -95,7 +94,7 @@ class Buffer:
         ex = self._exchange
         parts = ex.participants()
         empty = [torch.empty(0, dtype=torch.uint8) for _ in parts]
-        failed = ex.alltoall(MEMBER_ROUND, parts, empty, list(empty), self._deadline(-1))
+        failed = ex.alltoall(MEMBER_ROUND, parts, empty, list(empty), self._bound(-1))
         self.members = set(parts) - failed
 
     @staticmethod
@@ -104,12 +103,11 @@ class Buffer:
         return lay.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ---- helpers --------------------------------------------------------------------------------
-    def _deadline(self, timeout_us: int) -> float:
+    def _bound(self, timeout_us: int) -> float:
         if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < -1:
             raise lay.EPConfigError(f"timeout_us must be an int >= -1 (-1: the group's "
                                     f"operation timeout), got {timeout_us!r}")
-        bound = self.runtime.timeout if timeout_us < 0 else timeout_us / 1e6
-        return time.monotonic() + bound
+        return self.runtime.timeout if timeout_us < 0 else timeout_us / 1e6
 
     def _check_buffer(self, n: int, hidden: int, num_experts: int) -> None:
         if self.num_ep_buffer_bytes:
@@ -124,36 +122,46 @@ class Buffer:
         inview = set(parts) & self.members
         return [bool(active[r]) and r in inview for r in range(self.group_size)]
 
-    def _round(self, kind: int, data_code: int, header: Callable[[int], list[int]],
+    def _round(self, data_code: int, parts: tuple[int, ...], header: Callable[[int], list[int]],
                sends: dict[int, torch.Tensor], alloc: Callable[[int, int], torch.Tensor],
-               deadline: float) -> tuple[dict[int, torch.Tensor], set[int]]:
-        """A header round then a data round; what arrived whole from each peer, and the peers
-        that did not answer. `header(nbytes)` -> our header words for a destination; raises
-        EPMismatchError (on every rank, before any data moves) if a peer's call differs."""
+               bound: float, problem: lay.EPConfigError | None
+               ) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """A header round then a data round; what arrived whole from each peer, and the ranks
+        whose bytes did not (failed, timed out, or outside the view).
+
+        `header(nbytes)`: our header words for a destination. `problem`: this rank's own
+        arguments were bad; it still takes part in the header round (with a rejected header,
+        so that the others raise instead of waiting for its data), then raises it. A peer whose
+        call differs (EPMismatchError) or that rejected its arguments makes every rank raise
+        before any data moves, so the group stays in step and usable."""
         ex = self._exchange
-        parts = ex.participants()
         empty = torch.empty(0, dtype=torch.uint8)
-        hs = [torch.tensor(header(sends.get(p, empty).numel()), dtype=torch.int64)
+        words = (lambda _nb: lay.rejected_header()) if problem is not None else header
+        hs = [torch.tensor(words(sends.get(p, empty).numel()), dtype=torch.int64)
               .view(torch.uint8) for p in parts]
         hr = [torch.empty(_HEADER_BYTES, dtype=torch.uint8) for _ in parts]
-        failed = ex.alltoall(HEADER_ROUND, parts, hs, hr, deadline)
+        failed = ex.alltoall(HEADER_ROUND, parts, hs, hr, bound)
+        if problem is not None:
+            raise problem
         mine = header(0)
         heard: dict[int, list[int]] = {}
-        problems = []
+        problems, rejected = [], False
         for p, h in zip(parts, hr, strict=True):
             if p in failed:
                 continue
-            words = h.view(torch.int64).tolist()
-            problem = lay.header_mismatch(mine, words, p, self.rank)
-            if problem:
-                problems.append(problem)
-            heard[p] = words
+            theirs = h.view(torch.int64).tolist()
+            why = lay.header_mismatch(mine, theirs, p, self.rank)
+            if why:
+                problems.append(why)
+                rejected |= theirs[0] >> 8 == lay.REJECTED
+            heard[p] = theirs
         if problems:
-            raise lay.EPMismatchError("expert-parallel call mismatch: " + "; ".join(problems))
+            cls = lay.EPConfigError if rejected else lay.EPMismatchError
+            raise cls("expert-parallel call refused: " + "; ".join(problems))
         parts2 = tuple(p for p in ex.participants() if p in parts)
         out_s = [sends.get(p, empty) if p in heard else empty for p in parts2]
         out_r = [alloc(p, heard[p][6]) if p in heard else empty for p in parts2]
-        failed |= ex.alltoall(data_code, parts2, out_s, out_r, deadline)
+        failed |= ex.alltoall(data_code, parts2, out_s, out_r, bound)
         got = {p: r for p, r in zip(parts2, out_r, strict=True) if p in heard and p not in failed}
         return got, failed | (set(range(self.group_size)) - set(parts2))
 
@@ -163,32 +171,36 @@ class Buffer:
                  use_fp8: bool = True, async_finish: bool = False,
                  return_recv_hook: bool = False) -> tuple:
         n, r = num_max_dispatch_tokens_per_rank, self.group_size
-        if not isinstance(x, torch.Tensor):
-            raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        device = x.device
-        xc = x.detach().to("cpu").contiguous()
-        idx = topk_idx.to("cpu").contiguous() if isinstance(topk_idx, torch.Tensor) else topk_idx
-        lay.check_dispatch(xc, idx, n, num_experts, r, use_fp8)
-        lay.check_active(active_ranks, r)
-        t, hidden = xc.shape
-        self._check_buffer(n, hidden, num_experts)
-        deadline = self._deadline(timeout_us)
-        local = num_experts // r
-        active = active_ranks.tolist()
         parts = self._exchange.participants()
-        usable = self._usable(active, parts)
-        plan = lay.plan_dispatch(idx, num_experts, r, usable)
-        sends = self._pack_dispatch(xc, plan, use_fp8, local)
-        code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
-        rb = lay.row_bytes(hidden, use_fp8, xc.element_size())
+        problem, bound = None, self.runtime.timeout
+        try:
+            if not isinstance(x, torch.Tensor):
+                raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
+            device = x.device
+            xc = x.detach().to("cpu").contiguous()
+            idx = topk_idx.to("cpu").contiguous() if isinstance(topk_idx, torch.Tensor) \
+                else topk_idx
+            lay.check_dispatch(xc, idx, n, num_experts, r, use_fp8)
+            lay.check_active(active_ranks, r)
+            t, hidden = xc.shape
+            self._check_buffer(n, hidden, num_experts)
+            bound = self._bound(timeout_us)
+            local = num_experts // r
+            usable = self._usable(active_ranks.tolist(), parts)
+            plan = lay.plan_dispatch(idx, num_experts, r, usable)
+            sends = self._pack_dispatch(xc, plan, use_fp8, local)
+            code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
+            rb = lay.row_bytes(hidden, use_fp8, xc.element_size())
+        except lay.EPConfigError as exc:
+            problem, sends = exc, {}
 
         def alloc(_p: int, nbytes: int) -> torch.Tensor:
             return torch.empty(nbytes, dtype=torch.uint8)
 
         got, failed = self._round(
-            DISPATCH_KIND, DISPATCH_ROUND,
+            DISPATCH_ROUND, parts,
             lambda nb: lay.header_words(DISPATCH_KIND, n, hidden, num_experts, code, t, nb),
-            sends, alloc, deadline)
+            sends, alloc, bound, problem)
         counts: list[list[int] | None] = [None] * r
         for s, blob in got.items():
             if usable[s] and blob.numel():
@@ -299,41 +311,49 @@ class Buffer:
                 active_ranks: torch.Tensor, timeout_us: int, handle: tuple,
                 zero_copy: bool = False, async_finish: bool = False,
                 return_recv_hook: bool = False, out: torch.Tensor | None = None) -> tuple:
-        if not isinstance(handle, DispatchHandle):
-            raise lay.EPConfigError("combine needs the handle that this Buffer's dispatch "
-                                    "returned")
-        _src, _lr, n, hidden, num_experts = handle
-        r, local = self.group_size, num_experts // self.group_size
-        plan, layout = handle.plan, handle.layout
-        if zero_copy:
-            if self._combine_buffer is None:
-                raise lay.EPConfigError("combine(zero_copy=True) before get_next_combine_buffer")
-            xs = self._combine_buffer
-        else:
-            xs = x
-        device = topk_idx.device if isinstance(topk_idx, torch.Tensor) else torch.device("cpu")
-        xs = xs.detach().to("cpu").contiguous() if isinstance(xs, torch.Tensor) else xs
-        idx = topk_idx.to("cpu") if isinstance(topk_idx, torch.Tensor) else topk_idx
-        w = topk_weights.to("cpu") if isinstance(topk_weights, torch.Tensor) else topk_weights
-        lay.check_combine(xs, idx, w, local, r, n, hidden, num_experts, plan.sel_row.shape[0])
-        if not torch.equal(idx, _sel_experts(plan, idx)):
-            raise lay.EPConfigError("combine topk_idx differs from the dispatch's")
-        lay.check_active(active_ranks, r)
-        if out is not None and (tuple(out.shape) != (idx.shape[0], hidden)):
-            raise lay.EPConfigError(f"out must have shape {(idx.shape[0], hidden)}, got "
-                                    f"{tuple(out.shape)}")
-        deadline = self._deadline(timeout_us)
-        stride = r * n
-        flat = xs.view(local * stride, hidden)
-        sends = {}
-        for s in range(r):
-            if sum(layout.counts[s]):
-                sends[s] = flat.index_select(0, layout.flat_rows(s, stride)).view(-1) \
-                    .view(torch.uint8)
-        rows_total = sum(plan.rank_rows)
-        answers = torch.empty(rows_total, hidden, dtype=xs.dtype)
-        offs = plan.row_offsets
-        row_b = hidden * xs.element_size()
+        r = self.group_size
+        parts = self._exchange.participants()
+        problem, bound = None, self.runtime.timeout
+        try:
+            if not isinstance(handle, DispatchHandle):
+                raise lay.EPConfigError("combine needs the handle that this Buffer's dispatch "
+                                        "returned")
+            _src, _lr, n, hidden, num_experts = handle
+            local = num_experts // r
+            plan, layout = handle.plan, handle.layout
+            if zero_copy and self._combine_buffer is None:
+                raise lay.EPConfigError("combine(zero_copy=True) before "
+                                        "get_next_combine_buffer")
+            xs = self._combine_buffer if zero_copy else x
+            device = topk_idx.device if isinstance(topk_idx, torch.Tensor) \
+                else torch.device("cpu")
+            xs = xs.detach().to("cpu").contiguous() if isinstance(xs, torch.Tensor) else xs
+            idx = topk_idx.to("cpu") if isinstance(topk_idx, torch.Tensor) else topk_idx
+            w = topk_weights.to("cpu") if isinstance(topk_weights, torch.Tensor) \
+                else topk_weights
+            t = plan.sel_row.shape[0]
+            lay.check_combine(xs, idx, w, local, r, n, hidden, num_experts, t)
+            if not torch.equal(idx, _sel_experts(plan, idx)):
+                raise lay.EPConfigError("combine topk_idx differs from the dispatch's")
+            lay.check_active(active_ranks, r)
+            if out is not None and (tuple(out.shape) != (t, hidden)):
+                raise lay.EPConfigError(f"out must have shape {(t, hidden)}, got "
+                                        f"{tuple(out.shape)}")
+            bound = self._bound(timeout_us)
+            stride = r * n
+            flat = xs.view(local * stride, hidden)
+            sends = {}
+            for s in range(r):
+                if sum(layout.counts[s]):
+                    sends[s] = flat.index_select(0, layout.flat_rows(s, stride)).view(-1) \
+                        .view(torch.uint8)
+            rows_total = sum(plan.rank_rows)
+            answers = torch.empty(rows_total, hidden, dtype=xs.dtype)
+            offs = plan.row_offsets
+            row_b = hidden * xs.element_size()
+            code = lay.DTYPE_CODES[xs.dtype]
+        except lay.EPConfigError as exc:
+            problem, sends = exc, {}
 
         def alloc(p: int, nbytes: int) -> torch.Tensor:
             if nbytes == plan.rank_rows[p] * row_b:
@@ -341,12 +361,10 @@ class Buffer:
                 return answers[a:a + plan.rank_rows[p]].view(-1).view(torch.uint8)
             return torch.empty(nbytes, dtype=torch.uint8)  # not what we asked for: unused
 
-        code = lay.DTYPE_CODES[xs.dtype]
-        t = plan.sel_row.shape[0]
         got, failed = self._round(
-            COMBINE_KIND, COMBINE_ROUND,
+            COMBINE_ROUND, parts,
             lambda nb: lay.header_words(COMBINE_KIND, n, hidden, num_experts, code, t, nb),
-            sends, alloc, deadline)
+            sends, alloc, bound, problem)
         active = active_ranks.tolist()
         dests = []
         for d in range(r):

@@ -11,6 +11,7 @@ call), and is reported to the group as failed so that every member stops waiting
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -37,16 +38,18 @@ class Exchange:
         return self.rt.prepare()
 
     def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list[torch.Tensor],
-                 recvs: list[torch.Tensor], deadline: float) -> set[int]:
+                 recvs: list[torch.Tensor], bound: float) -> set[int]:
         """recvs[i] = the bytes participant parts[i] sent us; sends[i] goes to it. Sizes are
         agreed beforehand (a header round). Returns the peers whose bytes did not arrive whole
-        (failed, excluded, or past `deadline`); their recvs hold no meaning."""
+        (failed, excluded, or silent for `bound` seconds from the start of this round); their
+        recvs hold no meaning. Each round has its own bound: a peer given up on in one round
+        must not leave the others none to answer the next."""
         rt = self.rt
         spec = OpSpec(OpKind.ALLTOALL_SINGLE, _UINT8, 0, round_code)
         lane = rt.lane()
         ctx = lane.begin(spec) if lane is not None and parts == lane.ctx.participants \
             else rt.new_op(spec, parts)
-        ctx.deadline = min(ctx.deadline, deadline)
+        ctx.deadline = time.monotonic() + bound
         ctx.give_up_on_timeout = True
         ctx.timed_out.clear()
 

@@ -36,7 +36,7 @@ class EPMismatchError(EPConfigError):
     """Ranks called dispatch/combine with different N, hidden, num_experts or dtype."""
 
 
-# ---- sizes -------------------------------------------------------------------------------------
+# ---- sizes --------------------------------------------------------------------------------------
 def row_bytes(hidden: int, fp8: bool, itemsize: int) -> int:
     """Bytes one dispatched row occupies on the wire: data, fp8 scales, its token index."""
     return (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * itemsize) + 4
@@ -123,7 +123,7 @@ def check_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
                             f"{tuple(getattr(topk_weights, 'shape', ()))}")
 
 
-# ---- dispatch: what a source sends ---------------------------------------------------------------
+# ---- dispatch: what a source sends --------------------------------------------------------------
 @dataclass
 class SendPlan:
     """Where each of a source's rows goes, and how combine folds the answers back."""
@@ -182,7 +182,7 @@ def dequantize_fp8(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (blocks * scales.unsqueeze(-1)).reshape(shape)
 
 
-# ---- the per-destination header -------------------------------------------------------------------
+# ---- the per-destination header -----------------------------------------------------------------
 DTYPE_CODES = {torch.bfloat16: 1, torch.float32: 2}
 FP8_CODE = 3
 
@@ -194,21 +194,35 @@ def header_words(kind: int, n: int, hidden: int, num_experts: int, code: int, to
     return [EP_VERSION | kind << 8, n, hidden, num_experts, code, tokens, nbytes, 0]
 
 
+REJECTED = 0xFF  # the call kind in the header of a rank whose own arguments were bad
+CALL_NAMES = {1: "dispatch", 2: "combine", REJECTED: "a call it rejected"}
+
+
+def rejected_header() -> list[int]:
+    """The header a rank sends when its own arguments were bad: the others then raise too,
+    instead of waiting for data that is not coming."""
+    return [EP_VERSION | REJECTED << 8] + [0] * (HEADER_WORDS - 1)
+
+
 def header_mismatch(mine: list[int], theirs: list[int], peer: int, me: int) -> str:
     """Why a peer's header disagrees with ours ("" if it agrees)."""
+    if theirs[0] >> 8 == REJECTED:
+        return f"rank {peer} rejected its own arguments (its error says why)"
     names = ("call", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "dtype")
+    dtypes = {v: str(k).removeprefix("torch.") for k, v in DTYPE_CODES.items()} | \
+        {FP8_CODE: "fp8"}
     for i, name in enumerate(names):
         if mine[i] != theirs[i]:
-            what = {v: k for k, v in DTYPE_CODES.items()} | {FP8_CODE: "fp8"}
-            a, b = (what.get(theirs[i], theirs[i]), what.get(mine[i], mine[i])) if i == 4 \
-                else (theirs[i], mine[i])
+            a, b = theirs[i], mine[i]
             if i == 0:
-                a, b = f"#{theirs[i] >> 8}", f"#{mine[i] >> 8}"
+                a, b = CALL_NAMES.get(a >> 8, a >> 8), CALL_NAMES.get(b >> 8, b >> 8)
+            elif i == 4:
+                a, b = dtypes.get(a, a), dtypes.get(b, b)
             return f"rank {peer} used {name} {a}, rank {me} used {b}"
     return ""
 
 
-# ---- dispatch: how a destination lays out what arrived -----------------------------------------------
+# ---- dispatch: how a destination lays out what arrived ------------------------------------------
 @dataclass
 class RecvLayout:
     """Where the rows from each source land in recv_x (grouped by source rank, then token)."""
@@ -226,8 +240,8 @@ class RecvLayout:
     def flat_rows(self, src: int, stride: int) -> torch.Tensor:
         """int64 indices into recv_x.view(L * stride, ...) of the rows from `src`, in the order
         the source sent them (local expert, then token)."""
-        parts = [torch.arange(l * stride + b, l * stride + b + c, dtype=torch.int64)
-                 for l, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
+        parts = [torch.arange(e * stride + b, e * stride + b + c, dtype=torch.int64)
+                 for e, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
                  if c]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
@@ -239,9 +253,9 @@ def recv_layout(counts: list[list[int] | None], local: int) -> RecvLayout:
     got = [c if c is not None else [0] * local for c in counts]
     total = [0] * local
     for s, row in enumerate(got):
-        for l, c in enumerate(row):
-            begin[s][l] = total[l]
-            total[l] += c
+        for e, c in enumerate(row):
+            begin[s][e] = total[e]
+            total[e] += c
     return RecvLayout(begin, got, total)
 
 
@@ -250,10 +264,10 @@ def layout_from_range(layout_range: torch.Tensor) -> RecvLayout:
     lr = layout_range.to(torch.int64)
     begin = (lr >> 32).T.tolist()
     counts = (lr & 0xFFFFFFFF).T.tolist()
-    return RecvLayout(begin, counts, [sum(c[l] for c in counts) for l in range(lr.shape[0])])
+    return RecvLayout(begin, counts, [sum(c[e] for c in counts) for e in range(lr.shape[0])])
 
 
-# ---- combine: folding the answers -----------------------------------------------------------------
+# ---- combine: folding the answers ---------------------------------------------------------------
 def row_weights(plan: SendPlan, topk_weights: torch.Tensor, rows: int) -> torch.Tensor:
     """float32 [rows]: the summed weight of every selection that maps to each row (a token that
     picked an expert twice gets both weights on its one row)."""
