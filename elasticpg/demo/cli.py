@@ -33,7 +33,7 @@ from .report import all_checks_ok, analyse, ascii_timeline, render, write_png
 from .settings import JOIN_MODES, DemoSettings, SettingsError, validate
 from .worker import EVENT_PREFIX
 
-LAUNCHER_GRACE = 5.0  # seconds the launcher gives workers after Ctrl-C before SIGKILL
+LAUNCHER_GRACE = 3.0  # seconds the launcher gives workers after Ctrl-C before SIGKILL
 EXIT_MARGIN = 30.0  # seconds past --timeout before the conductor ends the launcher itself
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 Event = dict[str, Any]
 BIN = 0.2  # seconds per throughput bin in the timelines
+SMOOTH = 5  # bins in the PNG's moving average
 
 
 def _first(events: Iterable[Event], kind: str) -> Event | None:
@@ -94,6 +95,14 @@ def analyse(events: Sequence[Event], settings: dict[str, Any]) -> dict[str, Any]
     normal = [(b[0] - a[0]) for a, b in zip(ends, ends[1:], strict=False)
               if t_kill is None or b[0] < t_kill]
 
+    # time nobody was served: gaps of more than 3 normal steps after the kill, less one step;
+    # with requests arriving at the before-rate (an open-loop load, which this closed-loop
+    # demo does not have) that many would have waited
+    step_s = statistics.median(normal) if normal else 0.0
+    idle = sum(g - step_s for a, b in zip(ends, ends[1:], strict=False)
+               if t_kill is not None and b[0] > t_kill and (g := b[0] - a[0]) > 3 * step_s)
+    waiting = round(idle * throughput["before"]) if throughput["before"] else None
+
     served: dict[int, int] = {}
     for _, evs in committed_steps(events).items():
         for e in evs:
@@ -109,6 +118,17 @@ def analyse(events: Sequence[Event], settings: dict[str, Any]) -> dict[str, Any]
                 if (lo is None or t > lo) and (hi is None or t <= hi)]
         return {"checked": len(errs), "max_rel_err": max(errs) if errs else None,
                 "ok": all(err <= settings["tolerance"] for err in errs)}
+
+    def load(lo: float | None, hi: float | None) -> list[float | None]:
+        """Mean rows each rank's experts received per committed step inside (lo, hi]."""
+        if lo is None or hi is None:
+            return [None] * settings["ranks"]
+        per: list[list[int]] = [[] for _ in range(settings["ranks"])]
+        for evs in committed_steps(events).values():
+            for e in evs:
+                if lo < e["t1"] <= hi:
+                    per[e["rank"]].append(e["received"])
+        return [round(statistics.mean(v), 1) if v else None for v in per]
 
     return {
         "join_mode": settings["join_mode"],
@@ -130,8 +150,11 @@ def analyse(events: Sequence[Event], settings: dict[str, Any]) -> dict[str, Any]
             "served_twice": sum(1 for n in served.values() if n > 1),
             "delayed": len(redone) * batch,
             "steps_redone": sorted(redone),
+            "open_loop_delayed_estimate": waiting,
         },
+        "idle_after_kill_ms": _ms(idle),
         "reference_check": {name: checks_in(lo, hi) for name, (lo, hi) in phases.items()},
+        "expert_rows_per_rank": {name: load(lo, hi) for name, (lo, hi) in phases.items()},
         "timeline": {
             "t0": t_start,
             "kill_s": None if t_kill is None else round(t_kill - t_start, 3),
@@ -156,6 +179,15 @@ def throughput_bins(ends: Sequence[tuple[float, int, int]], t_start: float) -> l
     return [round(b, 1) for b in bins]
 
 
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average (shorter at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def all_checks_ok(report: dict[str, Any]) -> bool:
     return all(p["ok"] for p in report["reference_check"].values())
 
@@ -168,12 +200,16 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{value:,.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"
 
 
+def _loads(values: Sequence[float | None]) -> str:
+    return " ".join("-" if v is None else f"{v:.0f}" for v in values)
+
+
 REPORT_ROWS = [
     ("failure detected after", lambda r: _fmt(r["detection_ms"], " ms")),
     ("survivors serving again after", lambda r: _fmt(r["survivors_resume_ms"], " ms")),
     ("healthy ranks' stall to admit the joiner", lambda r: _fmt(r["admission_stall_ms"], " ms")),
     ("serving paused for the recovery phase", lambda r: _fmt(r["recovery_phase_ms"], " ms")),
-    ("longest gap between steps after resuming",
+    ("longest gap between steps once serving again",
      lambda r: _fmt(r["longest_gap_after_resume_ms"], " ms")),
     ("a normal step (median, before the kill)",
      lambda r: _fmt(r["median_step_before_ms"], " ms")),
@@ -192,6 +228,14 @@ REPORT_ROWS = [
     ("requests served / total", lambda r: f"{r['requests']['served']} / {r['requests']['total']}"),
     ("requests dropped", lambda r: _fmt(r["requests"]["dropped"])),
     ("requests delayed (step served again)", lambda r: _fmt(r["requests"]["delayed"])),
+    ("time nobody was served after the kill", lambda r: _fmt(r["idle_after_kill_ms"], " ms")),
+    ("... requests arriving at the before-rate in it",
+     lambda r: _fmt(r["requests"]["open_loop_delayed_estimate"])),
+    ("rows to each rank's experts per step, before",
+     lambda r: _loads(r["expert_rows_per_rank"]["before"])),
+    ("... during (replicas take the dead rank's)",
+     lambda r: _loads(r["expert_rows_per_rank"]["during"])),
+    ("... after (re-balanced)", lambda r: _loads(r["expert_rows_per_rank"]["after"])),
     ("outputs = reference (checks before/during/after)",
      lambda r: ("yes" if all_checks_ok(r) else "NO") + " ("
      + "/".join(str(r["reference_check"][p]["checked"]) for p in ("before", "during", "after"))
@@ -259,7 +303,10 @@ def write_png(reports: Sequence[dict[str, Any]], path: str) -> bool:
     for ax, r in zip(axes[:, 0], reports, strict=True):
         tl = r["timeline"]
         xs = [i * BIN for i in range(len(tl["bins"]))]
-        ax.step(xs, tl["bins"], where="post", color="tab:blue", label="requests/s")
+        ax.step(xs, tl["bins"], where="post", color="tab:blue", alpha=0.3,
+                label=f"requests/s per {BIN:g} s")
+        ax.plot(xs, smooth(tl["bins"], SMOOTH), color="tab:blue",
+                label=f"requests/s, {SMOOTH * BIN:g} s average")
         if tl["warmup_s"]:
             ax.axvspan(*tl["warmup_s"], color="tab:orange", alpha=0.2,
                        label="replacement warming up (isolated)")

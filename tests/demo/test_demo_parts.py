@@ -189,7 +189,11 @@ def test_report_numbers_from_events():
     assert r["replacement"]["start_to_active_ms"] == pytest.approx(900.0)
     assert r["replacement"]["join_call_to_active_ms"] == pytest.approx(90.0)
     assert r["requests"] == {"total": 120, "served": 120, "dropped": 0, "served_twice": 0,
-                             "delayed": 8, "steps_redone": [5]}
+                             "delayed": 8, "steps_redone": [5], "open_loop_delayed_estimate": 0}
+    assert r["idle_after_kill_ms"] == 0.0  # the redone step took 0.12 s, not > 3 steps
+    # re-balancing: rank 1's rows are missing during the outage, every rank's after it
+    assert r["expert_rows_per_rank"]["during"][1] is None
+    assert None not in r["expert_rows_per_rank"]["before"]
     assert all(p["ok"] for p in r["reference_check"].values())
     assert r["throughput_rps"]["before"] == pytest.approx(5 * 8 / 0.55, rel=0.01)
     assert r["timeline"]["kill_s"] == 0.55 and r["timeline"]["join_s"] == 1.5
@@ -222,3 +226,23 @@ def test_progress_follows_the_story():
     for words in ("SIGKILLed inside step 5", "saw the failure", "served again",
                   "warming up", "admitted at step 15", "replacement active"):
         assert words in story
+
+
+def test_rich_view_draws_the_story():
+    pytest.importorskip("rich", reason="rich is the optional `demo` extra")
+    import io
+
+    from rich.console import Console
+
+    from elasticpg.demo.display import RichView
+
+    p = Progress("deferred", 4, 15, 1)
+    view = RichView(p)
+    view.console = Console(file=io.StringIO(), width=120, force_terminal=True)
+    view.live = __import__("rich.live", fromlist=["Live"]).Live(console=view.console)
+    with view:
+        for e in synthetic_run():
+            p.feed(e, 1e-4)
+            view.update()
+    text = view.console.file.getvalue()
+    assert "deferred join" in text and "replacement active" in text
