@@ -185,6 +185,10 @@ def run_once(s: DemoSettings, out: Path, fancy: bool | None) -> list[dict[str, A
     finally:
         launch.close()
     done = [e for e in events if e["ev"] == "done"]
+    if any(e["out_of_time"] for e in done):
+        raise DemoFailedError(f"the {s.join_mode} run reached --timeout {s.timeout:g} s before "
+                              f"it was back at full strength for --after-steps "
+                              f"{s.after_steps}; see {log_path}")
     if rc != 0 or len(done) < s.ranks - 1:
         tail = log_path.read_text().splitlines()[-25:]
         raise DemoFailedError(f"the {s.join_mode} run failed (launcher exit {rc}, {len(done)} "
