@@ -140,7 +140,7 @@ class Rank:
         s = self.s
         mask = self.mask()
         last_mask = list(mask)
-        attempt = 0
+        attempt, since_change = 0, 0  # committed steps since the mask last changed
         while True:
             begin, end = share(s.batch, mask, self.rank)
             first = self.step * s.batch
@@ -162,12 +162,13 @@ class Rank:
             committed = vote[1].item() == 0 and agreed
             checked = None
             if committed and (self.step % s.check_every == 0 or attempt > 0
-                              or mask != last_mask or self.full_steps < 3):
+                              or mask != last_mask or since_change < 3):
                 checked = self.check(ids, out)
             emit("step", rank=self.rank, step=self.step, attempt=attempt, t0=t0, t1=t1,
                  committed=committed, begin=first + begin, end=first + end, mask=mask,
                  epoch=elasticpg.get_current_epoch(), received=received, err=checked)
             if committed:
+                since_change = since_change + 1 if mask == last_mask else 1
                 last_mask = list(mask)
                 self.full_steps = self.full_steps + 1 if all(mask) else 0
                 self.step += 1
