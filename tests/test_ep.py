@@ -235,3 +235,85 @@ def test_a_hung_rank_is_given_up_after_timeout_us(pool):
         v = res[r].value
         assert all(v["ok"]) and v["active"] == [1, 0, 1, 1], v
         assert 0.4 < v["waited"] < 5.0, v  # bounded by timeout_us, not by the group's 10 s
+
+
+# ---- recovery -------------------------------------------------------------------------------------
+REPLACEMENT = 4  # the pool worker that plays rank 1's replacement
+
+
+def job_recovered_rank(rank: int, world: int, port: int) -> dict:
+    """Rank 1 dies; the survivors keep serving without its experts; its replacement builds its
+    Buffer while isolated (its dispatch then covers itself only), joins (deferred join), and
+    after update_ep_member on every member the full exchange is back: rank 1's experts count."""
+    import elasticpg
+
+    from .harness import serving_steps
+
+    if rank == REPLACEMENT:
+        return _ep_replacement(port)
+    buf = _buffer(rank, 4, port)
+    active = torch.ones(4, dtype=torch.int32)
+    ok = _steps(buf, rank, 4, 0, 1, frozenset(), active)
+    if rank == 1:
+        os._exit(0)
+    ok += _steps(buf, rank, 4, 1, 1, frozenset({1}), active)
+    out = {"active_dead": active.tolist()}
+    _client(port).set(f"survivor{rank}-ready", "1")
+    step = 2
+    for _ in serving_steps():
+        ok += _steps(buf, rank, 4, step, 1, frozenset({1}), active)
+        step += 1
+        if elasticpg.get_peer_state(None, [1]) == [True]:
+            out["status"] = elasticpg.recover_ranks(None, [1]).status.value
+            break
+    buf.update_ep_member()
+    active.fill_(1)  # the caller restores the entry; the layer never does
+    out["after"] = _steps(buf, rank, 4, 100, 3, frozenset(), active)
+    out["ok"], out["active_after"] = ok, active.tolist()
+    return out
+
+
+def _client(port: int) -> dist.TCPStore:
+    from datetime import timedelta
+
+    from .harness import HOST
+
+    return dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=30))
+
+
+def _ep_replacement(port: int) -> dict:
+    from datetime import timedelta
+
+    import elasticpg
+    from elasticpg.ep import Buffer
+
+    store = _client(port)
+    store.wait([f"survivor{r}-ready" for r in (0, 2, 3)], timedelta(seconds=30))
+    dist.init_process_group("elasticpg", store=store, rank=1, world_size=4,
+                            timeout=timedelta(seconds=30),
+                            pg_options=elasticpg.Options(is_extension=True))
+    buf = Buffer(dist.group.WORLD)
+    active = torch.ones(4, dtype=torch.int32)
+    iso = _steps(buf, 1, 4, 50, 2, frozenset({0, 2, 3}), active)  # warm-up, isolated
+    out = {"isolated": iso, "isolated_active": active.tolist()}
+    elasticpg.join_group()
+    buf.update_ep_member()
+    active.fill_(1)
+    out["after"] = _steps(buf, 1, 4, 100, 3, frozenset(), active)
+    out["active_after"] = active.tolist()
+    return out
+
+
+def test_recovered_rank_counts_again_after_update_ep_member(pool):
+    res = pool.run_raw(job_recovered_rank, world=5, timeout=120)
+    assert res[1].status == "dead"
+    bad = [(r, x.value) for r, x in enumerate(res) if r != 1 and x.status != "ok"]
+    assert not bad, bad
+    j = res[REPLACEMENT].value
+    assert all(j["isolated"]) and j["isolated_active"] == [0, 1, 0, 0], j
+    assert all(j["after"]) and j["active_after"] == [1, 1, 1, 1], j
+    for r in (0, 2, 3):
+        v = res[r].value
+        assert all(v["ok"]) and v["active_dead"] == [1, 0, 1, 1], v
+        assert v["status"] == "Applied", v
+        assert all(v["after"]) and v["active_after"] == [1, 1, 1, 1], v
