@@ -87,34 +87,35 @@ class Placement:
         lo = rank * self.slots_per_rank
         return self.logical_of_slot()[lo:lo + self.slots_per_rank]
 
-    def live_slots(self, active: Sequence[int]) -> list[list[int]]:
+    def live_slots(self, active: Sequence[int], partial: bool = False) -> list[list[int]]:
         """logical expert -> its slots on active ranks. Raises when an expert has none left
-        (its output could not be computed: the demo's outputs would silently change)."""
+        (its output could not be computed: the demo's outputs would silently change), unless
+        `partial` (a replacement's isolated warm-up, which reaches only its own experts)."""
         if len(active) != self.num_ranks:
             raise PlacementError(f"active mask has {len(active)} entries, expected "
                                  f"{self.num_ranks}")
         table = [[s for s in slots if active[self.rank_of_slot(s)]]
                  for slots in self.slots_of_expert()]
         lost = [j for j, slots in enumerate(table) if not slots]
-        if lost:
+        if lost and not partial:
             raise PlacementError(f"expert(s) {lost} have no replica on an active rank "
                                  f"(active={list(active)})")
         return table
 
     def route(self, logical_idx: torch.Tensor, token_ids: torch.Tensor,
-              active: Sequence[int]) -> torch.Tensor:
+              active: Sequence[int], partial: bool = False) -> torch.Tensor:
         """[T, k] logical picks (-1 = none) -> [T, k] physical slots on active ranks.
 
         Pick (t, i) of expert j goes to live replica (token_ids[t] + i) mod n_live(j): a
         token's picks of different experts spread independently, and replicas share a hot
-        expert evenly."""
-        live = self.live_slots(active)
-        width = max(len(s) for s in live)
+        expert evenly. With `partial`, picks of experts with no live copy become -1."""
+        live = self.live_slots(active, partial)
+        width = max(1, *(len(s) for s in live))
         table = torch.full((self.num_experts, width), -1, dtype=torch.int64)
         counts = torch.empty(self.num_experts, dtype=torch.int64)
         for j, slots in enumerate(live):
             table[j, :len(slots)] = torch.tensor(slots)
-            counts[j] = len(slots)
+            counts[j] = max(len(slots), 1)  # a lost expert's row is all -1
         if logical_idx.numel() == 0:
             return logical_idx.to(torch.int64).clone()
         picks = logical_idx.to(torch.int64)

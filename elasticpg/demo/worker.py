@@ -98,17 +98,17 @@ class Rank:
         self.seen_t = 0.0
 
     # ---- one forward pass ---------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, mask: list[int], kill_now: bool
-                ) -> tuple[torch.Tensor, bool, int, str]:
-        """Serve `ids` over the ranks in `mask`: (outputs, disturbed, tokens received, where
-        a failure was seen)."""
+    def layers(self, h: torch.Tensor, ids: torch.Tensor, mask: list[int],
+               kill_now: bool = False, partial: bool = False
+               ) -> tuple[torch.Tensor, bool, int, str]:
+        """Every layer over the ranks in `mask`: (outputs, disturbed, rows this rank's experts
+        received, where a failure was first seen)."""
         s = self.s
         active = torch.tensor(mask, dtype=torch.int32)
-        h = request_inputs(self.shape, ids)
         received, seen, seen_t = 0, "", 0.0
         for layer, gate in enumerate(self.gates):
             picks, weights = gate(h)
-            slots = self.placement.route(picks, ids, mask)
+            slots = self.placement.route(picks, ids, mask, partial)
             recv_x, recv_count, handle, _, _ = self.buffer.dispatch(
                 h, slots, active, s.max_tokens_per_rank, self.placement.num_slots,
                 self.timeout_us, use_fp8=False)
@@ -148,7 +148,8 @@ class Rank:
             kill_now = (self.rank == s.kill_rank and not self.replacement
                         and self.step == s.kill_step)
             t0 = time.time()
-            out, disturbed, received, seen = self.forward(ids, mask, kill_now)
+            out, disturbed, received, seen = self.layers(request_inputs(self.shape, ids), ids,
+                                                         mask, kill_now)
             t1 = time.time()
             if seen:
                 emit("failure_seen", rank=self.rank, step=self.step, where=seen,
@@ -222,20 +223,19 @@ class Rank:
 
     # ---- the replacement ----------------------------------------------------------------------
     def warm_up_and_join(self) -> None:
-        """Real work in isolation: forward passes through this rank's experts (and the gates)
-        on random tokens for --warmup seconds; its collectives are local meanwhile."""
+        """Real work in isolation for --warmup seconds: forward passes on random tokens through
+        the gates, the EP dispatch/combine (isolated: over this rank only) and this rank's
+        experts (picks of experts it does not hold are masked); its collectives are local."""
         s = self.s
         probe = torch.tensor([float(self.rank + 1)])
         dist.all_reduce(probe)
         emit("warmup_start", rank=self.rank, isolated=probe.item() == self.rank + 1)
+        alone = [int(r == self.rank) for r in range(s.ranks)]
         g = torch.Generator().manual_seed(self.rank)
         passes, t_end = 0, time.monotonic() + s.warmup
         while passes == 0 or time.monotonic() < t_end:
             h = torch.randn(s.max_tokens_per_rank, s.hidden, generator=g)
-            for layer, gate in enumerate(self.gates):
-                gate(h)
-                for expert in self.experts.layers[layer]:
-                    h = h + expert(h) / len(self.experts.layers[layer])
+            self.layers(h, torch.arange(len(h)), alone, partial=True)
             passes += 1
         emit("warmup_end", rank=self.rank, passes=passes)
         t0 = time.time()

@@ -246,3 +246,17 @@ def test_rich_view_draws_the_story():
             view.update()
     text = view.console.file.getvalue()
     assert "deferred join" in text and "replacement active" in text
+
+
+def test_partial_routing_masks_experts_without_a_live_copy():
+    p = Placement(4, 8, 2)
+    alone = [0, 1, 0, 0]
+    picks = torch.tensor([[j, (j + 1) % 8] for j in range(8)])
+    slots = p.route(picks, torch.arange(8), alone, partial=True)
+    held = set(p.local_slots(1))
+    for (a, b), (sa, sb) in zip(picks.tolist(), slots.tolist(), strict=True):
+        for pick, slot in ((a, sa), (b, sb)):
+            assert (slot == -1) == (pick not in held)
+            assert slot == -1 or p.rank_of_slot(slot) == 1
+    with pytest.raises(PlacementError):
+        p.route(picks, torch.arange(8), alone)
