@@ -49,11 +49,15 @@ def test_demo_both_modes_outputs_equal_reference_and_deferred_never_pauses(tmp_p
         assert r["requests"]["steps_redone"] == [6], mode  # the step the rank died in
         assert r["detection_ms"] is not None and r["replacement"]["start_to_active_ms"], mode
         assert r["replacement"]["isolated_during_warmup"], mode
+        # re-balanced: after the join every rank's experts get rows again
+        assert None not in r["expert_rows_per_rank"]["after"], (mode, r["expert_rows_per_rank"])
     deferred, sync = runs["deferred"], runs["sync"]
     # deferred: the survivors served (and were checked) while the replacement warmed up, and
     # never paused for anything like the warm-up: the longest gap is steps and the admission
     assert deferred["reference_check"]["during"]["checked"] > 0
     assert deferred["throughput_rps"]["during"] > 0
+    rows = deferred["expert_rows_per_rank"]["during"]  # the dead rank's share went to replicas
+    assert rows[1] is None and all(rows[r] for r in (0, 2, 3)), rows
     assert deferred["admission_stall_ms"] is not None
     assert deferred["longest_gap_after_resume_ms"] < WARMUP * 1e3 / 2, deferred
     # sync: the healthy ranks waited at least the whole warm-up in the recovery phase
