@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from elasticpg.ep import layout as lay
 
-from .harness import init_group
+from .harness import error_name, init_group
 
 HIDDEN, N, EXPERTS, TOPK = 256, 16, 8, 3
 
@@ -100,10 +100,11 @@ def layout_problems(rank: int, world: int, step: int, dtype, recv, count, handle
     return problems
 
 
-def job_dense(rank: int, world: int, port: int) -> list:
+def job_dense(rank: int, world: int, port: int, transport: str = "shm") -> list:
     from elasticpg.ep import Buffer
 
-    init_group(rank, world, port)
+    init_group(rank, world, port,
+               env={"ELASTICPG_TRANSPORT": "tcp"} if transport == "tcp" else {})
     buf = Buffer(dist.group.WORLD, Buffer.get_ep_buffer_size_hint(N, HIDDEN, world, EXPERTS))
     results = []
     for step, (dtype, fp8) in enumerate([(torch.float32, False), (torch.bfloat16, False),
@@ -116,18 +117,46 @@ def job_dense(rank: int, world: int, port: int) -> list:
         combined, ref, _x, _ = ep_step(buf, rank, world, step, dtype, fp8, active)
         results.append((step, _close(combined, ref, TOL["fp8" if fp8 else dtype]),
                         active.tolist(), combined.dtype == dtype, problems))
+    results.append(zero_copy_step(buf, rank, world))
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_dispatch_combine_equal_the_dense_reference(pool, world):
-    for rank_res in pool.run(job_dense, world=world, timeout=60):
+def zero_copy_step(buf, rank: int, world: int) -> tuple:
+    """combine(zero_copy=True) reads the expert outputs written into get_next_combine_buffer;
+    async_finish / return_recv_hook give an event and a hook that are harmless on CPU; `out`
+    receives the result."""
+    x, idx, w = step_inputs(rank, 9, torch.bfloat16)
+    active = torch.ones(world, dtype=torch.int32)
+    recv, count, handle, event, hook = buf.dispatch(x, idx, active, N, EXPERTS, -1,
+                                                    use_fp8=False, async_finish=True,
+                                                    return_recv_hook=True)
+    hook()
+    with event:
+        event.current_stream_wait()
+    dest = buf.get_next_combine_buffer(handle)
+    dest[:] = run_experts(buf, recv, count, rank, EXPERTS, False)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    combined, ev, hook2 = buf.combine(None, idx, w, active, -1, handle, zero_copy=True,
+                                      async_finish=True, return_recv_hook=True, out=out)
+    hook2()
+    ev.current_stream_wait()
+    xs, idxs, ws = zip(*(step_inputs(r, 9, torch.bfloat16) for r in range(world)), strict=True)
+    ref = lay.dense_reference(list(xs), list(idxs), list(ws), EXPERTS, world, expert_fn)
+    return ("zero_copy", _close(combined, ref[rank], TOL[torch.bfloat16]), active.tolist(),
+            combined is out, [])
+
+
+@pytest.mark.parametrize("world, transport", [(2, "shm"), (4, "shm"), (2, "tcp")])
+def test_dispatch_combine_equal_the_dense_reference(pool, world, transport):
+    if EXPERTS % world:
+        pytest.skip("needs num_experts divisible by the ranks")
+    for rank_res in pool.run(job_dense, transport, world=world, timeout=60):
         for step, ok, active, dtype_ok, problems in rank_res:
             assert ok, f"step {step} differs from the dense reference"
             assert active == [1] * world and dtype_ok and not problems, (step, problems)
 
 
-# ---- failures -------------------------------------------------------------------------------------
+# ---- failures -----------------------------------------------------------------------------------
 def _buffer(rank: int, world: int, port: int, **init):
     from elasticpg.ep import Buffer
 
@@ -237,7 +266,7 @@ def test_a_hung_rank_is_given_up_after_timeout_us(pool):
         assert 0.4 < v["waited"] < 5.0, v  # bounded by timeout_us, not by the group's 10 s
 
 
-# ---- recovery -------------------------------------------------------------------------------------
+# ---- recovery -----------------------------------------------------------------------------------
 REPLACEMENT = 4  # the pool worker that plays rank 1's replacement
 
 
@@ -317,3 +346,74 @@ def test_recovered_rank_counts_again_after_update_ep_member(pool):
         assert all(v["ok"]) and v["active_dead"] == [1, 0, 1, 1], v
         assert v["status"] == "Applied", v
         assert all(v["after"]) and v["active_after"] == [1, 1, 1, 1], v
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def job_bad_input(rank: int, world: int, port: int) -> dict:
+    """Each bad call gets a clear error on every rank (the bad rank's own, the others' from its
+    rejected header), none hangs, and the group stays usable for a good step afterwards."""
+    from elasticpg.ep import Buffer
+
+    buf = _buffer(rank, world, port)
+    x, idx, w = step_inputs(rank, 0, torch.float32)
+    act = torch.ones(world, dtype=torch.int32)
+    mine = rank == 0
+
+    def disp(xx=x, ii=idx, a=act, n=N, e=EXPERTS, t=-1, fp8=False, b=buf):
+        return lambda: b.dispatch(xx, ii, a, n, e, t, use_fp8=fp8)
+
+    too_many = torch.randn(N + 1, HIDDEN)
+    cases = {
+        "hidden_not_128": disp(xx=torch.randn(4, 200), ii=idx[:1].repeat(4, 1), fp8=True),
+        "experts_not_divisible": disp(e=EXPERTS + 1),
+        "too_many_tokens": disp(xx=too_many if mine else x,
+                                ii=torch.zeros(N + 1, TOPK, dtype=torch.int64) if mine else idx),
+        "expert_out_of_range": disp(ii=torch.full_like(idx, EXPERTS) if mine else idx),
+        "expert_below_minus_one": disp(ii=torch.full_like(idx, -2) if mine else idx),
+        "buffer_too_small": disp(b=Buffer(dist.group.WORLD, 1000)),
+        "x_float16": disp(xx=x.half() if mine else x),
+        "topk_int32": disp(ii=idx.int() if mine else idx),
+        "active_int64": disp(a=act.long() if mine else act),
+        "bad_timeout": disp(t=-5 if mine else -1),
+        "mismatched_n": disp(n=N * 2 if mine else N),
+        "mismatched_experts": disp(e=EXPERTS * 2 if mine else EXPERTS),
+    }
+    out = {name: error_name(fn) for name, fn in cases.items()}
+    recv, count, handle, _e, _h = buf.dispatch(x, idx, act, N, EXPERTS, -1, use_fp8=False)
+    y = run_experts(buf, recv, count, rank, EXPERTS, False)
+    bad_y = y[:, :-1] if mine else y
+    out["combine_bad_shape"] = error_name(lambda: buf.combine(bad_y, idx, w, act, -1, handle))
+    out["combine_bad_handle"] = error_name(
+        lambda: buf.combine(y, idx, w, act, -1, tuple(handle) if mine else handle))
+    out["good_after"] = _steps(buf, rank, world, 1, 2, frozenset(), act)
+    return out
+
+
+def test_bad_input_is_a_clear_error_on_every_rank(pool):
+    for rank, v in enumerate(pool.run(job_bad_input, world=2, timeout=90)):
+        good = v.pop("good_after")
+        assert all(good), (rank, good)
+        for name, err in v.items():
+            want = "EPMismatchError" if name.startswith("mismatched") else "EPConfigError"
+            assert err == want, (rank, name, err)
+
+
+def test_the_reference_import_paths_reach_the_buffer():
+    from elasticpg.compat import mooncake as compat
+    from elasticpg.ep import Buffer
+
+    if not compat.install_alias():
+        pytest.skip("a real mooncake package is installed")
+    try:
+        from mooncake import ep
+        from mooncake.mooncake_ep_buffer import Buffer as RefBuffer
+
+        assert RefBuffer is Buffer and ep.Buffer is Buffer
+        assert ep.get_ep_buffer_size_hint(16, 256, 2, 8) == Buffer.get_ep_buffer_size_hint(
+            16, 256, 2, 8)
+        assert callable(ep.get_active_ranks)
+    finally:
+        compat.uninstall_alias()
+    import sys
+
+    assert "mooncake.ep" not in sys.modules and "mooncake.mooncake_ep_buffer" not in sys.modules

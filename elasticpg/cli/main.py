@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "bench": ("elasticpg.cli.bench:main", "collectives side by side with gloo"),
+    "ep-bench": ("elasticpg.cli.epbench:main", "expert-parallel dispatch/combine vs gloo"),
     "failover": ("elasticpg.cli.failover:main", "failure detection and resume times"),
     "joinbench": ("elasticpg.cli.joinbench:main", "deferred-join timings"),
     "demo": ("elasticpg.demo.cli:main", "MoE serving through a SIGKILL and a deferred join"),

@@ -97,7 +97,8 @@ class OpContext:
 
     def recv(self, peer: int, step: int, dtype: torch.dtype, numel: int,
              msg_numel: int | None = None) -> torch.Tensor | None:
-        """The tensor `peer` sent for this step, or None if the peer failed first.
+        """The tensor `peer` sent for this step, or None if the peer failed first
+        (`numel` < 0: whatever size it sent).
 
         Raises CollectiveMismatchError (after telling the other participants) when the frame
         belongs to a different call: other op, dtype, count, root or reduce op.
@@ -116,6 +117,8 @@ class OpContext:
             return None
         except CollectiveMismatchError as exc:
             self._mismatch(str(exc))
+        if numel < 0:  # any size: the frame says how many (a sized all_to_all)
+            numel, msg_numel = header.nbytes // dtype.itemsize, header.numel
         expect_numel = self.spec.numel if msg_numel is None else msg_numel
         problem = self._compare(header, expect_numel, numel * dtype.itemsize)
         if problem:

@@ -317,15 +317,21 @@ def alltoall_list(sx: ShmOp, outs: Sequence[torch.Tensor], ins: Sequence[torch.T
     alltoall(sx, [_flat_bytes(outs[i]) for i in slot_of], [_flat_bytes(ins[i]) for i in slot_of])
 
 
-def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -> None:
+def alltoall(sx: ShmOp, outs: Sequence[np.ndarray] | Callable[[int, int], np.ndarray],
+             ins: Sequence[np.ndarray]) -> None:
     """outs[i] = what participant i sent us, ins[i] = what we send it (byte arrays, one per
     participant; sizes may differ per pair and are checked per message), copied with numpy.
+    `outs` may instead be `alloc(i, nbytes)`, called once per participant heard from with the
+    size it posted (a sized all_to_all: no size agreed beforehand, none checked).
 
     Our stream is the blocks for the others in participant order (our own block never enters
     it: it is copied in slices between posting and waiting, using time a round would spend
     waiting); the table in our post says where each destination's block starts."""
     ctx, me = sx.ctx, sx.ctx.me
     pos = ctx.participants.index(me)
+    alloc = outs if callable(outs) else None
+    if alloc is not None:
+        outs = {pos: alloc(pos, ins[pos].size)}
     if ins[pos].size != outs[pos].size:
         raise ValueError(f"all_to_all: rank {me} sends itself {ins[pos].size} bytes but "
                          f"expects {outs[pos].size}")
@@ -337,7 +343,7 @@ def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -
             segs.append((off, ins[i]))
             off += ins[i].size
     own_in, own_out, nb = ins[pos], outs[pos], ins[pos].size
-    streaming = streams(sum(o.size for o in outs))
+    streaming = streams(sum(o.size for o in (ins if alloc is not None else outs)))
     want: dict[int, tuple[int, np.ndarray]] = {}  # peer -> (stream offset, destination)
     k, total = 0, _rounds(sx, off)
     step = -(-nb // total)
@@ -355,6 +361,8 @@ def alltoall(sx: ShmOp, outs: Sequence[np.ndarray], ins: Sequence[np.ndarray]) -
             b = sx.bufs[p]
             if k == 0:
                 at, got = region.table(b)[2 * me:2 * me + 2].tolist()
+                if alloc is not None:
+                    outs[i] = alloc(i, got)
                 if got != outs[i].size:
                     if ctx.lag(p, sx.epoch_of(p)):
                         continue

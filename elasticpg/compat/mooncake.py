@@ -300,6 +300,10 @@ def install_alias(backend_names: Iterable[str] = (CPU_BACKEND_NAME,)) -> bool:
         setattr(package, _ALIAS_MARK, True)
         sys.modules["mooncake"] = package
         sys.modules["mooncake.pg"] = sys.modules[__name__]
+        from . import mooncake_ep  # Mooncake EP's names (elasticpg.ep)
+
+        package.ep = package.mooncake_ep_buffer = mooncake_ep
+        sys.modules["mooncake.ep"] = sys.modules["mooncake.mooncake_ep_buffer"] = mooncake_ep
     elif not getattr(existing, _ALIAS_MARK, False):
         return False
     for name in names:
@@ -314,6 +318,9 @@ def uninstall_alias() -> None:
         del sys.modules["mooncake"]
         if sys.modules.get("mooncake.pg") is sys.modules[__name__]:
             del sys.modules["mooncake.pg"]
+        for sub in ("mooncake.ep", "mooncake.mooncake_ep_buffer"):
+            if getattr(sys.modules.get(sub), "__name__", "") == f"{__package__}.mooncake_ep":
+                del sys.modules[sub]
 
 
 __all__ = [

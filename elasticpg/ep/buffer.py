@@ -22,10 +22,10 @@ import torch
 
 from ..api import runtime_of
 from . import layout as lay
-from .exchange import COMBINE_ROUND, DISPATCH_ROUND, HEADER_ROUND, MEMBER_ROUND, Exchange
+from .exchange import COMBINE_ROUND, DISPATCH_ROUND, MEMBER_ROUND, Exchange, ExchangeLike
 
 DISPATCH_KIND, COMBINE_KIND = 1, 2
-_HEADER_BYTES = lay.HEADER_WORDS * 8
+HB = lay.HEADER_WORDS * 8  # bytes of the header at the front of every blob
 
 
 class EventOverlap:
@@ -74,17 +74,19 @@ class Buffer:
     the collective that admits the group's current members; call it on every member after a
     recovery."""
 
-    def __init__(self, group: object, num_ep_buffer_bytes: int = 0) -> None:
+    def __init__(self, group: object, num_ep_buffer_bytes: int = 0,
+                 exchange: ExchangeLike | None = None) -> None:
+        """`exchange`: what moves the bytes (default: the group's own data planes; the
+        benchmark passes a gloo one to compare transports under identical math)."""
         if not isinstance(num_ep_buffer_bytes, int) or num_ep_buffer_bytes < 0:
             raise lay.EPConfigError(f"num_ep_buffer_bytes must be an int >= 0, got "
                                     f"{num_ep_buffer_bytes!r}")
         self.group = group
-        self.runtime = runtime_of(group)
-        self.rank = self.runtime.rank
-        self.group_size = self.runtime.slots
+        self._exchange = exchange or Exchange(runtime_of(group))
+        self.rank = self._exchange.rank
+        self.group_size = self._exchange.size
         self.num_ep_buffer_bytes = num_ep_buffer_bytes
-        self._exchange = Exchange(self.runtime)
-        self.members = set(self.runtime.participants())
+        self.members = set(self._exchange.participants())
         self._combine_buffer: torch.Tensor | None = None
 
     # ---- membership -----------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class Buffer:
         ex = self._exchange
         parts = ex.participants()
         empty = [torch.empty(0, dtype=torch.uint8) for _ in parts]
-        failed = ex.alltoall(MEMBER_ROUND, parts, empty, list(empty), self._bound(-1))
+        _got, failed = ex.alltoall(MEMBER_ROUND, parts, empty, _scratch, self._bound(-1))
         self.members = set(parts) - failed
 
     @staticmethod
@@ -107,7 +109,7 @@ class Buffer:
         if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < -1:
             raise lay.EPConfigError(f"timeout_us must be an int >= -1 (-1: the group's "
                                     f"operation timeout), got {timeout_us!r}")
-        return self.runtime.timeout if timeout_us < 0 else timeout_us / 1e6
+        return self._exchange.timeout if timeout_us < 0 else timeout_us / 1e6
 
     def _check_buffer(self, n: int, hidden: int, num_experts: int) -> None:
         if self.num_ep_buffer_bytes:
@@ -123,47 +125,43 @@ class Buffer:
         return [bool(active[r]) and r in inview for r in range(self.group_size)]
 
     def _round(self, data_code: int, parts: tuple[int, ...], header: Callable[[int], list[int]],
-               sends: dict[int, torch.Tensor], alloc: Callable[[int, int], torch.Tensor],
-               bound: float, problem: lay.EPConfigError | None
-               ) -> tuple[dict[int, torch.Tensor], set[int]]:
-        """A header round then a data round; what arrived whole from each peer, and the ranks
-        whose bytes did not (failed, timed out, or outside the view).
+               sends: dict[int, torch.Tensor], bound: float,
+               problem: lay.EPConfigError | None) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """One round: every blob carries our header (HB reserved bytes at its front) and its
+        data; returns each heard peer's data (its blob past the header) and the ranks whose
+        bytes did not arrive whole (failed, timed out, or outside the view).
 
         `header(nbytes)`: our header words for a destination. `problem`: this rank's own
-        arguments were bad; it still takes part in the header round (with a rejected header,
-        so that the others raise instead of waiting for its data), then raises it. A peer whose
-        call differs (EPMismatchError) or that rejected its arguments makes every rank raise
-        before any data moves, so the group stays in step and usable."""
-        ex = self._exchange
-        empty = torch.empty(0, dtype=torch.uint8)
-        words = (lambda _nb: lay.rejected_header()) if problem is not None else header
-        hs = [torch.tensor(words(sends.get(p, empty).numel()), dtype=torch.int64)
-              .view(torch.uint8) for p in parts]
-        hr = [torch.empty(_HEADER_BYTES, dtype=torch.uint8) for _ in parts]
-        failed = ex.alltoall(HEADER_ROUND, parts, hs, hr, bound)
+        arguments were bad; it still takes part (with a rejected header and no data, so that
+        the others raise instead of waiting), then raises it. A peer whose call differs
+        (EPMismatchError) or that rejected its arguments makes every rank raise once the round
+        is complete, so the group stays in step and usable."""
+        blobs = []
+        for p in parts:
+            blob = sends.get(p) if problem is None else None
+            if blob is None:
+                blob = torch.empty(HB, dtype=torch.uint8)
+            words = lay.rejected_header() if problem is not None else header(blob.numel() - HB)
+            blob[:HB].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+            blobs.append(blob)
+        got, failed = self._exchange.alltoall(data_code, parts, blobs, _scratch, bound)
         if problem is not None:
             raise problem
         mine = header(0)
-        heard: dict[int, list[int]] = {}
         problems, rejected = [], False
-        for p, h in zip(parts, hr, strict=True):
-            if p in failed:
-                continue
-            theirs = h.view(torch.int64).tolist()
-            why = lay.header_mismatch(mine, theirs, p, self.rank)
+        out = {}
+        for p, blob in got.items():
+            theirs = blob[:HB].view(torch.int64).tolist() if blob.numel() >= HB else None
+            why = lay.header_mismatch(mine, theirs, p, self.rank) if theirs else \
+                f"rank {p} sent {blob.numel()} bytes, not even a header"
             if why:
                 problems.append(why)
-                rejected |= theirs[0] >> 8 == lay.REJECTED
-            heard[p] = theirs
+                rejected |= bool(theirs) and theirs[0] >> 8 == lay.REJECTED
+            out[p] = blob[HB:]
         if problems:
             cls = lay.EPConfigError if rejected else lay.EPMismatchError
             raise cls("expert-parallel call refused: " + "; ".join(problems))
-        parts2 = tuple(p for p in ex.participants() if p in parts)
-        out_s = [sends.get(p, empty) if p in heard else empty for p in parts2]
-        out_r = [alloc(p, heard[p][6]) if p in heard else empty for p in parts2]
-        failed |= ex.alltoall(data_code, parts2, out_s, out_r, bound)
-        got = {p: r for p, r in zip(parts2, out_r, strict=True) if p in heard and p not in failed}
-        return got, failed | (set(range(self.group_size)) - set(parts2))
+        return out, failed | (set(range(self.group_size)) - set(parts))
 
     # ---- dispatch -------------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, active_ranks: torch.Tensor,
@@ -172,7 +170,7 @@ class Buffer:
                  return_recv_hook: bool = False) -> tuple:
         n, r = num_max_dispatch_tokens_per_rank, self.group_size
         parts = self._exchange.participants()
-        problem, bound = None, self.runtime.timeout
+        problem, bound = None, self._exchange.timeout
         try:
             if not isinstance(x, torch.Tensor):
                 raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -194,13 +192,10 @@ class Buffer:
         except lay.EPConfigError as exc:
             problem, sends = exc, {}
 
-        def alloc(_p: int, nbytes: int) -> torch.Tensor:
-            return torch.empty(nbytes, dtype=torch.uint8)
-
         got, failed = self._round(
             DISPATCH_ROUND, parts,
             lambda nb: lay.header_words(DISPATCH_KIND, n, hidden, num_experts, code, t, nb),
-            sends, alloc, bound, problem)
+            sends, bound, problem)
         counts: list[list[int] | None] = [None] * r
         for s, blob in got.items():
             if usable[s] and blob.numel():
@@ -224,8 +219,8 @@ class Buffer:
 
     def _pack_dispatch(self, x: torch.Tensor, plan: lay.SendPlan, fp8: bool,
                        local: int) -> dict[int, torch.Tensor]:
-        """One blob per destination: counts per local expert (int32 [L]), the rows' token
-        indices (int32), the rows' data, then (fp8) their scales."""
+        """One blob per destination: room for the header, counts per local expert (int32 [L]),
+        the rows' token indices (int32), the rows' data, then (fp8) their scales."""
         if fp8:
             data, sc = lay.quantize_fp8(x)
             data = data.view(torch.uint8)
@@ -240,7 +235,9 @@ class Buffer:
             rows = plan.row_token[a:a + c]
             dbytes = c * hidden * data.element_size()
             sbytes = c * (hidden // lay.FP8_BLOCK) * 4 if fp8 else 0
-            blob = torch.empty(4 * (local + c) + dbytes + sbytes, dtype=torch.uint8)
+            blob = torch.empty(HB + 4 * (local + c) + dbytes + sbytes, dtype=torch.uint8)
+            sends[d] = blob
+            blob = blob[HB:]
             blob[:4 * local].view(torch.int32).copy_(torch.tensor(plan.counts[d],
                                                                   dtype=torch.int32))
             blob[4 * local:4 * (local + c)].view(torch.int32).copy_(rows)
@@ -250,7 +247,6 @@ class Buffer:
             if sc is not None:
                 torch.index_select(sc, 0, rows, out=blob[o + dbytes:].view(torch.float32)
                                    .view(c, -1))
-            sends[d] = blob
         return sends
 
     def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
@@ -313,7 +309,7 @@ class Buffer:
                 return_recv_hook: bool = False, out: torch.Tensor | None = None) -> tuple:
         r = self.group_size
         parts = self._exchange.participants()
-        problem, bound = None, self.runtime.timeout
+        problem, bound = None, self._exchange.timeout
         try:
             if not isinstance(handle, DispatchHandle):
                 raise lay.EPConfigError("combine needs the handle that this Buffer's dispatch "
@@ -344,39 +340,33 @@ class Buffer:
             flat = xs.view(local * stride, hidden)
             sends = {}
             for s in range(r):
-                if sum(layout.counts[s]):
-                    sends[s] = flat.index_select(0, layout.flat_rows(s, stride)).view(-1) \
-                        .view(torch.uint8)
-            rows_total = sum(plan.rank_rows)
-            answers = torch.empty(rows_total, hidden, dtype=xs.dtype)
-            offs = plan.row_offsets
+                rows = sum(layout.counts[s])
+                if rows:
+                    blob = torch.empty(HB + rows * hidden * xs.element_size(), dtype=torch.uint8)
+                    torch.index_select(flat, 0, layout.flat_rows(s, stride),
+                                       out=blob[HB:].view(xs.dtype).view(rows, hidden))
+                    sends[s] = blob
             row_b = hidden * xs.element_size()
             code = lay.DTYPE_CODES[xs.dtype]
         except lay.EPConfigError as exc:
             problem, sends = exc, {}
 
-        def alloc(p: int, nbytes: int) -> torch.Tensor:
-            if nbytes == plan.rank_rows[p] * row_b:
-                a = offs[p]
-                return answers[a:a + plan.rank_rows[p]].view(-1).view(torch.uint8)
-            return torch.empty(nbytes, dtype=torch.uint8)  # not what we asked for: unused
-
         got, failed = self._round(
             COMBINE_ROUND, parts,
             lambda nb: lay.header_words(COMBINE_KIND, n, hidden, num_experts, code, t, nb),
-            sends, alloc, bound, problem)
+            sends, bound, problem)
         active = active_ranks.tolist()
-        dests = []
+        answers = {}
         for d in range(r):
             if not handle.sent_to[d] or not active[d] or not plan.rank_rows[d]:
                 continue
             if d in got and got[d].numel() == plan.rank_rows[d] * row_b:
-                dests.append(d)
+                answers[d] = got[d].view(xs.dtype).view(plan.rank_rows[d], hidden)
             else:
                 failed.add(d)  # it did not answer (whole): its experts count as inactive
-        weights = lay.row_weights(plan, w, rows_total)
+        weights = lay.row_weights(plan, w, sum(plan.rank_rows))
         combined = torch.zeros(t, hidden, dtype=torch.float32)
-        lay.fold(combined, plan, answers, weights, dests)
+        lay.fold(combined, plan, answers, weights)
         self._mark_inactive(active_ranks, [True] * r, failed)
         result = combined.to(xs.dtype)
         if out is not None:
@@ -385,6 +375,11 @@ class Buffer:
         elif device.type != "cpu":
             result = result.to(device)
         return result, EventOverlap(), _done
+
+
+def _scratch(_src: int, nbytes: int) -> torch.Tensor:
+    """Receive buffers: fresh, uninitialised (every byte read is written by the exchange)."""
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def _sel_experts(plan: lay.SendPlan, idx: torch.Tensor) -> torch.Tensor:

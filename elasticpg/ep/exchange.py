@@ -1,4 +1,4 @@
-"""The byte exchange under dispatch and combine: one all_to_all round of the group.
+"""The byte exchange under dispatch and combine: one sized all_to_all round of the group.
 
 It is the group's own all_to_all (collectives: shared memory when every participant is on this
 host, TCP frames otherwise), run as one collective of the group, so it shares the group's
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
-from ..collectives import algorithms, shm_algorithms
+from ..collectives import shm_algorithms
 from ..collectives.context import OpContext, OpSpec
 from ..core.dtypes import dtype_code
 from ..core.framing import OpKind
@@ -25,25 +27,46 @@ log = logging.getLogger("elasticpg.ep")
 
 # root-field codes: they make each EP round its own call, so ranks that made different calls
 # (one in dispatch, one in combine) get a mismatch error instead of reading the wrong bytes
-HEADER_ROUND, DISPATCH_ROUND, COMBINE_ROUND, MEMBER_ROUND = 0x4550, 0x4551, 0x4552, 0x4553
+DISPATCH_ROUND, COMBINE_ROUND, MEMBER_ROUND = 0x4551, 0x4552, 0x4553
 _UINT8 = dtype_code(torch.uint8)
 
 
+Alloc = Callable[[int, int], torch.Tensor]  # (source rank, nbytes) -> uint8 tensor to fill
+
+
+class ExchangeLike(Protocol):
+    """What Buffer needs from a transport: who takes part, and one sized all_to_all of bytes."""
+
+    rank: int
+    size: int  # slots: the R of the layout
+    timeout: float  # seconds: what timeout_us=-1 means
+
+    def participants(self) -> tuple[int, ...]: ...
+
+    def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list[torch.Tensor],
+                 alloc: Alloc, bound: float) -> tuple[dict[int, torch.Tensor], set[int]]: ...
+
+
 class Exchange:
+    """Over an elasticpg group's runtime."""
+
     def __init__(self, runtime: GroupRuntime) -> None:
         self.rt = runtime
+        self.rank = runtime.rank
+        self.size = runtime.slots
+        self.timeout = runtime.timeout
 
     def participants(self) -> tuple[int, ...]:
         """Settle membership at this operation boundary; who the next round runs over."""
         return self.rt.prepare()
 
     def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list[torch.Tensor],
-                 recvs: list[torch.Tensor], bound: float) -> set[int]:
-        """recvs[i] = the bytes participant parts[i] sent us; sends[i] goes to it. Sizes are
-        agreed beforehand (a header round). Returns the peers whose bytes did not arrive whole
-        (failed, excluded, or silent for `bound` seconds from the start of this round); their
-        recvs hold no meaning. Each round has its own bound: a peer given up on in one round
-        must not leave the others none to answer the next."""
+                 alloc: Alloc, bound: float) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """sends[i] goes to participant parts[i]; returns {source: the bytes it sent us} for
+        every source whose bytes arrived whole, and the peers whose did not (failed, excluded,
+        or silent for `bound` seconds from the start of this round). No size is agreed
+        beforehand: each receive is allocated (`alloc`) at the size its sender posted, so one
+        round carries both the header and the data of a call."""
         rt = self.rt
         spec = OpSpec(OpKind.ALLTOALL_SINGLE, _UINT8, 0, round_code)
         lane = rt.lane()
@@ -52,13 +75,18 @@ class Exchange:
         ctx.deadline = time.monotonic() + bound
         ctx.give_up_on_timeout = True
         ctx.timed_out.clear()
+        got: dict[int, torch.Tensor] = {}
+
+        def take(i: int, nbytes: int) -> torch.Tensor:
+            got[parts[i]] = t = alloc(parts[i], nbytes)
+            return t
 
         def body(c: OpContext) -> None:
             if c.shm is not None:
-                shm_algorithms.alltoall(c.shm, [r.numpy() for r in recvs],
+                shm_algorithms.alltoall(c.shm, lambda i, nb: take(i, nb).numpy(),
                                         [s.numpy() for s in sends])
             else:
-                algorithms.alltoall(c, recvs, sends, range(len(parts)))
+                _tcp_alltoall(c, parts, sends, take)
             for p in sorted(c.timed_out - c.lagged):
                 # the group learns it here, so the view (mode a) leaves it out from now on
                 rt.fail_peer(p, f"rank {p} did not answer rank {rt.rank}'s expert-parallel "
@@ -72,4 +100,18 @@ class Exchange:
         if ctx.timed_out:
             log.warning("rank %d: expert-parallel exchange gave up on ranks %s (timeout)",
                         rt.rank, sorted(ctx.timed_out))
-        return failed
+        return {p: t for p, t in got.items() if p not in failed}, failed
+
+
+def _tcp_alltoall(ctx: OpContext, parts: tuple[int, ...], sends: list[torch.Tensor],
+                  take: Callable[[int, int], torch.Tensor]) -> None:
+    """The sized all_to_all over TCP frames: each frame says its own size."""
+    pos = {r: i for i, r in enumerate(parts)}
+    for p in ctx.peers:
+        ctx.send(p, 0, sends[pos[p]])
+    me = pos[ctx.me]
+    take(me, sends[me].numel()).copy_(sends[me])
+    for p in ctx.peers:
+        x = ctx.recv(p, 0, torch.uint8, -1)
+        if x is not None:
+            take(pos[p], x.numel()).copy_(x)

@@ -279,20 +279,18 @@ def row_weights(plan: SendPlan, topk_weights: torch.Tensor, rows: int) -> torch.
     return w
 
 
-def fold(combined: torch.Tensor, plan: SendPlan, answers: torch.Tensor, weights: torch.Tensor,
-         dests: list[int]) -> None:
-    """combined [T, hidden] float32 += sum over the rows of `dests` of weight * answer.
-
-    `answers` [rows, hidden] holds every destination's answer at its row offset; only the
-    ranges of `dests` (those that answered whole, and are active) are read, so no unwritten or
-    partial row ever reaches the output."""
+def fold(combined: torch.Tensor, plan: SendPlan, answers: dict[int, torch.Tensor],
+         weights: torch.Tensor) -> None:
+    """combined [T, hidden] float32 += sum over the rows of each answering destination d of
+    weight * answer: `answers[d]` [rank_rows[d], hidden] holds d's answers in the order the
+    rows were sent. Only destinations that answered whole (and are active) are in `answers`,
+    so no unwritten or partial row ever reaches the output."""
     offs = plan.row_offsets
-    for d in dests:
+    for d, ans in answers.items():
         a, c = offs[d], plan.rank_rows[d]
         if c:
-            part = answers[a:a + c].to(torch.float32)
-            part.mul_(weights[a:a + c].unsqueeze(1))
-            combined.index_add_(0, plan.row_token[a:a + c], part)
+            # one op: bf16 * float32 promotes to float32 (no separate conversion pass)
+            combined.index_add_(0, plan.row_token[a:a + c], ans * weights[a:a + c].unsqueeze(1))
 
 
 def dense_reference(xs: list[torch.Tensor], topks: list[torch.Tensor],

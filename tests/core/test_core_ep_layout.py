@@ -1,0 +1,148 @@
+"""elasticpg.ep.layout in-process: the routing and layout math of dispatch/combine, against a
+dense reference, with the exchange simulated by handing each destination its rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elasticpg.ep import layout as lay
+
+
+def fn(v: torch.Tensor, e: int) -> torch.Tensor:
+    return v * (0.1 * e + 1)
+
+
+def simulate(xs, idxs, ws, experts, ranks, usable):
+    """Dispatch and combine through layout's functions only; each rank's combined output."""
+    local = experts // ranks
+    plans = [lay.plan_dispatch(i, experts, ranks, usable) for i in idxs]
+    n = max(1, max(x.shape[0] for x in xs))
+    stride = ranks * n
+    outs = []
+    expert_out = []
+    layouts = []
+    for d in range(ranks):  # destination d lays out its rows and runs its experts
+        counts = [p.counts[d] if usable[s] else None for s, p in enumerate(plans)]
+        lo = lay.recv_layout(counts, local)
+        recv = torch.full((local * stride, xs[0].shape[1]), float("nan"))
+        for s, p in enumerate(plans):
+            if counts[s] is None:
+                continue
+            a = p.row_offsets[d]
+            rows = p.row_token[a:a + p.rank_rows[d]]
+            recv.index_copy_(0, lo.flat_rows(s, stride), xs[s][rows])
+        recv = recv.view(local, stride, xs[0].shape[1])
+        y = torch.full_like(recv, float("nan"))  # rows past recv_count stay NaN: never read
+        for lx in range(local):
+            c = lo.recv_count[lx]
+            y[lx, :c] = fn(recv[lx, :c], d * local + lx)
+        expert_out.append(y.view(local * stride, -1))
+        layouts.append(lo)
+        assert lay.layout_from_range(lo.layout_range()).counts == lo.counts
+    for s, p in enumerate(plans):  # source s folds the answers
+        if not usable[s]:
+            outs.append(None)  # a dead rank has no output
+            continue
+        rows_total = sum(p.rank_rows)
+        answers = {d: expert_out[d][layouts[d].flat_rows(s, stride)]
+                   for d in range(ranks) if usable[d] and p.rank_rows[d]}
+        combined = torch.zeros(xs[s].shape)
+        lay.fold(combined, p, answers, lay.row_weights(p, ws[s], rows_total))
+        outs.append(combined)
+    return outs
+
+
+@settings(max_examples=60, deadline=None)
+@given(ranks=st.sampled_from([1, 2, 4]), local=st.integers(1, 3), k=st.integers(1, 4),
+       n=st.integers(1, 6), seed=st.integers(0, 2**16), dead=st.integers(-1, 3))
+def test_dispatch_and_combine_math_equal_the_dense_reference(ranks, local, k, n, seed, dead):
+    experts = ranks * local
+    g = torch.Generator().manual_seed(seed)
+    ts = [int(torch.randint(0, n + 1, (1,), generator=g)) for _ in range(ranks)]
+    xs = [torch.randn(t, 4, generator=g) for t in ts]
+    idxs = [torch.randint(-1, experts, (t, k), generator=g) for t in ts]
+    ws = [torch.rand(t, k, generator=g) for t in ts]
+    usable = [r != dead for r in range(ranks)]
+    if not any(usable):
+        usable[0] = True
+    gone = frozenset(r for r in range(ranks) if not usable[r])
+    got = simulate(xs, idxs, ws, experts, ranks, usable)
+    ref = lay.dense_reference(xs, idxs, ws, experts, ranks, fn, gone)
+    for s in range(ranks):
+        if usable[s]:
+            assert torch.allclose(got[s], ref[s], atol=1e-5), (s, got[s], ref[s])
+
+
+def test_rows_are_sorted_by_expert_then_token_and_a_double_pick_is_one_row():
+    idx = torch.tensor([[3, 3], [1, -1], [3, 0]])
+    p = lay.plan_dispatch(idx, 4, 2, [True, True])
+    assert p.row_expert.tolist() == [0, 1, 3, 3] and p.row_token.tolist() == [2, 1, 0, 2]
+    assert p.counts == [[1, 1], [0, 2]] and p.rank_rows == [2, 2]
+    assert p.sel_row.tolist() == [[2, 2], [1, -1], [3, 0]]
+    w = lay.row_weights(p, torch.tensor([[0.25, 0.5], [1.0, 9.0], [2.0, 4.0]]), 4)
+    assert w.tolist() == [4.0, 1.0, 0.75, 2.0]  # the double pick carries both weights
+
+
+def test_unusable_ranks_get_no_rows():
+    idx = torch.tensor([[0, 2], [3, 1]])
+    p = lay.plan_dispatch(idx, 4, 2, [True, False])
+    assert p.rank_rows == [2, 0] and p.sel_row.tolist() == [[0, -1], [-1, 1]]
+
+
+def test_layout_range_packs_begin_and_count_and_round_trips():
+    lo = lay.recv_layout([[2, 0], None, [1, 3]], 2)
+    assert lo.begin == [[0, 0], [2, 0], [2, 0]] and lo.recv_count == [3, 3]
+    lr = lo.layout_range()
+    assert lr.shape == (2, 3) and int(lr[0, 2]) == (2 << 32 | 1)
+    back = lay.layout_from_range(lr)
+    assert back.counts == [[2, 0], [0, 0], [1, 3]] and back.recv_count == [3, 3]
+    assert lo.flat_rows(2, 10).tolist() == [2, 10, 11, 12]
+
+
+def test_fp8_scales_follow_the_reference_formula():
+    x = torch.randn(5, 256) * torch.logspace(-3, 3, 5).unsqueeze(1)
+    x[0, :128] = 0  # an all-zero block: scale floors at 1e-4 / 448
+    data, scales = lay.quantize_fp8(x)
+    assert data.dtype == torch.float8_e4m3fn and scales.shape == (5, 2)
+    amax = x.view(5, 2, 128).abs().amax(2)
+    assert torch.allclose(scales, amax.clamp(min=1e-4) / 448)
+    back = lay.dequantize_fp8(data, scales)
+    assert torch.allclose(back, x, rtol=0.07, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, msg", [
+    (lambda: lay.check_shape(4, 8, 3, 8), "divisible"),
+    (lambda: lay.check_shape(0, 8, 2, 8), "positive"),
+    (lambda: lay.check_dispatch(torch.randn(5, 8), torch.zeros(5, 1, dtype=torch.int64), 4,
+                                8, 2, False), "more than"),
+    (lambda: lay.check_dispatch(torch.randn(2, 200), torch.zeros(2, 1, dtype=torch.int64), 4,
+                                8, 2, True), "divisible by 128"),
+    (lambda: lay.check_dispatch(torch.randn(2, 8).half(), torch.zeros(2, 1, dtype=torch.int64),
+                                4, 8, 2, False), "bfloat16 or float32"),
+    (lambda: lay.check_topk(torch.full((2, 1), 8), 2, 8), "outside"),
+    (lambda: lay.check_topk(torch.zeros(3, 1, dtype=torch.int64), 2, 8), "rows"),
+    (lambda: lay.check_active(torch.ones(2), 2), "int32"),
+])
+def test_bad_arguments_are_named(call, msg):
+    with pytest.raises(lay.EPConfigError, match=msg):
+        call()
+
+
+def test_header_mismatch_names_the_difference():
+    a = lay.header_words(1, 16, 256, 8, 1, 3, 100)
+    assert lay.header_mismatch(a, lay.header_words(1, 16, 256, 8, 1, 9, 7), 1, 0) == ""
+    assert "num_experts 16" in lay.header_mismatch(a, lay.header_words(1, 16, 256, 16, 1, 3, 0),
+                                                   1, 0)
+    assert "combine" in lay.header_mismatch(a, lay.header_words(2, 16, 256, 8, 1, 3, 0), 1, 0)
+    assert "rejected" in lay.header_mismatch(a, lay.rejected_header(), 1, 0)
+    assert "fp8" in lay.header_mismatch(a, lay.header_words(1, 16, 256, 8, 3, 3, 0), 1, 0)
+
+
+def test_size_hint_grows_with_every_argument():
+    base = lay.size_hint(16, 256, 2, 8)
+    assert base > 0
+    for args in [(32, 256, 2, 8), (16, 512, 2, 8), (16, 256, 2, 16)]:
+        assert lay.size_hint(*args) > base
