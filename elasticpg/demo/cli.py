@@ -151,6 +151,12 @@ class Launch:
         self.log.close()
 
 
+def _tail(launch: Launch, log_path: Path, lines: int = 25) -> str:
+    if not launch.log.closed:
+        launch.log.flush()
+    return "\n".join(log_path.read_text().splitlines()[-lines:])
+
+
 def run_once(s: DemoSettings, out: Path, fancy: bool | None) -> list[dict[str, Any]]:
     """One run of the scenario; returns every event the ranks printed."""
     log_path = out / f"{s.join_mode}.log"
@@ -173,6 +179,13 @@ def run_once(s: DemoSettings, out: Path, fancy: bool | None) -> list[dict[str, A
                     if event is not None:
                         events.append(event)
                         progress.feed(event, s.tolerance)
+                        if (event["ev"] == "start" and event["replacement"]
+                                and event["rank"] != s.kill_rank):
+                            launch.stop(signal.SIGTERM)
+                            raise DemoFailedError(
+                                f"rank {event['rank']}, which the demo does not kill, died "
+                                f"and was restarted; last lines of {log_path}:\n"
+                                + _tail(launch, log_path))
                 view.update()
                 if time.monotonic() > deadline:
                     launch.stop(signal.SIGTERM)
@@ -190,9 +203,9 @@ def run_once(s: DemoSettings, out: Path, fancy: bool | None) -> list[dict[str, A
                               f"it was back at full strength for --after-steps "
                               f"{s.after_steps}; see {log_path}")
     if rc != 0 or len(done) < s.ranks - 1:
-        tail = log_path.read_text().splitlines()[-25:]
         raise DemoFailedError(f"the {s.join_mode} run failed (launcher exit {rc}, {len(done)} "
-                         f"rank(s) finished); last lines of {log_path}:\n" + "\n".join(tail))
+                              f"rank(s) finished); last lines of {log_path}:\n"
+                              + _tail(launch, log_path))
     return events
 
 

@@ -240,6 +240,11 @@ class Rank:
         emit("warmup_end", rank=self.rank, passes=passes)
         t0 = time.time()
         elasticpg.join_group(timeout=s.timeout)
+        if not self.mask()[self.rank] or sum(self.mask()) < 2:
+            raise RuntimeError(f"rank {self.rank}: join_group returned but this process's "
+                               f"view is {self.mask()} (epoch "
+                               f"{elasticpg.get_current_epoch()}): not admitted beside the "
+                               f"healthy ranks")
         self.buffer.update_ep_member()
         self.sync_step()
         emit("active", rank=self.rank, started=STARTED, join_called=t0, step=self.step,
