@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - set up .venv and run the elastic serving demo (crash, isolated warm-up, join)
+#   make demo   - set up .venv (+ the demo extra: rich, matplotlib) and run `elasticpg demo`:
+#                 MoE serving over elasticpg.ep through a SIGKILL, both join modes compared
 #   make test   - set up .venv and run lint + the whole test suite
 PY ?= python3
 VENV := .venv
@@ -17,8 +18,12 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-demo: setup
-	$(BIN)/python examples/elastic_demo.py
+$(BIN)/.demo-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[demo]"
+	touch $@
+
+demo: $(BIN)/.demo-installed
+	$(BIN)/elasticpg demo --compare
 
 lint: setup
 	$(BIN)/ruff check elasticpg tests examples

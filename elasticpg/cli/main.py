@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "failover": ("elasticpg.cli.failover:main", "failure detection and resume times"),
     "joinbench": ("elasticpg.cli.joinbench:main", "deferred-join timings"),
     "scale-sim": ("elasticpg.cli.scale_sim:main", "cost of a membership change at 64..1024 ranks"),
+    "demo": ("elasticpg.demo.cli:main", "MoE serving through a SIGKILL and a deferred join"),
     "run": ("elasticpg.launcher.cli:main",
             "launch a script like torchrun; restart only a worker that dies, as a replacement"),
 }
