@@ -134,12 +134,7 @@ def job_fail_and_join(rank: int, world: int, port: int, url: str) -> dict:
     tcp = _tcp(port)
     if rank == REPLACEMENT:
         tcp.wait([f"excluded{r}" for r in (0, 2, 3)], timedelta(seconds=60))
-        endpoints, prefix = parse_url(url)
-        store = EtcdStore(endpoints, prefix, timeout=timedelta(seconds=30))  # store=, not URL
-        dist.init_process_group("elasticpg", store=store, rank=1, world_size=4,
-                                timeout=timedelta(seconds=30),
-                                pg_options=elasticpg.Options(is_extension=True,
-                                                             failure_timeout=5.0))
+        _init(1, url, is_extension=True)
         elasticpg.join_group()
         return {"after": _sum(1.0), "mask": elasticpg.get_active_ranks().tolist()}
     _init(rank, url)
@@ -228,7 +223,11 @@ def job_member_kills(rank: int, world: int, port: int, url: str, members: int) -
     """One phase per etcd member: it is dead while the group makes a subgroup (secret, counters,
     endpoints: every store operation) and runs collectives on both."""
     tcp = _tcp(port)
-    _init(rank, url)
+    endpoints, prefix = parse_url(url)
+    store = EtcdStore(endpoints, prefix, timeout=timedelta(seconds=30))  # store=, not a URL
+    dist.init_process_group("elasticpg", store=store, rank=rank, world_size=4,
+                            timeout=timedelta(seconds=30),
+                            pg_options=elasticpg.Options(failure_timeout=5.0))
     out = []
     for i in range(members):
         tcp.wait([f"killed{i}"], timedelta(seconds=60))
@@ -257,14 +256,14 @@ def test_any_one_member_killed_never_stops_the_group(pool, etcd):
     t = threading.Thread(target=chaos, daemon=True)
     t.start()
     try:
-        got = pool.run(job_member_kills, etcd.url(_prefix()), etcd.size, timeout=90,
-                       world=4)
+        res = pool.run_raw(job_member_kills, etcd.url(_prefix()), etcd.size, timeout=90,
+                           port=port)
     finally:
         t.join(60)
         for i in range(etcd.size):
             etcd.start(i)
     assert not errors, errors
-    assert got == [[(6.0, 4.0)] * etcd.size] * 4
+    assert [(x.status, x.value) for x in res] == [("ok", [(6.0, 4.0)] * etcd.size)] * 4, res
 
 
 def job_store_gone(rank: int, world: int, port: int, url: str) -> dict:

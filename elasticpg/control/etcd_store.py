@@ -101,7 +101,14 @@ class EtcdStore(dist.Store):
     `endpoints`: client URLs or HOST:PORT of the cluster's members; `prefix`: this job's
     namespace (two jobs with different prefixes never see each other's keys); `timeout`: the
     default bound of every operation (`wait` and `get` wait this long for a key).
+
+    Every instance stays referenced (by the class) until `close()`: torch keeps only the C++
+    half of a Python store (inside its PrefixStores), and once the Python half is collected
+    its methods are gone ("pure virtual function" errors), e.g. for a store made by the
+    etcd:// handler or passed as ``store=EtcdStore(...)`` without a name.
     """
+
+    _kept: set[EtcdStore] = set()
 
     def __init__(self, endpoints: Sequence[str] | str, prefix: str,
                  timeout: timedelta = DEFAULT_TIMEOUT,
@@ -128,6 +135,14 @@ class EtcdStore(dist.Store):
         self._preferred = 0  # the member that answered last (shared by threads: a hint only)
         self._local = threading.local()  # one HTTP session per thread
         self.set_timeout(timeout)
+        EtcdStore._kept.add(self)
+
+    def close(self) -> None:
+        """Forget this store (its group must be destroyed already): see the class note."""
+        EtcdStore._kept.discard(self)
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
 
     # ---- transport ----------------------------------------------------------------------------
     def _session(self) -> Any:
