@@ -44,7 +44,7 @@ class EtcdCluster:
         self.client_ports, self.peer_ports = ports[:size], ports[size:]
         self.names = [f"m{i}" for i in range(size)]
         self.initial = ",".join(f"{n}=http://{HOST}:{p}"
-                                for n, p in zip(self.names, self.peer_ports))
+                                for n, p in zip(self.names, self.peer_ports, strict=True))
         self.procs: list[subprocess.Popen | None] = [None] * size
         self._logs: list = [None] * size
         try:

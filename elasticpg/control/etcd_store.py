@@ -66,7 +66,7 @@ def _range_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
-class _Retryable(Exception):
+class _MemberError(Exception):
     """One member could not serve one request (the next member may)."""
 
 
@@ -183,10 +183,10 @@ class EtcdStore(dist.Store):
                     raise dist.DistStoreError(f"etcd store: {what} was refused by {url}: HTTP "
                                               f"{r.status_code}: {r.text.strip()[:300]}")
                 if r.status_code != 200:
-                    raise _Retryable(f"HTTP {r.status_code}: {r.text.strip()[:200]}")
+                    raise _MemberError(f"HTTP {r.status_code}: {r.text.strip()[:200]}")
                 self._preferred = self.endpoints.index(url)
                 return r.json()
-            except (rq.RequestException, _Retryable, ValueError) as exc:
+            except (rq.RequestException, _MemberError, ValueError) as exc:
                 errors.append(f"{url}: {type(exc).__name__}: {str(exc)[:160]}")
         last = "; ".join(errors[-len(self.endpoints):]) or "no time left"
         raise dist.DistNetworkError(
@@ -239,8 +239,8 @@ class EtcdStore(dist.Store):
     def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
         if len(keys) != len(values):
             raise ValueError(f"multi_set: {len(keys)} keys but {len(values)} values")
-        self._txn([], [self._put(self._key(k), _as_bytes(v)) for k, v in zip(keys, values)], [],
-                  self._deadline(), f"set {keys!r}")
+        puts = [self._put(self._key(k), _as_bytes(v)) for k, v in zip(keys, values, strict=True)]
+        self._txn([], puts, [], self._deadline(), f"set {keys!r}")
 
     def get(self, key: str) -> bytes:
         return self.multi_get([key])[0]
@@ -253,7 +253,7 @@ class EtcdStore(dist.Store):
             self._wait(keys, deadline)
             _, vals = self._read(keys, deadline)
         if any(v is None for v in vals):  # deleted again between the wait and the read
-            missing = [k for k, v in zip(keys, vals) if v is None]
+            missing = [k for k, v in zip(keys, vals, strict=True) if v is None]
             raise dist.DistStoreError(f"etcd store: keys {missing!r} vanished while read")
         return [v for v in vals if v is not None]
 
@@ -348,11 +348,11 @@ class EtcdStore(dist.Store):
         while True:
             # a read at the deadline still gets one request's time: a timeout, not an outage
             rev, vals = self._read(keys, max(deadline, time.monotonic() + self.request_timeout))
-            missing = {self._key(k) for k, v in zip(keys, vals) if v is None}
+            missing = {self._key(k) for k, v in zip(keys, vals, strict=True) if v is None}
             if not missing:
                 return
             if time.monotonic() >= deadline:
-                names = sorted(k for k, v in zip(keys, vals) if v is None)
+                names = sorted(k for k, v in zip(keys, vals, strict=True) if v is None)
                 raise dist.DistStoreError(
                     f"wait timeout after {time.monotonic() - started:.1f}s: etcd store keys "
                     f"{names!r} (prefix {self.prefix!r}) did not appear")
