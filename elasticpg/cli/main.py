@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("elasticpg.cli.bench:main", "collectives side by side with gloo"),
     "failover": ("elasticpg.cli.failover:main", "failure detection and resume times"),
     "joinbench": ("elasticpg.cli.joinbench:main", "deferred-join timings"),
+    "status": ("elasticpg.cli.status:main",
+               "every group's current view in a store (TCPStore or etcd), --json, --watch"),
+    "store-server": ("elasticpg.cli.store_server:main", "a standalone TCPStore server"),
     "run": ("elasticpg.launcher.cli:main",
             "launch a script like torchrun; restart only a worker that dies, as a replacement"),
 }
