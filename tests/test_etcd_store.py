@@ -5,6 +5,7 @@ gone entirely. Members are real etcd processes, killed with SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import elasticpg
+from elasticpg.cli import status
 from elasticpg.control.etcd_store import EtcdStore, parse_url
 
 from .harness import HOST, serving_steps
@@ -155,7 +157,7 @@ def job_fail_and_join(rank: int, world: int, port: int, url: str) -> dict:
     return out
 
 
-def test_collectives_failure_and_deferred_join_over_etcd(pool, etcd):
+def test_collectives_failure_and_deferred_join_over_etcd(pool, etcd, capsys):
     url = etcd.url(_prefix())
     res = pool.run_raw(job_fail_and_join, url, world=5, timeout=120)
     assert res[1].status == "dead"
@@ -167,6 +169,14 @@ def test_collectives_failure_and_deferred_join_over_etcd(pool, etcd):
         assert v["admit"] == "Applied" and v["epoch"] == 2, v
         assert v["after"] == 6.0 and v["mask_after"] == [1, 1, 1, 1], v
     assert res[REPLACEMENT].value == {"after": 6.0, "mask": [1, 1, 1, 1]}
+
+    # elasticpg status reads the same decisions from etcd
+    assert status.main([url, "--json"]) == 0
+    (g,) = json.loads(capsys.readouterr().out)
+    assert g["group"] == "default_pg/0/cpu" and g["epoch"] == 2, g
+    assert g["active_mask"] == [1, 1, 1, 1] and not g["joiners_waiting"], g
+    assert [r["incarnations"] for r in g["ranks"]] == [1, 2, 1, 1], g
+    assert g["ranks"][1]["joins"][-1]["activated_in"] == 2, g
 
 
 def job_decide_during_election(rank: int, world: int, port: int, url: str) -> dict:

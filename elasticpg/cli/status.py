@@ -127,6 +127,13 @@ RANKS = Table(Column("rank"), Column("state", left=True), Column("member", left=
               Column("join attempts", left=True))
 
 
+def _join_text(j: dict) -> str:
+    """incarnation.attempt and where it stands ("admitted in epoch E" once activated)."""
+    where = (f"admitted in epoch {j['activated_in']}" if j["activated_in"] is not None
+             else j["state"])
+    return f"{j['incarnation']}.{j['attempt']} {where}"
+
+
 def render(groups: list[dict], where: str) -> str:
     if not groups:
         return f"no elasticpg group in {where}"
@@ -143,9 +150,8 @@ def render(groups: list[dict], where: str) -> str:
                 f"  last decision: {decided}"]
         rows = [[str(r["rank"]), r["state"], r["member"], str(r["incarnations"]),
                  r["endpoint"] or "-",
-                 ", ".join(f"{j['incarnation']}.{j['attempt']}:{j['state']}"
-                           for j in r["joins"]) or "-"] for r in g["ranks"]]
-        out += ["  " + line for line in RANKS.text(rows).splitlines()]
+                 ", ".join(map(_join_text, r["joins"])) or "-"] for r in g["ranks"]]
+        out += ["  " + line.rstrip() for line in RANKS.text(rows).splitlines()]
         out.append("")
     return "\n".join(out).rstrip()
 
