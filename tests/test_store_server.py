@@ -137,6 +137,8 @@ def test_rank0_dies_and_is_replaced_with_a_store_server(pool, store_server, caps
 
     g = seen.get("joining")
     assert g is not None, "the status never showed the waiting joiner"
+    with capsys.disabled():  # shown with -s: what an operator sees
+        print(status.render([g], "the store-server"))
     assert g["epoch"] == 1 and g["active_mask"] == [0, 1, 1, 1], g
     assert g["joiners_waiting"] == [0] and g["ranks"][0]["state"] == "joining", g
     assert g["last_decision"]["cause"], g  # why rank 0 was excluded
@@ -150,7 +152,6 @@ def test_rank0_dies_and_is_replaced_with_a_store_server(pool, store_server, caps
     assert g["ranks"][0]["joins"][-1]["activated_in"] == 2, g
     assert status.main([f"tcp://{HOST}:{port}", "--watch", "0.05", "--count", "2"]) == 0
     text = capsys.readouterr().out
-    print(text)  # shown with -s: what an operator sees
     assert text.count("epoch 2, active 1111 (4 of 4), joiners waiting: none") == 2, text
 
 
