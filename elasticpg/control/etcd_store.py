@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ DEFAULT_TIMEOUT = timedelta(seconds=300)
 REQUEST_TIMEOUT = 2.0  # one HTTP request to one member; then the next member is tried
 WATCH_SLICE = 1.0  # a watch is re-opened (after a fresh read) at least this often
 SCHEME = "etcd"
+log = logging.getLogger("elasticpg.control")
 
 
 def _b64(raw: bytes) -> str:
@@ -159,10 +161,12 @@ class EtcdStore(dist.Store):
         """Members to try in turn until the deadline: the last good one first, then the others;
         a short pause after every full round (a leader election takes ~1 s)."""
         n, pause, start = len(self.endpoints), 0.05, self._preferred
+        first = True
         while True:
             for i in range(n):
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline and not first:
                     return
+                first = False
                 yield self.endpoints[(start + i) % n]
             left = deadline - time.monotonic()
             if left <= 0:
@@ -188,6 +192,8 @@ class EtcdStore(dist.Store):
                 return r.json()
             except (rq.RequestException, _MemberError, ValueError) as exc:
                 errors.append(f"{url}: {type(exc).__name__}: {str(exc)[:160]}")
+                log.debug("etcd store: %s failed at %s (trying the next member): %s", what,
+                          url, exc)
         last = "; ".join(errors[-len(self.endpoints):]) or "no time left"
         raise dist.DistNetworkError(
             f"etcd store ({','.join(self.endpoints)}, prefix {self.prefix!r}) could not "
@@ -311,7 +317,11 @@ class EtcdStore(dist.Store):
                             f"add to {key!r}")
             if out.get("succeeded"):
                 break
-        self._post("/v3/kv/deleterange", {"key": _b64(mark)}, deadline, "drop an add marker")
+        try:  # its own short bound: the add is done even if its bound is spent
+            self._post("/v3/kv/deleterange", {"key": _b64(mark)},
+                       time.monotonic() + self.request_timeout, "drop an add marker")
+        except dist.DistNetworkError as exc:
+            log.info("etcd store: an add's marker stays behind (harmless): %s", exc)
         return result
 
     def delete_key(self, key: str) -> bool:
