@@ -20,9 +20,8 @@ import elasticpg
 from elasticpg.cli import status
 from elasticpg.control.etcd_store import EtcdStore, parse_url
 
-from .harness import HOST, serving_steps
+from .harness import HOST, check_replaced, replace_a_rank
 
-REPLACEMENT = 4  # the pool worker that plays the replacement process
 STORE_BOUND = 8.0  # init_process_group timeout in the store-gone test: every store call's bound
 
 
@@ -132,43 +131,14 @@ def test_bad_urls_are_clear_errors():
 # ---- a group over etcd -----------------------------------------------------------------------
 
 def job_fail_and_join(rank: int, world: int, port: int, url: str) -> dict:
-    """Collectives; rank 1 dies; the survivors go on; a replacement joins slot 1."""
-    tcp = _tcp(port)
-    if rank == REPLACEMENT:
-        tcp.wait([f"excluded{r}" for r in (0, 2, 3)], timedelta(seconds=60))
-        _init(1, url, is_extension=True)
-        elasticpg.join_group()
-        return {"after": _sum(1.0), "mask": elasticpg.get_active_ranks().tolist()}
-    _init(rank, url)
-    first = _sum(float(rank))
-    if rank == 1:
-        os._exit(0)
-    out = {"first": first, "survivors": _sum(float(rank)),
-           "mask": elasticpg.get_active_ranks().tolist()}
-    tcp.set(f"excluded{rank}", "1")
-    for _ in serving_steps():
-        _sum(float(rank))
-        if elasticpg.get_peer_state(None, [1]) == [True]:
-            out["admit"] = elasticpg.recover_ranks(None, [1]).status.value
-            break
-    out["after"] = _sum(float(rank) if rank else 0.0)
-    out["mask_after"] = elasticpg.get_active_ranks().tolist()
-    out["epoch"] = elasticpg.get_current_epoch()
-    return out
+    """Collectives; rank 1 dies; the survivors go on; a replacement joins slot 1 (all through
+    the etcd:// init_method; the test's signals go through its TCPStore)."""
+    return replace_a_rank(rank, 1, lambda r, ext: _init(r, url, is_extension=ext), _tcp(port))
 
 
 def test_collectives_failure_and_deferred_join_over_etcd(pool, etcd, capsys):
     url = etcd.url(_prefix())
-    res = pool.run_raw(job_fail_and_join, url, world=5, timeout=120)
-    assert res[1].status == "dead"
-    bad = [(r, x.value) for r, x in enumerate(res) if r != 1 and x.status != "ok"]
-    assert not bad, bad
-    for r in (0, 2, 3):
-        v = res[r].value
-        assert v["first"] == 6.0 and v["survivors"] == 5.0 and v["mask"] == [1, 0, 1, 1], v
-        assert v["admit"] == "Applied" and v["epoch"] == 2, v
-        assert v["after"] == 6.0 and v["mask_after"] == [1, 1, 1, 1], v
-    assert res[REPLACEMENT].value == {"after": 6.0, "mask": [1, 1, 1, 1]}
+    check_replaced(pool.run_raw(job_fail_and_join, url, world=5, timeout=120), victim=1)
 
     # elasticpg status reads the same decisions from etcd
     assert status.main([url, "--json"]) == 0

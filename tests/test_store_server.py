@@ -15,16 +15,14 @@ import time
 from datetime import timedelta
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import elasticpg
 from elasticpg.cli import status
 from elasticpg.cli.launching import die_with_parent_hook
 
-from .harness import HOST, serving_steps
+from .harness import HOST, check_replaced, replace_a_rank
 
-REPLACEMENT = 4
 START_TIMEOUT = 120.0  # the server imports torch: slow on a loaded 2-core machine
 
 
@@ -55,45 +53,20 @@ def store_server():
             proc.wait(10)
 
 
-def _sum(x: float) -> float:
-    t = torch.tensor([x])
-    dist.all_reduce(t)
-    return t.item()
-
-
-def _init(rank: int, port: int, **opts) -> dist.Store:
+def _init(rank: int, port: int, is_extension: bool) -> None:
     store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=30))
     dist.init_process_group("elasticpg", store=store, rank=rank, world_size=4,
                             timeout=timedelta(seconds=30),
-                            pg_options=elasticpg.Options(failure_timeout=5.0, **opts))
-    return store
+                            pg_options=elasticpg.Options(failure_timeout=5.0,
+                                                         is_extension=is_extension))
 
 
 def job_rank0_replaced(rank: int, world: int, port: int) -> dict:
-    """Rank 0 dies; the survivors go on; while the replacement's join waits (the members hold
-    off until the test has read the status), then it is admitted into slot 0."""
-    if rank == REPLACEMENT:
-        store = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=30))
-        store.wait([f"excluded{r}" for r in (1, 2, 3)], timedelta(seconds=60))
-        _init(0, port, is_extension=True)
-        elasticpg.join_group(timeout=60.0)
-        return {"after": _sum(10.0), "mask": elasticpg.get_active_ranks().tolist()}
-    store = _init(rank, port)
-    first = _sum(float(rank))
-    if rank == 0:
-        os._exit(0)
-    out = {"first": first, "survivors": _sum(float(rank)),
-           "mask": elasticpg.get_active_ranks().tolist()}
-    store.set(f"excluded{rank}", "1")
-    store.wait(["status-read"], timedelta(seconds=60))
-    for _ in serving_steps():
-        _sum(float(rank))
-        if elasticpg.get_peer_state(None, [0]) == [True]:
-            out["admit"] = elasticpg.recover_ranks(None, [0]).status.value
-            break
-    out["after"] = _sum(float(rank))
-    out["mask_after"] = elasticpg.get_active_ranks().tolist()
-    return out
+    """Rank 0 dies; the survivors go on; the replacement's join waits until the test has read
+    the status, then it is admitted into slot 0."""
+    coord = dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=30))
+    return replace_a_rank(rank, 0, lambda r, ext: _init(r, port, ext), coord,
+                          hold="status-read")
 
 
 def _default_group(store) -> dict:
@@ -125,15 +98,7 @@ def test_rank0_dies_and_is_replaced_with_a_store_server(pool, store_server, caps
     t.start()
     res = pool.run_raw(job_rank0_replaced, world=5, timeout=120, port=port)
     t.join(30)
-    assert res[0].status == "dead"
-    bad = [(r, x.value) for r, x in enumerate(res) if r != 0 and x.status != "ok"]
-    assert not bad, bad
-    for r in (1, 2, 3):
-        v = res[r].value
-        assert v["first"] == 6.0 and v["survivors"] == 6.0 and v["mask"] == [0, 1, 1, 1], v
-        assert v["admit"] == "Applied", v
-        assert v["after"] == 16.0 and v["mask_after"] == [1, 1, 1, 1], v
-    assert res[REPLACEMENT].value == {"after": 16.0, "mask": [1, 1, 1, 1]}
+    check_replaced(res, victim=0)
 
     g = seen.get("joining")
     assert g is not None, "the status never showed the waiting joiner"
