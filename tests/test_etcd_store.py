@@ -292,5 +292,6 @@ def test_store_gone_entirely_is_a_clear_error_within_the_bound(pool):
         assert res[r].status == "ok", res[r].value
         v = res[r].value
         assert v["first"] == 4.0
-        assert "store" in v["error"] and "no member answered" in v["error"], v
+        assert v["error"].startswith("ControlPlaneError") and "decide a view" in v["error"], v
+        assert "no member answered" in v["error"], v
         assert v["took"] < STORE_BOUND + 10, v

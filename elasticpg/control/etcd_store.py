@@ -178,6 +178,7 @@ class EtcdStore(dist.Store):
         """POST to one member after another until one answers or the deadline passes."""
         rq = self._requests
         errors: list[str] = []
+        started = time.monotonic()
         for url in self._members(deadline):
             left = deadline - time.monotonic()
             try:
@@ -197,7 +198,8 @@ class EtcdStore(dist.Store):
         last = "; ".join(errors[-len(self.endpoints):]) or "no time left"
         raise dist.DistNetworkError(
             f"etcd store ({','.join(self.endpoints)}, prefix {self.prefix!r}) could not "
-            f"{what} before its deadline: no member answered ({len(errors)} tries; last: {last})")
+            f"{what} within {max(deadline - started, 0):.1f} s: no member answered "
+            f"({len(errors)} tries; last: {last})")
 
     def _txn(self, compare: list[dict], success: list[dict], failure: list[dict],
              deadline: float, what: str) -> dict:
