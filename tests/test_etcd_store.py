@@ -236,7 +236,8 @@ def test_any_one_member_killed_never_stops_the_group(pool, etcd):
     t = threading.Thread(target=chaos, daemon=True)
     t.start()
     try:
-        res = pool.run_raw(job_member_kills, etcd.url(_prefix()), etcd.size, timeout=90,
+        prefix = _prefix()
+        res = pool.run_raw(job_member_kills, etcd.url(prefix), etcd.size, timeout=90,
                            port=port)
     finally:
         t.join(60)
@@ -244,6 +245,10 @@ def test_any_one_member_killed_never_stops_the_group(pool, etcd):
             etcd.start(i)
     assert not errors, errors
     assert [(x.status, x.value) for x in res] == [("ok", [(6.0, 4.0)] * etcd.size)] * 4, res
+    # every group is in the status: the default one and one subgroup per phase
+    groups = status.collect(EtcdStore(etcd.endpoints, prefix))
+    assert len(groups) == 1 + etcd.size, [g["group"] for g in groups]
+    assert all(g["epoch"] == 0 and g["active_mask"] == [1] * 4 for g in groups), groups
 
 
 def job_store_gone(rank: int, world: int, port: int, url: str) -> dict:
