@@ -113,6 +113,14 @@ class EtcdCluster:
                 raise TimeoutError(f"etcd cluster in {self.dir} has no leader")
             time.sleep(0.05)
 
+    def watchers(self, i: int) -> int:
+        """How many watches member i serves now (its metrics)."""
+        text = requests.get(f"http://{self.endpoints[i]}/metrics", timeout=1.0).text
+        for line in text.splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+        raise RuntimeError(f"etcd member {i} reports no watcher count")
+
     def wait_healthy(self, timeout: float = START_TIMEOUT) -> None:
         """Every live member answers a linearizable read (so it has a leader)."""
         deadline = time.monotonic() + timeout

@@ -104,6 +104,28 @@ def test_concurrent_adds_and_swaps_are_exact(etcd):
     assert stores[0].keys() == ["counter", "decision"]  # add's markers are gone
 
 
+def test_a_wait_survives_the_death_of_the_member_it_watches(etcd):
+    prefix = _prefix()
+    waiter = EtcdStore(etcd.endpoints, prefix, timeout=timedelta(seconds=20))  # watches m0
+    writer = EtcdStore(etcd.endpoints[1:], prefix)
+    done: list[float] = []
+    t = threading.Thread(target=lambda: (waiter.wait(["k"]), done.append(time.monotonic())),
+                         daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while etcd.watchers(0) < 1:  # the waiter's watch is open on member 0
+            assert time.monotonic() < deadline, "the wait never opened a watch"
+            time.sleep(0.01)
+        etcd.kill(0)
+        writer.set("k", "1")
+        written = time.monotonic()
+        t.join(20)
+    finally:
+        etcd.start(0)
+    assert done and done[0] - written < 10, "the wait did not see the write"
+
+
 def test_unreachable_store_fails_within_its_bound():
     """No member is there: every operation raises DistNetworkError once its bound is spent."""
     from .etcd_cluster import _free_ports

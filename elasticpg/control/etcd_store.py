@@ -397,8 +397,9 @@ class EtcdStore(dist.Store):
                     if not missing or time.monotonic() >= until:
                         return
         except (rq.RequestException, ValueError):
-            # a member died or the slice ran out: read again (through any member)
-            if not self._alive(url):
+            # the slice ran out (the caller reads again), or the member failed early: if it
+            # does not answer a health check either, the next read and watch go elsewhere
+            if time.monotonic() < until - 0.05 and not self._alive(url):
                 self._preferred = (self._preferred + 1) % len(self.endpoints)
 
     def _alive(self, url: str) -> bool:
