@@ -22,7 +22,8 @@ from elasticpg.control.etcd_store import EtcdStore, parse_url
 
 from .harness import HOST, check_replaced, replace_a_rank
 
-STORE_BOUND = 8.0  # init_process_group timeout in the store-gone test: every store call's bound
+STORE_BOUND = 5.0  # init_process_group timeout in the store-gone test: every store call's bound
+OUTAGE = 2 * STORE_BOUND  # how long that test's group runs collectives with no store at all
 
 
 def _prefix() -> str:
@@ -274,13 +275,19 @@ def test_any_one_member_killed_never_stops_the_group(pool, etcd):
 
 
 def job_store_gone(rank: int, world: int, port: int, url: str) -> dict:
-    """The whole store vanishes; then rank 3 dies: the survivors' next collective needs a
-    decision and must fail clearly within the store's bound."""
+    """The whole store vanishes. For longer than the failure bound and the store's bound, the
+    group idles, then runs a collective: a store outage is no rank's failure (the liveness
+    polls give up within a tick, so heartbeats go on). Then rank 3 dies: the survivors' next
+    collective needs a decision and must fail clearly within the store's bound."""
     tcp = _tcp(port)
-    _init(rank, url, timeout=STORE_BOUND)
+    _init(rank, url, timeout=STORE_BOUND, failure_timeout=OUTAGE / 2)
     first = _sum(1.0)
     tcp.set(f"formed{rank}", "1")
     tcp.wait(["etcd-gone"], timedelta(seconds=60))
+    busy = _sum(1.0)
+    tcp.wait(["outage-over"], timedelta(seconds=60))  # idle: only heartbeats flow
+    outage = {"sums": [busy, _sum(1.0)], "mask": elasticpg.get_active_ranks().tolist(),
+              "epoch": elasticpg.get_current_epoch()}
     if rank == 3:
         os._exit(0)
     t0 = time.monotonic()
@@ -289,7 +296,7 @@ def job_store_gone(rank: int, world: int, port: int, url: str) -> dict:
         err = "none"
     except Exception as exc:  # noqa: BLE001 - the error is what is reported
         err = f"{type(exc).__name__}: {exc}"
-    return {"first": first, "error": err, "took": time.monotonic() - t0}
+    return {"first": first, "outage": outage, "error": err, "took": time.monotonic() - t0}
 
 
 def test_store_gone_entirely_is_a_clear_error_within_the_bound(pool):
@@ -307,6 +314,8 @@ def test_store_gone_entirely_is_a_clear_error_within_the_bound(pool):
             tcp.wait([f"formed{r}" for r in range(4)], timedelta(seconds=60))
             single.kill(0)
             tcp.set("etcd-gone", "1")
+            threading.Event().wait(OUTAGE)  # the outage's length, while the group idles
+            tcp.set("outage-over", "1")
 
         t = threading.Thread(target=chaos, daemon=True)
         t.start()
@@ -319,6 +328,7 @@ def test_store_gone_entirely_is_a_clear_error_within_the_bound(pool):
         assert res[r].status == "ok", res[r].value
         v = res[r].value
         assert v["first"] == 4.0
+        assert v["outage"] == {"sums": [4.0, 4.0], "mask": [1, 1, 1, 1], "epoch": 0}, v
         assert v["error"].startswith("ControlPlaneError") and "decide a view" in v["error"], v
         assert "no member answered" in v["error"], v
         assert v["took"] < STORE_BOUND + 10, v

@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -154,8 +155,23 @@ class EtcdStore(dist.Store):
         return s
 
     def _deadline(self, timeout: timedelta | None = None) -> float:
-        t = self.timeout if timeout is None else timeout
-        return time.monotonic() + max(t.total_seconds(), 0.001)
+        t = (self.timeout if timeout is None else timeout).total_seconds()
+        bound = getattr(self._local, "bound", None)
+        if bound is not None:
+            t = min(t, bound)
+        return time.monotonic() + max(t, 0.001)
+
+    @contextmanager
+    def bounded(self, seconds: float) -> Iterator[None]:
+        """Within the block, this thread's operations give up after `seconds` at the most (the
+        c10d API has no per-call timeout but for `wait`): a periodic poll (the liveness
+        thread's) must not stall its heartbeats for a whole store timeout while etcd is away."""
+        saved = getattr(self._local, "bound", None)
+        self._local.bound = seconds if saved is None else min(saved, seconds)
+        try:
+            yield
+        finally:
+            self._local.bound = saved
 
     def _members(self, deadline: float) -> Iterator[str]:
         """Members to try in turn until the deadline: the last good one first, then the others;

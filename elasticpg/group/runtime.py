@@ -291,7 +291,7 @@ class GroupRuntime:
         if self.state.phase is not Phase.ACTIVE:
             return
         try:
-            latest = self.control.latest_epoch()
+            latest = self.control.latest_epoch(bound=self.heartbeat_interval)
             if latest > max(self.view.epoch, self.state.noted_epoch):
                 view = self.control.view(latest, timeout=self.heartbeat_interval)
                 self.note_decision(latest, frozenset(view.active))
@@ -759,7 +759,7 @@ class GroupRuntime:
         """The latest decided view, waiting (bounded) until our slot is free in it."""
         founders = self.control.founders(max(deadline - time.monotonic(), 0.001))
         while True:
-            latest = self.control.latest_epoch()
+            latest = self.control.latest_epoch(bound=self.heartbeat_interval)
             view = (self.control.view(latest, timeout=max(deadline - time.monotonic(), 0.001))
                     if latest else View.initial(self.slots, range(founders)))
             if not view.is_active(self.rank):
