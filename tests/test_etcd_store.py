@@ -22,8 +22,9 @@ from elasticpg.control.etcd_store import EtcdStore, parse_url
 
 from .harness import HOST, check_replaced, replace_a_rank
 
-STORE_BOUND = 5.0  # init_process_group timeout in the store-gone test: every store call's bound
-OUTAGE = 2 * STORE_BOUND  # how long that test's group runs collectives with no store at all
+STORE_BOUND = 4.0  # init_process_group timeout in the store-gone test: every store call's bound
+FAILURE_BOUND = 5.0  # that test's failure_timeout (a silent peer is declared failed after it)
+OUTAGE = 6.0  # how long that test's group idles with no store at all: longer than both bounds
 
 
 def _prefix() -> str:
@@ -280,7 +281,7 @@ def job_store_gone(rank: int, world: int, port: int, url: str) -> dict:
     polls give up within a tick, so heartbeats go on). Then rank 3 dies: the survivors' next
     collective needs a decision and must fail clearly within the store's bound."""
     tcp = _tcp(port)
-    _init(rank, url, timeout=STORE_BOUND, failure_timeout=OUTAGE / 2)
+    _init(rank, url, timeout=STORE_BOUND, failure_timeout=FAILURE_BOUND)
     first = _sum(1.0)
     tcp.set(f"formed{rank}", "1")
     tcp.wait(["etcd-gone"], timedelta(seconds=60))
