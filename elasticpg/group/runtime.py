@@ -759,7 +759,7 @@ class GroupRuntime:
         """The latest decided view, waiting (bounded) until our slot is free in it."""
         founders = self.control.founders(max(deadline - time.monotonic(), 0.001))
         while True:
-            latest = self.control.latest_epoch(bound=self.heartbeat_interval)
+            latest = self.control.latest_epoch()
             view = (self.control.view(latest, timeout=max(deadline - time.monotonic(), 0.001))
                     if latest else View.initial(self.slots, range(founders)))
             if not view.is_active(self.rank):
