@@ -102,8 +102,7 @@ def test_rank0_dies_and_is_replaced_with_a_store_server(pool, store_server, caps
 
     g = seen.get("joining")
     assert g is not None, "the status never showed the waiting joiner"
-    with capsys.disabled():  # shown with -s: what an operator sees
-        print(status.render([g], "the store-server"))
+    assert "2.1 waiting" in status.render([g], "the store-server")
     assert g["epoch"] == 1 and g["active_mask"] == [0, 1, 1, 1], g
     assert g["joiners_waiting"] == [0] and g["ranks"][0]["state"] == "joining", g
     assert g["last_decision"]["cause"], g  # why rank 0 was excluded
