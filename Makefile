@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # torch is pinned: an open range could pull a multi-GB CUDA build
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean system-packages
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,21 @@ demo: $(BIN)/.demo-installed
 lint: setup
 	$(BIN)/ruff check elasticpg tests examples
 
-test: lint
+# As root on Debian (CI), install the system packages the tests start for real when missing:
+# etcd (a 3-member cluster for the etcd store's tests) and iproute2 (network namespaces).
+# Elsewhere those tests skip and say why.
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    missing=""; \
+	    command -v etcd >/dev/null || missing="$$missing etcd-server"; \
+	    command -v ip >/dev/null || missing="$$missing iproute2"; \
+	    if [ -n "$$missing" ]; then \
+	        echo "installing$$missing"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    fi; \
+	fi
+
+test: lint system-packages
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -29,6 +29,7 @@ from .api import (
     recover_ranks,
     sync_after_failure,
 )
+from .control.etcd_store import EtcdStore, register_rendezvous
 from .errors import (
     CollectiveMismatchError,
     ElasticPGError,
@@ -42,6 +43,7 @@ from .torch_binding.process_group import BACKEND_NAME, ElasticProcessGroup
 from .torch_binding.registration import register_backend
 
 register_backend(BACKEND_NAME)
+register_rendezvous()  # init_method="etcd://host:port,.../prefix"
 # A library logs, the application decides where to: nothing is printed unless it asks
 # (logging.basicConfig, elasticpg.log_events, or ELASTICPG_LOG=json|text).
 logging.getLogger("elasticpg").addHandler(logging.NullHandler())
@@ -56,3 +58,4 @@ __all__ = [
     "extend_group_size_to", "get_num_synced_ranks", "get_peer_state", "join_group",
     "log_events", "admit_ready_ranks", "is_replacement", "metrics", "metrics_endpoint",
 ]
+__all__ += ["EtcdStore"]

@@ -48,8 +48,10 @@ def oversubscription_note(ranks: int, cpus: int) -> str:
     return ""
 
 
-def listen_store(world: int, timeout: float) -> tuple[Any, int]:
-    """A TCPStore master in this process, listening on 127.0.0.1 at a kernel-chosen port.
+def listen_store(world: int, timeout: float, host: str = HOST,
+                 port: int = 0) -> tuple[Any, int]:
+    """A TCPStore master in this process, listening on `host` (127.0.0.1) at `port` (0: a
+    kernel-chosen one).
 
     Returns (store, port). The socket is bound before the store exists, so there is no window
     in which another process can take the port; the store outlives any rank's death.
@@ -58,18 +60,20 @@ def listen_store(world: int, timeout: float) -> tuple[Any, int]:
 
     import torch.distributed as dist
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((HOST, 0))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server's port
+    sock.bind((host, port))
     sock.listen(256)
     port = sock.getsockname()[1]
     td = timedelta(seconds=timeout)
     try:
-        store = dist.TCPStore(HOST, port, world, True, td, wait_for_workers=False,
+        store = dist.TCPStore(host, port, world, True, td, wait_for_workers=False,
                               master_listen_fd=sock.fileno())
         sock.detach()  # the store owns the listening socket now
     except TypeError:  # an older torch without master_listen_fd: re-bind the same port
         sock.close()
-        store = dist.TCPStore(HOST, port, world, True, td, wait_for_workers=False)
+        store = dist.TCPStore(host, port, world, True, td, wait_for_workers=False)
     return store, port
 
 

@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "joinbench": ("elasticpg.cli.joinbench:main", "deferred-join timings"),
     "scale-sim": ("elasticpg.cli.scale_sim:main", "cost of a membership change at 64..1024 ranks"),
     "demo": ("elasticpg.demo.cli:main", "MoE serving through a SIGKILL and a deferred join"),
+    "status": ("elasticpg.cli.status:main",
+               "every group's current view in a store (TCPStore or etcd), --json, --watch"),
+    "store-server": ("elasticpg.cli.store_server:main", "a standalone TCPStore server"),
     "run": ("elasticpg.launcher.cli:main",
             "launch a script like torchrun; restart only a worker that dies, as a replacement"),
 }

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import TypeVar
 
@@ -39,10 +41,20 @@ T = TypeVar("T")
 WAITING, ABANDONED = "waiting", "abandoned"
 
 
+def _bounding(store: dist.Store) -> Callable[[float], ContextManager[None]]:
+    """The `bounded(seconds)` of the store under torch's PrefixStores (EtcdStore has one: its
+    operations otherwise retry for the store's whole timeout); a no-op for other stores, whose
+    requests fail fast when their server is gone."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return getattr(store, "bounded", lambda _seconds: nullcontext())
+
+
 class GroupStore:
     def __init__(self, store: dist.Store, timeout: float) -> None:
         self.store = store
         self.timeout = timeout
+        self._bounded = _bounding(store)
 
     def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -116,10 +128,13 @@ class GroupStore:
                 return
             cur = got
 
-    def latest_epoch(self) -> int:
-        if not self._call("read the latest view", self.store.check, ["view/latest"]):
-            return 0
-        return int(self._call("read the latest view", self.store.get, "view/latest"))
+    def latest_epoch(self, bound: float | None = None) -> int:
+        """The highest decided epoch (0: none yet). `bound`: give up (ControlPlaneError) after
+        that many seconds instead of the store's timeout, where the store can (a poll)."""
+        with self._bounded(bound) if bound is not None else nullcontext():
+            if not self._call("read the latest view", self.store.check, ["view/latest"]):
+                return 0
+            return int(self._call("read the latest view", self.store.get, "view/latest"))
 
     def view(self, epoch: int, timeout: float | None = None) -> View:
         return View.decode(self.wait_key(f"view/{epoch}", timeout))

@@ -346,7 +346,7 @@ class GroupRuntime:
         if self.state.phase is not Phase.ACTIVE:
             return
         try:
-            latest = self.control.latest_epoch()
+            latest = self.control.latest_epoch(bound=self.heartbeat_interval)
             if latest > max(self.view.epoch, self.state.noted_epoch):
                 view = self.control.view(latest, timeout=self.heartbeat_interval)
                 self.note_decision(latest, frozenset(view.active))
