@@ -93,6 +93,7 @@ from ..errors import (
 from ..options import Options, positive_env
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import TcpTransport
+from .acks import Acker
 from .lane import Lane
 from .liveness import Liveness
 from .shm_host import ShmHost
@@ -132,6 +133,7 @@ class GroupRuntime:
         self.timeout = options.timeout_seconds() or timeout
         self.control = GroupStore(store, self.timeout)
         self.mailbox = Mailbox()
+        self.acker = Acker(f"elasticpg-acks-r{rank}", self._send_ack)
         self.failure_timeout = (options.failure_timeout or env_failure_timeout()
                                 or min(self.timeout, DEFAULT_FAILURE_TIMEOUT))
         self.heartbeat_interval = options.heartbeat_interval or self.failure_timeout / 6
@@ -200,6 +202,10 @@ class GroupRuntime:
             self.mailbox.deliver_coll(header, payload)
         elif t == MsgType.P2P:
             self.mailbox.deliver_p2p(header, payload)
+            if header.src != self.rank:
+                self.acker.submit(header.src, header.seq)
+        elif t == MsgType.P2P_ACK:
+            self.mailbox.deliver_ack(header.src, header.seq)
         elif t == MsgType.VIEW:
             self.note_decision(header.epoch, unpack_slots(payload.numpy()))
         elif t == MsgType.JOIN:
@@ -487,6 +493,16 @@ class GroupRuntime:
             # frame it sent before going away (an ABORT, its last contribution) is seen first.
             self.link_broke(peer, f"send failed: {exc}", how="send")
             raise PeerFailedError([peer], f"send failed: {exc}") from None
+
+    def _send_ack(self, peer: int, seq: int) -> None:
+        """Acker thread: tell `peer` its message `seq` arrived (a peer that is gone is not
+        told: its own send completes, unsuccessfully, through its failure)."""
+        header = Header(MsgType.P2P_ACK, self.rank, 0, seq=seq)
+        try:
+            self.send_frame(peer, header, b"", time.monotonic() + min(self.timeout, 5.0))
+        except (PeerFailedError, *STORE_TROUBLE) as exc:
+            log.debug("rank %d: acknowledging message %d to rank %d failed: %s",
+                      self.rank, seq, peer, exc)
 
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None:
         """Tell the other participants that collective `seq` is broken, then poison the group."""
@@ -810,6 +826,7 @@ class GroupRuntime:
             self.state.fire(Event.DESTROYED)
         self.mailbox.close("group destroyed")
         self.shm.wake_all()
+        self.acker.stop()
         self.liveness.stop()
         self.transport.close(goodbye=True)
         with self._lock:

@@ -57,23 +57,23 @@ class _Staging:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name} is on {t.device}; elasticpg supports cpu and cuda")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
         if t.is_sparse:
             raise ValueError(f"{name}: sparse tensors are not supported")
         dtype_code(t.dtype)  # raises TypeError for an unsupported dtype
-        if t.device.type == "cpu":
-            # a Parameter or a tensor that requires grad: communication is not part of the
-            # graph (as with every c10d backend), so work on its data, in place
+        # A Parameter or a tensor that requires grad: communication is not part of the graph
+        # (as with every c10d backend), so work on its data.
+        if t.device.type == "cpu" and t.is_contiguous():
             return t.detach()
-        h = t.detach().cpu()
+        # CUDA, or a strided view (a slice, a transpose): a dense host copy, and for an
+        # output the result written back through the original strides afterwards
+        h = t.detach().to("cpu", memory_format=torch.contiguous_format).contiguous()
         if output:
             self.copy_back.append((h, t))
         return h
 
     def finish(self) -> None:
         for h, t in self.copy_back:
-            t.copy_(h)
+            t.detach().copy_(h)
 
 
 def _either(over_shm: Callable, over_tcp: Callable, *args) -> Callable[[OpContext], None]:
@@ -115,8 +115,20 @@ class ElasticProcessGroup(dist.ProcessGroup):
         self.runtime = GroupRuntime(store, rank, size, group_id or "default",
                                     timeout.total_seconds(), options or Options())
         self._coalesced: list[ElasticWork] | None = None
+        self._send_seq = 0  # numbers this group's sends, for their acknowledgements
 
     # ---- identity -----------------------------------------------------------------------------
+    def size(self) -> int:
+        """What `dist.get_world_size()` reports: the extent of the active rank space (highest
+        active rank + 1), so a scale-up that activates reserved slots grows it; the slot
+        capacity (max_group_size) is only reserved room. An isolated rank (before its
+        join_group) reports the world size it declared."""
+        rt = self.runtime
+        active = rt.view.active
+        if rt.mode == ExecMode.ISOLATED or not active:
+            return rt.world_size
+        return active[-1] + 1
+
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return BACKEND_NAME
 
@@ -451,21 +463,36 @@ class ElasticProcessGroup(dist.ProcessGroup):
             raise GroupStateError(f"{what}: rank {peer} is not active in this group")
 
     def send(self, tensors, dstRank: int, tag: int) -> ElasticWork:  # noqa: N803
+        """Completes when the receiving process acknowledges the message (not when its bytes
+        reach a socket buffer), so a send to a rank that has gone completes unsuccessfully."""
         st = _Staging()
         t = st.host(_one(tensors, "send"), "tensor", output=False)
         self._p2p_peer(dstRank, "send")
+        rt = self.runtime
         payload = tensor_bytes(t)
+        self._send_seq += 1
+        seq = self._send_seq
         header = Header(MsgType.P2P, self.rank(), len(payload), OpKind.SEND,
-                        dtype_code(t.dtype), numel=t.numel(), tag=tag)
-        work = ElasticWork([t], 0.0)
-        work.group_slots = self.runtime.slots
+                        dtype_code(t.dtype), seq=seq, numel=t.numel(), tag=tag)
+        work = ElasticWork([t], rt.timeout,
+                           on_timeout=partial(rt.mailbox.cancel_ack, dstRank, seq))
+        work.group_slots = rt.slots
+        acked = dstRank == self.rank()  # to itself: delivered in send_frame, nothing to await
+        if not acked:
+            rt.mailbox.expect_ack(dstRank, seq, partial(self._acked, work))
         try:
-            self.runtime.send_frame(dstRank, header, payload, self.runtime.p2p_deadline())
+            rt.send_frame(dstRank, header, payload, rt.p2p_deadline())
         except PeerFailedError as exc:
+            rt.mailbox.cancel_ack(dstRank, seq)
             work.finish(exc, failed=exc.ranks)
         else:
-            work.finish()
+            if acked:
+                work.finish()
         return self._track(work)
+
+    @staticmethod
+    def _acked(work: ElasticWork, error: BaseException | None) -> None:
+        work.finish(error, failed=getattr(error, "ranks", ()))
 
     def recv(self, tensors, srcRank: int, tag: int) -> ElasticWork:  # noqa: N803
         self._p2p_peer(srcRank, "recv")
