@@ -77,6 +77,7 @@ from ..api import (
 )
 from ..options import Options
 from ..torch_binding import registration
+from ..torch_binding.process_group import ElasticProcessGroup
 
 # the reference's names for the result types and the pre-rename name of the status enum
 ViewUpdateStatus = ProposalStatus
@@ -84,6 +85,10 @@ ProposeViewUpdateResponse = ProposalResult
 SyncAfterFailureResponse = SyncAfterFailureResult
 
 CPU_BACKEND_NAME = "mooncake-cpu"
+# Slot capacity of a group created without pg_options: the reference reserves spare slots by
+# default, so such a group can be extended later (extend_group_size_to). 64 is elasticpg's
+# limit; a slot costs 32 bytes of shared memory per rank and nothing on the collective path.
+LEGACY_CAPACITY = 64
 HOST_ENV = "ELASTICPG_HOST"  # what elasticpg.group.runtime.default_host() reads
 
 # MooncakeBackendOptions' own fields; every other elasticpg.Options field passes through
@@ -277,7 +282,31 @@ def register_backend(name: str = CPU_BACKEND_NAME) -> None:
     """Make `dist.init_process_group(name)` (e.g. "mooncake-cpu") use elasticpg. Idempotent."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"backend name must be a non-empty str, got {name!r}")
-    registration.register_backend(name)
+    registration.register_backend(name, _create)
+
+
+def _create(dist_opts, pg_options) -> ElasticProcessGroup:
+    """The reference's defaults for a group created without pg_options: spare slots
+    (LEGACY_CAPACITY), and a rank that declares a larger world than the live group's founders
+    (its rank beyond them) joins as a scale-up: it is built as an extension and joins before
+    init_process_group returns, admitted by the members' extend_group_size_to."""
+    if pg_options is not None:
+        return registration.create(dist_opts, pg_options)
+    rank, world = dist_opts.group_rank, dist_opts.group_size
+    founders = _live_founders(dist_opts.store)
+    scale_up = founders is not None and founders <= rank < world
+    options = Options(max_group_size=max(world, LEGACY_CAPACITY), is_extension=scale_up)
+    group = registration.create(dist_opts, options)
+    if scale_up:
+        join_group(group)
+    return group
+
+
+def _live_founders(store) -> int | None:
+    """The founding world size of a group that already exists in `store` (no wait)."""
+    if not store.check(["founders"]):
+        return None
+    return int(store.get("founders"))
 
 
 _ALIAS_MARK = "__elasticpg_alias__"

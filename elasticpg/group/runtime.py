@@ -125,13 +125,15 @@ class GroupRuntime:
         options.validate(world_size)
         self.rank = rank
         self.world_size = world_size
+        self.timeout = options.timeout_seconds() or timeout
+        self.control = GroupStore(store, self.timeout)
         self.slots = options.max_group_size or world_size
+        if options.is_extension:
+            self.slots = self._adopt_capacity(self.slots)
         if not 0 <= rank < self.slots:
             raise ValueError(f"rank {rank} is outside the group's {self.slots} slots")
         self.group_id = group_id
         self.options = options
-        self.timeout = options.timeout_seconds() or timeout
-        self.control = GroupStore(store, self.timeout)
         self.mailbox = Mailbox()
         self.acker = Acker(f"elasticpg-acks-r{rank}", self._send_ack)
         self.failure_timeout = (options.failure_timeout or env_failure_timeout()
@@ -140,6 +142,7 @@ class GroupRuntime:
         self.auto_deactivate = options.auto_deactivate_on_failure
         self.auto_sync = options.auto_sync_on_failure
         self._lock = threading.Lock()  # guards self.state (see the theory of operation)
+        self._ready_cv = threading.Condition(self._lock)  # a joiner became ready here
         self.state = GroupState(rank, Phase.ISOLATED if options.is_extension else Phase.ACTIVE,
                                 self.auto_deactivate, self.auto_sync)
         self._seq = 0
@@ -167,7 +170,7 @@ class GroupRuntime:
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
-            self.control.announce_founders(world_size)
+            self.control.announce_founders(world_size, self.slots)
         self._mirror_mask()
         self.liveness = Liveness(self)
         self.liveness.start()
@@ -175,6 +178,18 @@ class GroupRuntime:
             # Open our outgoing links now, so that every peer holds a socket from us and sees
             # at once when this process dies, even before the first collective.
             self._spawn(self._connect_all, "connect")
+
+    def _adopt_capacity(self, declared: int) -> int:
+        """A joiner takes the live group's slot capacity when it declared no more than that
+        (e.g. a replacement that sized its active_ranks mirror by the world size, joining a
+        group that reserved spare slots); declaring more than the group has is an error."""
+        live = self.control.capacity()
+        if live is None or live == declared:
+            return declared
+        if declared > live:
+            raise ValueError(f"this rank declares {declared} slots, but the live group has "
+                             f"{live} (its founders' max_group_size)")
+        return live
 
     @property
     def view(self) -> View:
@@ -359,6 +374,7 @@ class GroupRuntime:
             return
         with self._lock:
             ready = self.state.joiners.linked(join)
+            self._ready_cv.notify_all()
         if ready:
             self._event("joiner_ready", slot=r, incarnation=join.incarnation,
                         attempt=join.attempt)
@@ -386,7 +402,25 @@ class GroupRuntime:
         self._peek_seq = self._seq
         with self._lock:
             ready = self.state.joiners.ready_slots(agreed=not idle)
-        return [self.view.is_active(r) or r in ready for r in ranks]
+            failed = set(self.state.failed)  # members seen failed, not yet out of the view
+        return [(self.view.is_active(r) and r not in failed) or r in ready for r in ranks]
+
+    def wait_ready(self, slots: list[int], timeout: float | None = None) -> None:
+        """Wait (bounded) until this rank has seen a joiner ready in each of `slots` (the
+        legacy scale-up, extend_group_size_to, admits joiners that may still be starting)."""
+        bound = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        with self._ready_cv:
+            while True:
+                missing = [r for r in slots
+                           if r not in self.state.joiners.ready_slots(agreed=False)]
+                left = deadline - time.monotonic()
+                if not missing:
+                    return
+                if left <= 0:
+                    raise OperationTimeoutError(
+                        f"no joiner became ready in slots {missing} within {bound:.1f}s")
+                self._ready_cv.wait(left)
 
     def num_agreed_ready(self) -> int:
         return len(self.state.joiners.agreed)
@@ -629,7 +663,12 @@ class GroupRuntime:
         return {int(r) for r in mask.nonzero().flatten()}
 
     def deactivate(self, ranks: list[int]) -> View:
-        """Collective: remove `ranks` (planned scale-down, graceful leave, framework decision)."""
+        """Collective: remove `ranks` (planned scale-down, framework decision). A rank that
+        names only itself leaves alone (a graceful leave, then typically destroy): it decides
+        the view without itself and tells the members, who apply it at their next boundary,
+        as they would a failure; a replacement may then take the slot."""
+        if set(ranks) == {self.rank}:
+            return self._leave()
         agreed = self.agree_on_ranks(ranks, kind_code=0)
         start = self._seq
 
@@ -640,6 +679,21 @@ class GroupRuntime:
 
         self.views.decide(make)
         self._event("ranks_deactivated", ranks=sorted(agreed), epoch=self.view.epoch)
+        return self.view
+
+    def _leave(self) -> View:
+        self.refuse(Call.MEMBERSHIP)
+        if self.state.dirty:
+            self._settle()  # the base must be the latest view this rank can know
+        start = self._seq
+
+        def make(base: View) -> View | None:
+            if not base.is_active(self.rank):
+                return None
+            return base.after_deactivation([self.rank], start, f"rank {self.rank} left")
+
+        self.views.decide(make)
+        self._event("rank_left", epoch=self.view.epoch)
         return self.view
 
     def activate(self, ranks: list[int]) -> tuple[View, list[int], dict[int, str]]:
@@ -813,10 +867,14 @@ class GroupRuntime:
 
     def _mirror_mask(self) -> None:
         t = self.options.active_ranks
-        if t is not None:
-            t.copy_(torch.tensor(self.view.mask(), dtype=torch.int32))
+        if t is not None:  # a joiner's mirror may be shorter than the capacity it adopted
+            t.copy_(torch.tensor(self.view.mask()[:t.numel()], dtype=torch.int32))
 
     def active_mask(self) -> torch.Tensor:
+        """The mask after applying what the mode would apply at the next operation boundary
+        (in mode (a) a failure an operation just reported is already a hole here)."""
+        if self.state.dirty and self.state.phase is Phase.ACTIVE:
+            self._settle()
         return torch.tensor(self.view.mask(), dtype=torch.int32)
 
     def destroy(self) -> None:
