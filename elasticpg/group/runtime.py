@@ -56,10 +56,12 @@ The join handshake (joiner J for slot r, members M):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -119,6 +121,19 @@ def default_host() -> str:
     return os.environ.get("ELASTICPG_HOST", "127.0.0.1")
 
 
+# Groups of this process that are not destroyed yet. A script may return (or a rank simulate a
+# crash by returning) with its groups alive; their threads then sit in store and socket calls
+# while the interpreter finalizes, which can abort the process (std::terminate) instead of a
+# clean exit. At exit they are destroyed first: the peers see an orderly leave.
+_LIVE: weakref.WeakSet[GroupRuntime] = weakref.WeakSet()
+
+
+@atexit.register
+def _destroy_live_groups() -> None:
+    for rt in list(_LIVE):
+        rt.destroy()
+
+
 class GroupRuntime:
     def __init__(self, store: dist.Store, rank: int, world_size: int, group_id: str,
                  timeout: float, options: Options) -> None:
@@ -174,6 +189,7 @@ class GroupRuntime:
         self._mirror_mask()
         self.liveness = Liveness(self)
         self.liveness.start()
+        _LIVE.add(self)
         if self.state.phase is Phase.ACTIVE:
             # Open our outgoing links now, so that every peer holds a socket from us and sees
             # at once when this process dies, even before the first collective.
