@@ -36,6 +36,11 @@ Differences from the reference to know about:
   all-to-all collective (so all members answer alike at the same step): poll it between
   collectives, as a serving loop does. A loop that only polls, with no collective in between,
   does not see a joiner become ready.
+* A group created without `pg_options` under a name registered here reserves spare slots
+  (`LEGACY_CAPACITY`), and a rank that declares a larger world than its founders joins it as
+  a scale-up inside `init_process_group`, admitted by the members' `extend_group_size_to`
+  (which waits, bounded, for such joiners; the reference returns at once and blocks at the
+  next communication instead). A scale-up rank must start after the founders.
 * `set_host_ip` sets the data-plane listen address of groups created afterwards (through
   `$ELASTICPG_HOST`, so child processes inherit it); `set_device_filter` is recorded and has no
   effect (there are no RDMA devices to select).
