@@ -157,7 +157,7 @@ class GroupRuntime:
         self.auto_deactivate = options.auto_deactivate_on_failure
         self.auto_sync = options.auto_sync_on_failure
         self._lock = threading.Lock()  # guards self.state (see the theory of operation)
-        self._ready_cv = threading.Condition(self._lock)  # a joiner became ready here
+        self._news = threading.Condition(self._lock)  # a joiner became ready, a peer failed
         self.state = GroupState(rank, Phase.ISOLATED if options.is_extension else Phase.ACTIVE,
                                 self.auto_deactivate, self.auto_sync)
         self._seq = 0
@@ -286,6 +286,7 @@ class GroupRuntime:
                 return
             note = self.state.note_failure(peer, reason)
             member = peer in self.state.active
+            self._news.notify_all()
         if not note.first:
             return
         self._event("peer_failed", logging.WARNING if member else logging.INFO, peer=peer,
@@ -390,7 +391,7 @@ class GroupRuntime:
             return
         with self._lock:
             ready = self.state.joiners.linked(join)
-            self._ready_cv.notify_all()
+            self._news.notify_all()
         if ready:
             self._event("joiner_ready", slot=r, incarnation=join.incarnation,
                         attempt=join.attempt)
@@ -426,7 +427,7 @@ class GroupRuntime:
         legacy scale-up, extend_group_size_to, admits joiners that may still be starting)."""
         bound = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
-        with self._ready_cv:
+        with self._news:
             while True:
                 missing = [r for r in slots
                            if r not in self.state.joiners.ready_slots(agreed=False)]
@@ -436,7 +437,22 @@ class GroupRuntime:
                 if left <= 0:
                     raise OperationTimeoutError(
                         f"no joiner became ready in slots {missing} within {bound:.1f}s")
-                self._ready_cv.wait(left)
+                self._news.wait(left)
+
+    def await_fewer(self, count: int, bound: float) -> None:
+        """The caller laid out its buffers for `count` participants, fewer than this rank's
+        view has: it knows of a member that is gone (a process exit races the caller's news of
+        it) before this rank saw it fail. Wait (bounded) until no more than `count` members
+        remain unfailed here, then settle the boundary."""
+        deadline = time.monotonic() + bound
+        with self._news:
+            while len([r for r in self.view.active if r not in self.state.failed]) > count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._news.wait(left)
+        if self.state.dirty:
+            self._settle()
 
     def num_agreed_ready(self) -> int:
         return len(self.state.joiners.agreed)

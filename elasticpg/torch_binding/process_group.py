@@ -193,6 +193,17 @@ class ElasticProcessGroup(dist.ProcessGroup):
             self._coalesced.append(work)
         return work
 
+    def _parts_for(self, entries: int) -> tuple[int, ...]:
+        """prepare(); if the caller sized its buffers for fewer participants (`entries`) than
+        this rank's view has, a member it knows is gone may not have been seen failing here
+        yet: give that failure a bounded moment (failure_timeout) to show, then prepare again."""
+        rt = self.runtime
+        parts = rt.prepare()
+        if 0 < entries < len(parts) and entries not in (rt.slots, self.size()):
+            rt.await_fewer(entries, rt.failure_timeout)
+            parts = rt.prepare()
+        return parts
+
     def _slots_for(self, n: int, what: str, parts: tuple[int, ...]) -> list[int]:
         """Map participant i to an index into a list of length n (slot- or active-indexed)."""
         if n == self.runtime.slots or (self.runtime.mode == ExecMode.ISOLATED
@@ -275,7 +286,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         outs = [st.host(o, f"output[{i}]", output=True) for i, o in enumerate(outs_dev)]
         for i, o in enumerate(outs):
             _same(t, o, f"all_gather output[{i}]", t.numel())
-        parts = self.runtime.prepare()
+        parts = self._parts_for(len(outs))
         slot_of = self._slots_for(len(outs), "all_gather", parts)
         spec = OpSpec(OpKind.ALLGATHER, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [outs_dev],
@@ -286,7 +297,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         t = st.host(input, "input", output=False)
         out = st.host(output, "output", output=True)
         _same(t, out, "all_gather_into_tensor output")
-        parts = self.runtime.prepare()
+        parts = self._parts_for(out.numel() // t.numel() if t.numel() else 0)
         k, slot_of = self._chunks_for(out.numel(), t.numel(), "all_gather_into_tensor", parts)
         outs = list(out.reshape(-1).chunk(k)) if t.numel() else [out.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.ALLGATHER_INTO_TENSOR, dtype_code(t.dtype), t.numel())
@@ -313,7 +324,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         for i, x in enumerate(ins):
             _same(out, x, f"reduce_scatter input[{i}]", out.numel())
         op = self._redop(opts, out.dtype)
-        parts = self.runtime.prepare()
+        parts = self._parts_for(len(ins))
         slot_of = self._slots_for(len(ins), "reduce_scatter", parts)
         spec = OpSpec(OpKind.REDUCE_SCATTER, dtype_code(out.dtype), out.numel(), -1, op)
         return self._collective(spec, st, [out],
@@ -327,7 +338,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         t = st.host(input, "input", output=False)
         _same(out, t, "reduce_scatter_tensor input")
         op = self._redop(opts, out.dtype)
-        parts = self.runtime.prepare()
+        parts = self._parts_for(t.numel() // out.numel() if out.numel() else 0)
         k, slot_of = self._chunks_for(t.numel(), out.numel(), "reduce_scatter_tensor", parts)
         ins = list(t.reshape(-1).chunk(k)) if out.numel() else [t.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.REDUCE_SCATTER_TENSOR, dtype_code(out.dtype), out.numel(), -1, op)
