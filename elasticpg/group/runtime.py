@@ -537,12 +537,33 @@ class GroupRuntime:
             left = deadline - time.monotonic()
             host, port, inc = self.control.endpoint(peer, timeout=max(left, 0.001))
             try:
-                self.transport.connect(peer, host, port, max(deadline - time.monotonic(), 0.01),
-                                       incarnation=inc)
+                try:
+                    self.transport.connect(peer, host, port,
+                                           max(deadline - time.monotonic(), 0.01), incarnation=inc)
+                except ConnectionRefusedError:
+                    # The endpoint may be an earlier process's: a group created again on the
+                    # same store, whose new process has not published yet. Wait (bounded) for
+                    # a newer one; a peer that is really gone publishes none.
+                    host, port, inc = self._newer_endpoint(peer, (host, port, inc), deadline)
+                    self.transport.connect(peer, host, port,
+                                           max(deadline - time.monotonic(), 0.01), incarnation=inc)
                 self._linked_inc[peer] = inc
             except OSError as exc:
                 self.fail_peer(peer, f"cannot connect: {exc}", how="connect", incarnation=inc)
                 raise PeerFailedError([peer], f"cannot connect: {exc}") from None
+
+    def _newer_endpoint(self, peer: int, stale: tuple[str, int, int],
+                        deadline: float) -> tuple[str, int, int]:
+        """An endpoint of `peer` other than `stale`, within failure_timeout (and `deadline`);
+        raises ConnectionRefusedError if none appears."""
+        until = min(deadline, time.monotonic() + self.failure_timeout)
+        while time.monotonic() < until:
+            current = self.control.endpoint(peer, timeout=max(until - time.monotonic(), 0.001))
+            if current != stale:
+                return current
+            time.sleep(0.02)  # the store cannot wait for a key to change: poll it, bounded
+        raise ConnectionRefusedError(f"rank {peer} refused the connection and published no "
+                                     f"newer endpoint within {self.failure_timeout:.1f}s")
 
     def send_frame(self, peer: int, header: Header, payload: memoryview | bytes,
                    deadline: float) -> None:
