@@ -62,7 +62,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -158,6 +158,7 @@ class GroupRuntime:
         self.auto_sync = options.auto_sync_on_failure
         self._lock = threading.Lock()  # guards self.state (see the theory of operation)
         self._news = threading.Condition(self._lock)  # a joiner became ready, a peer failed
+        self._reported: set[int] = set()  # peers P2P operations completed without
         self.state = GroupState(rank, Phase.ISOLATED if options.is_extension else Phase.ACTIVE,
                                 self.auto_deactivate, self.auto_sync)
         self._seq = 0
@@ -476,6 +477,7 @@ class GroupRuntime:
             self.shm.membership_changed()
         with self._lock:
             self.state.view_applied(new.epoch, new.active)
+            self._reported &= set(new.active)  # failures this view covers are done
         self._mirror_mask()
         self._event("view_applied", epoch=new.epoch, active=list(new.active),
                     cause=new.cause)
@@ -923,10 +925,21 @@ class GroupRuntime:
         if t is not None:  # a joiner's mirror may be shorter than the capacity it adopted
             t.copy_(torch.tensor(self.view.mask()[:t.numel()], dtype=torch.int32))
 
+    def op_saw_failure(self, ranks: Iterable[int]) -> None:
+        """A point-to-point operation completed without these peers (any thread)."""
+        with self._lock:
+            self._reported.update(ranks)
+
     def active_mask(self) -> torch.Tensor:
-        """The mask after applying what the mode would apply at the next operation boundary
-        (in mode (a) a failure an operation just reported is already a hole here)."""
-        if self.state.dirty and self.state.phase is Phase.ACTIVE:
+        """The mask, after settling what the next boundary would settle when it concerns a
+        decision made elsewhere or a failure an operation has reported (in mode (a) a failed
+        P2P operation's peer is a hole once the operation completed). A departure noticed
+        only by the liveness thread waits for the next operation, as in every other call."""
+        st = self.state
+        with self._lock:
+            reported = bool(self._reported & set(st.failed))
+        if st.dirty and st.phase is Phase.ACTIVE and (reported or
+                                                      st.noted_epoch > self.view.epoch):
             self._settle()
         return torch.tensor(self.view.mask(), dtype=torch.int32)
 

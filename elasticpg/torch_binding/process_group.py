@@ -495,14 +495,16 @@ class ElasticProcessGroup(dist.ProcessGroup):
             rt.send_frame(dstRank, header, payload, rt.p2p_deadline())
         except PeerFailedError as exc:
             rt.mailbox.cancel_ack(dstRank, seq)
+            rt.op_saw_failure(exc.ranks)
             work.finish(exc, failed=exc.ranks)
         else:
             if acked:
                 work.finish()
         return self._track(work)
 
-    @staticmethod
-    def _acked(work: ElasticWork, error: BaseException | None) -> None:
+    def _acked(self, work: ElasticWork, error: BaseException | None) -> None:
+        if isinstance(error, PeerFailedError):
+            self.runtime.op_saw_failure(error.ranks)
         work.finish(error, failed=getattr(error, "ranks", ()))
 
     def recv(self, tensors, srcRank: int, tag: int) -> ElasticWork:  # noqa: N803
@@ -524,6 +526,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
 
         def on_done(frame, error) -> None:
             if error is not None:
+                if isinstance(error, PeerFailedError):
+                    self.runtime.op_saw_failure(error.ranks)
                 work.finish(error, failed=getattr(error, "ranks", ()))
                 return
             header, payload = frame
