@@ -116,10 +116,8 @@ def _ranks(ranks: object) -> list[int]:
 
 
 def deactivate_ranks(group: object | None, ranks: object) -> ProposalResult:
-    """Collective: remove `ranks` from the group (scale-down, framework-managed failure
-    handling). A rank that names only itself leaves alone, without the others calling (a
-    graceful leave: the members apply it like a failure at their next boundary); its next
-    collective then raises, and it may destroy its group."""
+    """Collective: remove `ranks` from the group (scale-down, graceful leave, framework-managed
+    failure handling). A rank may name itself; its next collective then raises."""
     rt = runtime_of(group)
     view = rt.deactivate(_ranks(ranks))
     return ProposalResult(ProposalStatus.Applied, view.epoch)

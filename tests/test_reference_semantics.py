@@ -113,7 +113,7 @@ def test_a_send_to_a_departed_rank_fails_locally(pool):
     assert res[0].value == {"ok": False, "hint": [0, 1], "mask": [1, 0]}, res[0]
 
 
-# ---- a member leaves alone, destroys its group, and a replacement takes its slot ---------------
+# ---- compat: a member leaves alone, destroys its group, and a replacement takes its slot --------
 
 def job_leave_alone_then_replaced(rank: int, world: int, port: int) -> dict:
     store = _store(port)
@@ -125,7 +125,7 @@ def job_leave_alone_then_replaced(rank: int, world: int, port: int) -> dict:
     init_group(rank, 3, port, pg_options=_opts())
     first = _sum(rank)
     if rank == 2:
-        result = elasticpg.deactivate_ranks(None, [2])  # nobody else calls this
+        result = compat.deactivate_ranks(None, [2])  # nobody else calls this
         dist.destroy_process_group()
         store.set("left", "1")
         return {"first": first, "status": result.status.value}

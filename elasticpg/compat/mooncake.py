@@ -68,7 +68,6 @@ from ..api import (
     SyncAfterFailureResult,
     SyncAfterFailureStatus,
     activate_ranks,
-    deactivate_ranks,
     extend_group_size_to,
     get_active_ranks,
     get_current_epoch,
@@ -78,8 +77,10 @@ from ..api import (
     get_peer_state,
     join_group,
     recover_ranks,
+    runtime_of,
     sync_after_failure,
 )
+from ..api import deactivate_ranks as _deactivate_collectively
 from ..options import Options
 from ..torch_binding import registration
 from ..torch_binding.process_group import ElasticProcessGroup
@@ -288,6 +289,18 @@ def register_backend(name: str = CPU_BACKEND_NAME) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"backend name must be a non-empty str, got {name!r}")
     registration.register_backend(name, _create)
+
+
+def deactivate_ranks(backend: object | None, ranks: object) -> ProposalResult:
+    """As `elasticpg.deactivate_ranks`, except that a rank naming only itself leaves alone, as
+    in the reference (the others do not call it; they apply the view like a failure at their
+    next boundary); it may then destroy its group and a replacement may take the slot."""
+    rt = runtime_of(backend)
+    if isinstance(ranks, torch.Tensor):
+        ranks = ranks.flatten().tolist()
+    if [int(r) for r in ([ranks] if isinstance(ranks, numbers.Integral) else ranks)] == [rt.rank]:
+        return ProposalResult(ProposalStatus.Applied, rt.leave().epoch)
+    return _deactivate_collectively(backend, ranks)
 
 
 def _create(dist_opts, pg_options) -> ElasticProcessGroup:

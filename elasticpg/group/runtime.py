@@ -718,12 +718,7 @@ class GroupRuntime:
         return {int(r) for r in mask.nonzero().flatten()}
 
     def deactivate(self, ranks: list[int]) -> View:
-        """Collective: remove `ranks` (planned scale-down, framework decision). A rank that
-        names only itself leaves alone (a graceful leave, then typically destroy): it decides
-        the view without itself and tells the members, who apply it at their next boundary,
-        as they would a failure; a replacement may then take the slot."""
-        if set(ranks) == {self.rank}:
-            return self._leave()
+        """Collective: remove `ranks` (planned scale-down, graceful leave, framework decision)."""
         agreed = self.agree_on_ranks(ranks, kind_code=0)
         start = self._seq
 
@@ -736,7 +731,10 @@ class GroupRuntime:
         self._event("ranks_deactivated", ranks=sorted(agreed), epoch=self.view.epoch)
         return self.view
 
-    def _leave(self) -> View:
+    def leave(self) -> View:
+        """Local: this rank leaves alone (the reference's self-deactivation, used by the compat
+        layer): it decides the view without itself and tells the members, who apply it at
+        their next boundary as they would a failure; a replacement may then take the slot."""
         self.refuse(Call.MEMBERSHIP)
         if self.state.dirty:
             self._settle()  # the base must be the latest view this rank can know
