@@ -41,7 +41,9 @@ def runtime_of(group: object | None) -> GroupRuntime:
 
 
 def get_active_ranks(group: object | None = None) -> torch.Tensor:
-    """The committed active mask: int32 tensor of length max_group_size (1 = active)."""
+    """The committed active mask: int32 tensor of length max_group_size (1 = active). It
+    applies first what the next operation boundary would (in mode (a): a failure reported by
+    the last operation, collective or point-to-point, is already a hole)."""
     return runtime_of(group).active_mask()
 
 
@@ -130,9 +132,9 @@ def sync_after_failure(group: object | None = None) -> SyncAfterFailureResult:
 
 
 def get_peer_state(group: object | None, ranks: object) -> list[bool]:
-    """Local and cheap (no I/O): True per rank that is active, or ready to be activated as
-    agreed by every active member at the last all-to-all collective (so every member gets the
-    same answer at the same step of a serving loop)."""
+    """Local and cheap (no I/O): True per rank that is active (and not seen failed by this
+    rank), or ready to be activated as agreed by every active member at the last all-to-all
+    collective (so every member gets the same answer at the same step of a serving loop)."""
     return runtime_of(group).peer_state(_ranks(ranks))
 
 
@@ -196,12 +198,18 @@ def get_num_synced_ranks(group: object | None = None) -> int:
     return len(rt.view.active) + rt.num_agreed_ready()
 
 
-def extend_group_size_to(group: object | None, size: int) -> ProposalResult:
-    """Legacy scale-up (collective): activate every slot below `size`."""
+def extend_group_size_to(group: object | None, size: int,
+                         timeout: float | None = None) -> ProposalResult:
+    """Legacy scale-up (collective): activate every slot below `size`, waiting (bounded by
+    `timeout`, default the group's) until a joiner is ready in each of them: processes that
+    declared the larger world may still be starting when the members call this."""
     rt = runtime_of(group)
     if not 0 < size <= rt.slots:
         raise ValueError(f"cannot extend to {size} ranks: the group has {rt.slots} slots")
-    return activate_ranks(group, [r for r in range(size) if not rt.view.is_active(r)])
+    wanted = [r for r in range(size) if not rt.view.is_active(r)]
+    if wanted:
+        rt.wait_ready(wanted, timeout)
+    return activate_ranks(group, wanted)
 
 
 def metrics(group: object | None = None) -> dict:

@@ -84,7 +84,7 @@ def job_local_errors(rank: int, world: int, port: int) -> dict[str, str]:
 def test_local_errors_are_clear_and_harmless(pool):
     results = pool.run(job_local_errors)
     for rank, out in enumerate(results):
-        assert out["non_contiguous"] == "ValueError"
+        assert out["non_contiguous"] == "ok"  # staged through a dense copy
         assert out["bad_dst"] in ("ValueError",), out
         assert out["bitwise_float"] == "ValueError"
         assert out["bad_root"] == "ValueError"

@@ -36,6 +36,11 @@ Differences from the reference to know about:
   all-to-all collective (so all members answer alike at the same step): poll it between
   collectives, as a serving loop does. A loop that only polls, with no collective in between,
   does not see a joiner become ready.
+* A group created without `pg_options` under a name registered here reserves spare slots
+  (`LEGACY_CAPACITY`), and a rank that declares a larger world than its founders joins it as
+  a scale-up inside `init_process_group`, admitted by the members' `extend_group_size_to`
+  (which waits, bounded, for such joiners; the reference returns at once and blocks at the
+  next communication instead). A scale-up rank must start after the founders.
 * `set_host_ip` sets the data-plane listen address of groups created afterwards (through
   `$ELASTICPG_HOST`, so child processes inherit it); `set_device_filter` is recorded and has no
   effect (there are no RDMA devices to select).
@@ -63,7 +68,6 @@ from ..api import (
     SyncAfterFailureResult,
     SyncAfterFailureStatus,
     activate_ranks,
-    deactivate_ranks,
     extend_group_size_to,
     get_active_ranks,
     get_current_epoch,
@@ -73,10 +77,13 @@ from ..api import (
     get_peer_state,
     join_group,
     recover_ranks,
+    runtime_of,
     sync_after_failure,
 )
+from ..api import deactivate_ranks as _deactivate_collectively
 from ..options import Options
 from ..torch_binding import registration
+from ..torch_binding.process_group import ElasticProcessGroup
 
 # the reference's names for the result types and the pre-rename name of the status enum
 ViewUpdateStatus = ProposalStatus
@@ -84,6 +91,10 @@ ProposeViewUpdateResponse = ProposalResult
 SyncAfterFailureResponse = SyncAfterFailureResult
 
 CPU_BACKEND_NAME = "mooncake-cpu"
+# Slot capacity of a group created without pg_options: the reference reserves spare slots by
+# default, so such a group can be extended later (extend_group_size_to). 64 is elasticpg's
+# limit; a slot costs 32 bytes of shared memory per rank and nothing on the collective path.
+LEGACY_CAPACITY = 64
 HOST_ENV = "ELASTICPG_HOST"  # what elasticpg.group.runtime.default_host() reads
 
 # MooncakeBackendOptions' own fields; every other elasticpg.Options field passes through
@@ -277,7 +288,43 @@ def register_backend(name: str = CPU_BACKEND_NAME) -> None:
     """Make `dist.init_process_group(name)` (e.g. "mooncake-cpu") use elasticpg. Idempotent."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"backend name must be a non-empty str, got {name!r}")
-    registration.register_backend(name)
+    registration.register_backend(name, _create)
+
+
+def deactivate_ranks(backend: object | None, ranks: object) -> ProposalResult:
+    """As `elasticpg.deactivate_ranks`, except that a rank naming only itself leaves alone, as
+    in the reference (the others do not call it; they apply the view like a failure at their
+    next boundary); it may then destroy its group and a replacement may take the slot."""
+    rt = runtime_of(backend)
+    if isinstance(ranks, torch.Tensor):
+        ranks = ranks.flatten().tolist()
+    if [int(r) for r in ([ranks] if isinstance(ranks, numbers.Integral) else ranks)] == [rt.rank]:
+        return ProposalResult(ProposalStatus.Applied, rt.leave().epoch)
+    return _deactivate_collectively(backend, ranks)
+
+
+def _create(dist_opts, pg_options) -> ElasticProcessGroup:
+    """The reference's defaults for a group created without pg_options: spare slots
+    (LEGACY_CAPACITY), and a rank that declares a larger world than the live group's founders
+    (its rank beyond them) joins as a scale-up: it is built as an extension and joins before
+    init_process_group returns, admitted by the members' extend_group_size_to."""
+    if pg_options is not None:
+        return registration.create(dist_opts, pg_options)
+    rank, world = dist_opts.group_rank, dist_opts.group_size
+    founders = _live_founders(dist_opts.store)
+    scale_up = founders is not None and founders <= rank < world
+    options = Options(max_group_size=max(world, LEGACY_CAPACITY), is_extension=scale_up)
+    group = registration.create(dist_opts, options)
+    if scale_up:
+        join_group(group)
+    return group
+
+
+def _live_founders(store) -> int | None:
+    """The founding world size of a group that already exists in `store` (no wait)."""
+    if not store.check(["founders"]):
+        return None
+    return int(store.get("founders"))
 
 
 _ALIAS_MARK = "__elasticpg_alias__"

@@ -6,6 +6,7 @@ backend a store already prefixed with the group name, so keys here are group-loc
   secret                    per-group random secret (first compare_set wins), or only a
                             fingerprint of one from $ELASTICPG_SECRET(_FILE) (control/secret.py)
   founders                  the founding world size (written by every founder)
+  slots                     the founders' slot capacity (a joiner that declared fewer adopts it)
   ep/<rank>                 "host:port:incarnation" of that rank's data-plane listener
   shm/<rank>                "host id|pid|fd|region id|slots|window" of its shared-memory
                             region ("" when it does not use shared memory)
@@ -87,8 +88,15 @@ class GroupStore:
         """Count this process as the next incarnation of slot `rank`."""
         return int(self._call("register", self.store.add, f"inc/{rank}", 1))
 
-    def announce_founders(self, world_size: int) -> None:
+    def announce_founders(self, world_size: int, slots: int) -> None:
+        self._call("announce the slot capacity", self.store.set, "slots", str(slots))
         self._call("announce the founders", self.store.set, "founders", str(world_size))
+
+    def capacity(self) -> int | None:
+        """The slot capacity the founders announced, None if none has (yet): no wait."""
+        if not self._call("look for the slot capacity", self.store.check, ["slots"]):
+            return None
+        return int(self._call("read the slot capacity", self.store.get, "slots"))
 
     def founders(self, timeout: float) -> int:
         return int(self.wait_key("founders", timeout))

@@ -26,6 +26,7 @@ class MsgType(enum.IntEnum):
     GOODBYE = 5  # orderly close: the peer is leaving, not crashing
     VIEW = 6  # "a new view was decided": `epoch` is its epoch, the payload its active slots
     JOIN = 7  # a joiner (in join_group) asks to be activated; payload: its JoinPayload
+    P2P_ACK = 8  # "your P2P message `seq` reached this process": a send completes on it
 
 
 class OpKind(enum.IntEnum):

@@ -56,11 +56,13 @@ The join handshake (joiner J for slot r, members M):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -95,6 +97,7 @@ from ..telemetry import prometheus
 from ..telemetry.counters import GroupMetrics
 from ..transport.mailbox import Mailbox
 from ..transport.tcp import SendTimeoutError, TcpTransport
+from .acks import Acker
 from .lane import Lane
 from .liveness import Liveness
 from .shm_host import ShmHost
@@ -120,27 +123,45 @@ def default_host() -> str:
     return os.environ.get("ELASTICPG_HOST", "127.0.0.1")
 
 
+# Groups of this process that are not destroyed yet. A script may return (or a rank simulate a
+# crash by returning) with its groups alive; their threads then sit in store and socket calls
+# while the interpreter finalizes, which can abort the process (std::terminate) instead of a
+# clean exit. At exit they are destroyed first: the peers see an orderly leave.
+_LIVE: weakref.WeakSet[GroupRuntime] = weakref.WeakSet()
+
+
+@atexit.register
+def _destroy_live_groups() -> None:
+    for rt in list(_LIVE):
+        rt.destroy()
+
+
 class GroupRuntime:
     def __init__(self, store: dist.Store, rank: int, world_size: int, group_id: str,
                  timeout: float, options: Options) -> None:
         options.validate(world_size)
         self.rank = rank
         self.world_size = world_size
+        self.timeout = options.timeout_seconds() or timeout
+        self.control = GroupStore(store, self.timeout)
         self.slots = options.max_group_size or world_size
+        if options.is_extension:
+            self.slots = self._adopt_capacity(self.slots)
         if not 0 <= rank < self.slots:
             raise ValueError(f"rank {rank} is outside the group's {self.slots} slots")
         self.group_id = group_id
         self.options = options
-        self.timeout = options.timeout_seconds() or timeout
-        self.control = GroupStore(store, self.timeout)
         self.mailbox = Mailbox()
         self.metrics = GroupMetrics()
+        self.acker = Acker(f"elasticpg-acks-r{rank}", self._send_ack)
         self.failure_timeout = (options.failure_timeout or env_failure_timeout()
                                 or min(self.timeout, DEFAULT_FAILURE_TIMEOUT))
         self.heartbeat_interval = options.heartbeat_interval or self.failure_timeout / 6
         self.auto_deactivate = options.auto_deactivate_on_failure
         self.auto_sync = options.auto_sync_on_failure
         self._lock = threading.Lock()  # guards self.state (see the theory of operation)
+        self._news = threading.Condition(self._lock)  # a joiner became ready, a peer failed
+        self._reported: set[int] = set()  # peers P2P operations completed without
         self.state = GroupState(rank, Phase.ISOLATED if options.is_extension else Phase.ACTIVE,
                                 self.auto_deactivate, self.auto_sync)
         self._seq = 0
@@ -164,7 +185,7 @@ class GroupRuntime:
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
-            self.control.announce_founders(world_size)
+            self.control.announce_founders(world_size, self.slots)
         self._mirror_mask()
         self.liveness = Liveness(self)
         self._start_threads()
@@ -184,10 +205,23 @@ class GroupRuntime:
 
     def _start_threads(self) -> None:
         self.liveness.start()
+        _LIVE.add(self)
         if self.state.phase is Phase.ACTIVE:
             # Open our outgoing links now, so that every peer holds a socket from us and sees
             # at once when this process dies, even before the first collective.
             self._spawn(self._connect_all, "connect")
+
+    def _adopt_capacity(self, declared: int) -> int:
+        """A joiner takes the live group's slot capacity when it declared no more than that
+        (e.g. a replacement that sized its active_ranks mirror by the world size, joining a
+        group that reserved spare slots); declaring more than the group has is an error."""
+        live = self.control.capacity()
+        if live is None or live == declared:
+            return declared
+        if declared > live:
+            raise ValueError(f"this rank declares {declared} slots, but the live group has "
+                             f"{live} (its founders' max_group_size)")
+        return live
 
     @property
     def view(self) -> View:
@@ -241,6 +275,10 @@ class GroupRuntime:
             self.mailbox.deliver_coll(header, payload)
         elif t == MsgType.P2P:
             self.mailbox.deliver_p2p(header, payload)
+            if header.src != self.rank:
+                self.acker.submit(header.src, header.seq)
+        elif t == MsgType.P2P_ACK:
+            self.mailbox.deliver_ack(header.src, header.seq)
         elif t == MsgType.VIEW:
             self.note_decision(header.epoch, unpack_slots(payload.numpy()))
         elif t == MsgType.JOIN:
@@ -303,6 +341,7 @@ class GroupRuntime:
             epoch = self.state.applied_epoch  # read with `member`: the caller may apply a view
             if note.first:
                 self.metrics.failure(how or "other")
+            self._news.notify_all()
         if not note.first:
             return
         self._event("peer_failed", logging.WARNING if member else logging.INFO, peer=peer,
@@ -409,6 +448,7 @@ class GroupRuntime:
             return
         with self._lock:
             ready = self.state.joiners.linked(join)
+            self._news.notify_all()
         if ready:
             self._event("joiner_ready", slot=r, incarnation=join.incarnation,
                         attempt=join.attempt)
@@ -436,7 +476,40 @@ class GroupRuntime:
         self._peek_seq = self._seq
         with self._lock:
             ready = self.state.joiners.ready_slots(agreed=not idle)
-        return [self.view.is_active(r) or r in ready for r in ranks]
+            failed = set(self.state.failed)  # members seen failed, not yet out of the view
+        return [(self.view.is_active(r) and r not in failed) or r in ready for r in ranks]
+
+    def wait_ready(self, slots: list[int], timeout: float | None = None) -> None:
+        """Wait (bounded) until this rank has seen a joiner ready in each of `slots` (the
+        legacy scale-up, extend_group_size_to, admits joiners that may still be starting)."""
+        bound = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        with self._news:
+            while True:
+                missing = [r for r in slots
+                           if r not in self.state.joiners.ready_slots(agreed=False)]
+                left = deadline - time.monotonic()
+                if not missing:
+                    return
+                if left <= 0:
+                    raise OperationTimeoutError(
+                        f"no joiner became ready in slots {missing} within {bound:.1f}s")
+                self._news.wait(left)
+
+    def await_fewer(self, count: int, bound: float) -> None:
+        """The caller laid out its buffers for `count` participants, fewer than this rank's
+        view has: it knows of a member that is gone (a process exit races the caller's news of
+        it) before this rank saw it fail. Wait (bounded) until no more than `count` members
+        remain unfailed here, then settle the boundary."""
+        deadline = time.monotonic() + bound
+        with self._news:
+            while len([r for r in self.view.active if r not in self.state.failed]) > count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._news.wait(left)
+        if self.state.dirty:
+            self._settle()
 
     def joiner_slots(self) -> list[int]:
         """Slots with a joiner this rank knows of or all members agreed ready, ascending."""
@@ -465,6 +538,7 @@ class GroupRuntime:
             self.shm.membership_changed()
         with self._lock:
             self.state.view_applied(new.epoch, new.active)
+            self._reported &= set(new.active)  # failures this view covers are done
         self._mirror_mask()
         if new.epoch != old.epoch:  # (a joiner adopting the view it already had changes nothing)
             self.metrics.view_changes += 1
@@ -531,12 +605,33 @@ class GroupRuntime:
             left = deadline - time.monotonic()
             host, port, inc = self.control.endpoint(peer, timeout=max(left, 0.001))
             try:
-                self.transport.connect(peer, host, port, max(deadline - time.monotonic(), 0.01),
-                                       incarnation=inc)
+                try:
+                    self.transport.connect(peer, host, port,
+                                           max(deadline - time.monotonic(), 0.01), incarnation=inc)
+                except ConnectionRefusedError:
+                    # The endpoint may be an earlier process's: a group created again on the
+                    # same store, whose new process has not published yet. Wait (bounded) for
+                    # a newer one; a peer that is really gone publishes none.
+                    host, port, inc = self._newer_endpoint(peer, (host, port, inc), deadline)
+                    self.transport.connect(peer, host, port,
+                                           max(deadline - time.monotonic(), 0.01), incarnation=inc)
                 self._linked_inc[peer] = inc
             except OSError as exc:
                 self.fail_peer(peer, f"cannot connect: {exc}", how="connect", incarnation=inc)
                 raise PeerFailedError([peer], f"cannot connect: {exc}") from None
+
+    def _newer_endpoint(self, peer: int, stale: tuple[str, int, int],
+                        deadline: float) -> tuple[str, int, int]:
+        """An endpoint of `peer` other than `stale`, within failure_timeout (and `deadline`);
+        raises ConnectionRefusedError if none appears."""
+        until = min(deadline, time.monotonic() + self.failure_timeout)
+        while time.monotonic() < until:
+            current = self.control.endpoint(peer, timeout=max(until - time.monotonic(), 0.001))
+            if current != stale:
+                return current
+            time.sleep(0.02)  # the store cannot wait for a key to change: poll it, bounded
+        raise ConnectionRefusedError(f"rank {peer} refused the connection and published no "
+                                     f"newer endpoint within {self.failure_timeout:.1f}s")
 
     def send_frame(self, peer: int, header: Header, payload: memoryview | bytes,
                    deadline: float) -> None:
@@ -588,6 +683,15 @@ class GroupRuntime:
             buf = torch.empty(nbytes, dtype=torch.uint8)
             self._scratch[key] = buf
         return buf
+    def _send_ack(self, peer: int, seq: int) -> None:
+        """Acker thread: tell `peer` its message `seq` arrived (a peer that is gone is not
+        told: its own send completes, unsuccessfully, through its failure)."""
+        header = Header(MsgType.P2P_ACK, self.rank, 0, seq=seq)
+        try:
+            self.send_frame(peer, header, b"", time.monotonic() + min(self.timeout, 5.0))
+        except (PeerFailedError, *STORE_TROUBLE) as exc:
+            log.debug("rank %d: acknowledging message %d to rank %d failed: %s",
+                      self.rank, seq, peer, exc)
 
     def report_mismatch(self, seq: int, peers: list[int], reason: str) -> None:
         """Tell the other participants that collective `seq` is broken, then poison the group."""
@@ -735,6 +839,24 @@ class GroupRuntime:
 
         self.views.decide(make)
         self._event("ranks_deactivated", ranks=sorted(agreed), epoch=self.view.epoch)
+        return self.view
+
+    def leave(self) -> View:
+        """Local: this rank leaves alone (the reference's self-deactivation, used by the compat
+        layer): it decides the view without itself and tells the members, who apply it at
+        their next boundary as they would a failure; a replacement may then take the slot."""
+        self.refuse(Call.MEMBERSHIP)
+        if self.state.dirty:
+            self._settle()  # the base must be the latest view this rank can know
+        start = self._seq
+
+        def make(base: View) -> View | None:
+            if not base.is_active(self.rank):
+                return None
+            return base.after_deactivation([self.rank], start, f"rank {self.rank} left")
+
+        self.views.decide(make)
+        self._event("rank_left", epoch=self.view.epoch)
         return self.view
 
     def activate(self, ranks: list[int]) -> tuple[View, list[int], dict[int, str]]:
@@ -910,10 +1032,25 @@ class GroupRuntime:
 
     def _mirror_mask(self) -> None:
         t = self.options.active_ranks
-        if t is not None:
-            t.copy_(torch.tensor(self.view.mask(), dtype=torch.int32))
+        if t is not None:  # a joiner's mirror may be shorter than the capacity it adopted
+            t.copy_(torch.tensor(self.view.mask()[:t.numel()], dtype=torch.int32))
+
+    def op_saw_failure(self, ranks: Iterable[int]) -> None:
+        """A point-to-point operation completed without these peers (any thread)."""
+        with self._lock:
+            self._reported.update(ranks)
 
     def active_mask(self) -> torch.Tensor:
+        """The mask, after settling what the next boundary would settle when it concerns a
+        decision made elsewhere or a failure an operation has reported (in mode (a) a failed
+        P2P operation's peer is a hole once the operation completed). A departure noticed
+        only by the liveness thread waits for the next operation, as in every other call."""
+        st = self.state
+        with self._lock:
+            reported = bool(self._reported & set(st.failed))
+        if st.dirty and st.phase is Phase.ACTIVE and (reported or
+                                                      st.noted_epoch > self.view.epoch):
+            self._settle()
         return torch.tensor(self.view.mask(), dtype=torch.int32)
 
     def destroy(self) -> None:
@@ -924,6 +1061,7 @@ class GroupRuntime:
         prometheus.unregister(id(self))
         self.mailbox.close("group destroyed")
         self.shm.wake_all()
+        self.acker.stop()
         self.liveness.stop()
         self.transport.close(goodbye=True)
         with self._lock:

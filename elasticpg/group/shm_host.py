@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -23,6 +24,8 @@ from ..control.group_store import GroupStore
 from ..errors import OperationTimeoutError
 from ..transport.shm import Region, host_id, window_bytes
 
+# how long a region record that cannot be mapped may take to be replaced by a newer process's
+STALE_WAIT = 2.0
 SPIN_SECONDS = 200e-6  # spin this long before sleeping, when every local rank has a core
 YIELD_SECONDS = 50e-6  # poll this long, yielding the core, when ranks outnumber cores
 
@@ -108,18 +111,34 @@ class ShmHost:
         which lets the rank we wait for run in our place instead of after a futex round trip."""
         return SPIN_SECONDS if len(participants) <= self.cores else -YIELD_SECONDS
 
+    @staticmethod
+    def _attach(info: str) -> Region | None:
+        fields = info.split("|")
+        if len(fields) != 6 or not fields[0]:
+            return None
+        _host, pid, fd, rid, slots, window = fields
+        try:
+            return Region.attach(int(pid), int(fd), int(rid), int(slots), int(window))
+        except (OSError, ValueError):
+            return None
+
     def region(self, peer: int, timeout: float, info: str | None = None) -> Region | None:
         """The peer's mapped region, or None if it cannot be mapped (its process is gone)."""
         r = self._peers.get(peer)
         if r is not None:
             return r
-        fields = (self._info(peer, timeout) if info is None else info).split("|")
-        if len(fields) != 6 or not fields[0]:
-            return None
-        _host, pid, fd, rid, slots, window = fields
-        try:
-            r = Region.attach(int(pid), int(fd), int(rid), int(slots), int(window))
-        except (OSError, ValueError):
+        read = self._info(peer, timeout) if info is None else info
+        r = self._attach(read)
+        if r is None and info is None and read:
+            # The record may be an earlier process's (a group created again on the same
+            # store, whose new process has not published yet): wait, bounded, for a newer one.
+            until = time.monotonic() + min(timeout, STALE_WAIT)
+            while r is None and time.monotonic() < until:
+                time.sleep(0.02)  # the store cannot wait for a key to change: poll, bounded
+                newer = self._info(peer, 0.001)
+                if newer != read:
+                    read, r = newer, self._attach(newer)
+        if r is None:
             return None
         with self._lock:
             self._peers[peer] = r

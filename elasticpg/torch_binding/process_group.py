@@ -58,23 +58,23 @@ class _Staging:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name} is on {t.device}; elasticpg supports cpu and cuda")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
         if t.is_sparse:
             raise ValueError(f"{name}: sparse tensors are not supported")
         dtype_code(t.dtype)  # raises TypeError for an unsupported dtype
-        if t.device.type == "cpu":
-            # a Parameter or a tensor that requires grad: communication is not part of the
-            # graph (as with every c10d backend), so work on its data, in place
+        # A Parameter or a tensor that requires grad: communication is not part of the graph
+        # (as with every c10d backend), so work on its data.
+        if t.device.type == "cpu" and t.is_contiguous():
             return t.detach()
-        h = t.detach().cpu()
+        # CUDA, or a strided view (a slice, a transpose): a dense host copy, and for an
+        # output the result written back through the original strides afterwards
+        h = t.detach().to("cpu", memory_format=torch.contiguous_format).contiguous()
         if output:
             self.copy_back.append((h, t))
         return h
 
     def finish(self) -> None:
         for h, t in self.copy_back:
-            t.copy_(h)
+            t.detach().copy_(h)
 
 
 def _either(over_shm: Callable, over_tcp: Callable, *args) -> Callable[[OpContext], None]:
@@ -116,8 +116,20 @@ class ElasticProcessGroup(dist.ProcessGroup):
         self.runtime = GroupRuntime(store, rank, size, group_id or "default",
                                     timeout.total_seconds(), options or Options())
         self._coalesced: list[ElasticWork] | None = None
+        self._send_seq = 0  # numbers this group's sends, for their acknowledgements
 
     # ---- identity -----------------------------------------------------------------------------
+    def size(self) -> int:
+        """What `dist.get_world_size()` reports: the extent of the active rank space (highest
+        active rank + 1), so a scale-up that activates reserved slots grows it; the slot
+        capacity (max_group_size) is only reserved room. An isolated rank (before its
+        join_group) reports the world size it declared."""
+        rt = self.runtime
+        active = rt.view.active
+        if rt.mode == ExecMode.ISOLATED or not active:
+            return rt.world_size
+        return active[-1] + 1
+
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return BACKEND_NAME
 
@@ -181,6 +193,17 @@ class ElasticProcessGroup(dist.ProcessGroup):
         if self._coalesced is not None:
             self._coalesced.append(work)
         return work
+
+    def _parts_for(self, entries: int) -> tuple[int, ...]:
+        """prepare(); if the caller sized its buffers for fewer participants (`entries`) than
+        this rank's view has, a member it knows is gone may not have been seen failing here
+        yet: give that failure a bounded moment (failure_timeout) to show, then prepare again."""
+        rt = self.runtime
+        parts = rt.prepare()
+        if 0 < entries < len(parts) and entries not in (rt.slots, self.size()):
+            rt.await_fewer(entries, rt.failure_timeout)
+            parts = rt.prepare()
+        return parts
 
     def _slots_for(self, n: int, what: str, parts: tuple[int, ...]) -> list[int]:
         """Map participant i to an index into a list of length n (slot- or active-indexed)."""
@@ -264,7 +287,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         outs = [st.host(o, f"output[{i}]", output=True) for i, o in enumerate(outs_dev)]
         for i, o in enumerate(outs):
             _same(t, o, f"all_gather output[{i}]", t.numel())
-        parts = self.runtime.prepare()
+        parts = self._parts_for(len(outs))
         slot_of = self._slots_for(len(outs), "all_gather", parts)
         spec = OpSpec(OpKind.ALLGATHER, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [outs_dev],
@@ -275,7 +298,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         t = st.host(input, "input", output=False)
         out = st.host(output, "output", output=True)
         _same(t, out, "all_gather_into_tensor output")
-        parts = self.runtime.prepare()
+        parts = self._parts_for(out.numel() // t.numel() if t.numel() else 0)
         k, slot_of = self._chunks_for(out.numel(), t.numel(), "all_gather_into_tensor", parts)
         outs = list(out.reshape(-1).chunk(k)) if t.numel() else [out.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.ALLGATHER_INTO_TENSOR, dtype_code(t.dtype), t.numel())
@@ -302,7 +325,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         for i, x in enumerate(ins):
             _same(out, x, f"reduce_scatter input[{i}]", out.numel())
         op = self._redop(opts, out.dtype)
-        parts = self.runtime.prepare()
+        parts = self._parts_for(len(ins))
         slot_of = self._slots_for(len(ins), "reduce_scatter", parts)
         spec = OpSpec(OpKind.REDUCE_SCATTER, dtype_code(out.dtype), out.numel(), -1, op)
         return self._collective(spec, st, [out],
@@ -316,7 +339,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         t = st.host(input, "input", output=False)
         _same(out, t, "reduce_scatter_tensor input")
         op = self._redop(opts, out.dtype)
-        parts = self.runtime.prepare()
+        parts = self._parts_for(t.numel() // out.numel() if out.numel() else 0)
         k, slot_of = self._chunks_for(t.numel(), out.numel(), "reduce_scatter_tensor", parts)
         ins = list(t.reshape(-1).chunk(k)) if out.numel() else [t.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.REDUCE_SCATTER_TENSOR, dtype_code(out.dtype), out.numel(), -1, op)
@@ -452,23 +475,40 @@ class ElasticProcessGroup(dist.ProcessGroup):
             raise GroupStateError(f"{what}: rank {peer} is not active in this group")
 
     def send(self, tensors, dstRank: int, tag: int) -> ElasticWork:  # noqa: N803
+        """Completes when the receiving process acknowledges the message (not when its bytes
+        reach a socket buffer), so a send to a rank that has gone completes unsuccessfully."""
         st = _Staging()
         t = st.host(_one(tensors, "send"), "tensor", output=False)
         self._p2p_peer(dstRank, "send")
+        rt = self.runtime
         payload = tensor_bytes(t)
+        self._send_seq += 1
+        seq = self._send_seq
         header = Header(MsgType.P2P, self.rank(), len(payload), OpKind.SEND,
-                        dtype_code(t.dtype), numel=t.numel(), tag=tag)
-        work = ElasticWork([t], 0.0)
-        work.group_slots = self.runtime.slots
+                        dtype_code(t.dtype), seq=seq, numel=t.numel(), tag=tag)
+        work = ElasticWork([t], rt.timeout,
+                           on_timeout=partial(rt.mailbox.cancel_ack, dstRank, seq))
+        work.group_slots = rt.slots
+        acked = dstRank == self.rank()  # to itself: delivered in send_frame, nothing to await
+        if not acked:
+            rt.mailbox.expect_ack(dstRank, seq, partial(self._acked, work))
         started = time.perf_counter()
         try:
-            self.runtime.send_frame(dstRank, header, payload, self.runtime.p2p_deadline())
+            rt.send_frame(dstRank, header, payload, rt.p2p_deadline())
         except PeerFailedError as exc:
+            rt.mailbox.cancel_ack(dstRank, seq)
+            rt.op_saw_failure(exc.ranks)
             work.finish(exc, failed=exc.ranks)
         else:
-            self.runtime.metrics.op(OpKind.SEND, len(payload), time.perf_counter() - started)
-            work.finish()
+            rt.metrics.op(OpKind.SEND, len(payload), time.perf_counter() - started)
+            if acked:
+                work.finish()
         return self._track(work)
+
+    def _acked(self, work: ElasticWork, error: BaseException | None) -> None:
+        if isinstance(error, PeerFailedError):
+            self.runtime.op_saw_failure(error.ranks)
+        work.finish(error, failed=getattr(error, "ranks", ()))
 
     def recv(self, tensors, srcRank: int, tag: int) -> ElasticWork:  # noqa: N803
         self._p2p_peer(srcRank, "recv")
@@ -490,6 +530,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
 
         def on_done(frame, error) -> None:
             if error is not None:
+                if isinstance(error, PeerFailedError):
+                    self.runtime.op_saw_failure(error.ranks)
                 work.finish(error, failed=getattr(error, "ranks", ()))
                 return
             header, payload = frame

@@ -35,7 +35,8 @@ def _as_replacement(options: Options) -> Options:
     return options
 
 
-def _create(dist_opts, pg_options) -> ElasticProcessGroup:
+def create(dist_opts, pg_options) -> ElasticProcessGroup:
+    """The group torch.distributed asks the backend for (`pg_options` as the caller passed)."""
     if pg_options is None:
         options = Options()
     elif isinstance(pg_options, Options):
@@ -50,11 +51,12 @@ def _create(dist_opts, pg_options) -> ElasticProcessGroup:
                                _as_replacement(options))
 
 
-def register_backend(name: str = BACKEND_NAME) -> None:
-    """Make `dist.init_process_group(name)` use elasticpg. Idempotent."""
+def register_backend(name: str = BACKEND_NAME, creator=create) -> None:
+    """Make `dist.init_process_group(name)` use elasticpg (`creator(dist_opts, pg_options)`
+    builds its groups; a compatibility layer passes its own). Idempotent."""
     key = name.lower()
     if key in _registered or name.upper() in dist.Backend._plugins:
         _registered.add(key)
         return
-    dist.Backend.register_backend(name, _create, extended_api=True, devices=["cpu", "cuda"])
+    dist.Backend.register_backend(name, creator, extended_api=True, devices=["cpu", "cuda"])
     _registered.add(key)

@@ -2,7 +2,10 @@
 
 A Work knows, besides completion, whether every transfer this rank attempted succeeded
 (`local_success`) and which ranks it saw fail (`failed_ranks`): the per-operation result of
-SPEC section 3.
+SPEC section 3. An operation that lost a peer completes, point-to-point ones included: `wait()`
+returns, `local_success` is False and the failed-ranks hint names that peer (`exception()`
+keeps the PeerFailedError). Only errors that are no peer failure (a timeout, a mismatch, a
+message of the wrong shape) make `wait()` raise.
 
 A receive completes on the transport's reader thread. Its Future's callbacks are the user's
 code, so they never run there (a callback that blocks or raises would stall or kill the link):
@@ -20,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..errors import ElasticPGError, OperationTimeoutError
+from ..errors import ElasticPGError, OperationTimeoutError, PeerFailedError
 
 log = logging.getLogger("elasticpg.work")
 
@@ -66,6 +69,7 @@ class ElasticWork(dist._Work):
     _done: threading.Event | None = None
     _lock: threading.Lock | None = None
     _error: BaseException | None = None
+    _peer_failure: PeerFailedError | None = None
     _future: torch.futures.Future | None = None
     _finalizers: tuple = ()
     local_success = True
@@ -112,8 +116,16 @@ class ElasticWork(dist._Work):
             if self._complete:
                 return
             self.failed_ranks = sorted(set(failed))
-            self.local_success = error is None and not self.failed_ranks
-            if error is None:
+            if isinstance(error, PeerFailedError):
+                # completed without that peer, as a collective does; the outputs it would
+                # have written are left as they were (no finalizer copies them back)
+                self._peer_failure = error
+                self.failed_ranks = sorted(set(failed) | set(error.ranks))
+                error = None
+                self.local_success = False
+            else:
+                self.local_success = error is None and not self.failed_ranks
+            if error is None and self.local_success:
                 try:
                     for fn in self._finalizers:
                         fn()
@@ -154,10 +166,10 @@ class ElasticWork(dist._Work):
         return self._complete
 
     def is_success(self) -> bool:
-        return self._complete and self._error is None
+        return self._complete and self._error is None and self.local_success
 
     def exception(self) -> BaseException | None:
-        return self._error
+        return self._error or self._peer_failure
 
     def result(self) -> list[torch.Tensor]:
         self.wait()

@@ -5,8 +5,9 @@ one that arrives for a collective that already ended (a peer that lagged, a peer
 out) is dropped on arrival, so nothing accumulates. Point-to-point frames are matched
 MPI-style: an arriving frame completes the oldest posted receive for its (src, tag) (or for any
 source with that tag); unmatched frames queue in arrival order until a receive takes them or
-their sender's slot leaves the group (`discard_p2p`). Failures and aborts wake every waiter
-they concern, so no wait outlives its cause.
+their sender's slot leaves the group (`discard_p2p`). A send waits here for the receiver's
+acknowledgement (`expect_ack`): it completes only against a live receiving process. Failures and
+aborts wake every waiter they concern, so no wait outlives its cause.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Mailbox:
         self._p2p_arrival = itertools.count()
         self._p2p_order: dict[int, int] = {}  # id(frame tensor) -> arrival order, for ANY_SOURCE
         self._posted: list[PostedRecv] = []
+        self._acks: dict[tuple[int, int], Callable[[BaseException | None], None]] = {}
         self._post_order = itertools.count()
         self._failed: dict[int, str] = {}
         self._aborted: dict[int, str] = {}
@@ -99,9 +101,12 @@ class Mailbox:
             self._failed.setdefault(rank, reason)
             hit = [p for p in self._posted if p.src == rank]
             self._posted = [p for p in self._posted if p.src != rank]
+            sends = [self._acks.pop(k) for k in [k for k in self._acks if k[0] == rank]]
             self._cv.notify_all()
         for p in hit:
             p.on_done(None, PeerFailedError([rank], reason))
+        for on_ack in sends:
+            on_ack(PeerFailedError([rank], reason))
 
     def revive_peer(self, rank: int) -> None:
         """`rank` is (again) a live member: forget its earlier failure."""
@@ -117,9 +122,38 @@ class Mailbox:
         with self._cv:
             self._closed = reason
             posted, self._posted = self._posted, []
+            sends, self._acks = list(self._acks.values()), {}
             self._cv.notify_all()
         for p in posted:
             p.on_done(None, OperationTimeoutError(f"receive cancelled: {reason}"))
+        for on_ack in sends:
+            on_ack(OperationTimeoutError(f"send cancelled: {reason}"))
+
+    # ---- acknowledged sends -------------------------------------------------------------------
+    def expect_ack(self, peer: int, seq: int,
+                   on_ack: Callable[[BaseException | None], None]) -> None:
+        """Before sending message `seq` to `peer`: `on_ack(None)` runs when the receiver
+        acknowledges it, `on_ack(error)` if the peer fails (or the group closes) first."""
+        with self._cv:
+            error: BaseException | None = None
+            if peer in self._failed:
+                error = PeerFailedError([peer], self._failed[peer])
+            elif self._closed is not None:
+                error = OperationTimeoutError(f"group closed: {self._closed}")
+            else:
+                self._acks[(peer, seq)] = on_ack
+                return
+        on_ack(error)
+
+    def deliver_ack(self, peer: int, seq: int) -> None:
+        with self._cv:
+            on_ack = self._acks.pop((peer, seq), None)
+        if on_ack is not None:
+            on_ack(None)
+
+    def cancel_ack(self, peer: int, seq: int) -> bool:
+        with self._cv:
+            return self._acks.pop((peer, seq), None) is not None
 
     # ---- consumers ------------------------------------------------------------------------
     def failed(self) -> dict[int, str]:

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from elasticpg.errors import ElasticPGError, PeerFailedError
+from elasticpg.errors import ElasticPGError, OperationTimeoutError, PeerFailedError
 from elasticpg.torch_binding.work import ElasticWork
 
 
@@ -58,13 +58,26 @@ def test_a_failing_finalizer_becomes_the_works_error():
     assert not work.local_success
 
 
-def test_a_failed_receive_resolves_its_future_with_the_error():
+def test_a_receive_from_a_failed_peer_completes_and_says_so():
+    """Like a collective that lost a member: wait() returns, the future resolves, and the
+    work reports the failure (local_success, the failed-ranks hint, exception())."""
+    out = [torch.zeros(1)]
+    work = ElasticWork(out, timeout=5.0)
+    fut = work.get_future()
+    _finish_on("elasticpg-liveness-r0", work, error=PeerFailedError([2], "eof"))
+    assert [t.data_ptr() for t in fut.wait()] == [out[0].data_ptr()] and work.wait()
+    assert work.failed_ranks == [2] and not work.local_success and not work.is_success()
+    assert isinstance(work.exception(), PeerFailedError)
+
+
+def test_a_receive_that_is_not_a_peer_failure_still_raises():
     work = ElasticWork([torch.zeros(1)], timeout=5.0)
     fut = work.get_future()
-    _finish_on("elasticpg-liveness-r0", work, error=PeerFailedError([2], "eof"), failed=[2])
-    with pytest.raises(PeerFailedError):
+    _finish_on("elasticpg-liveness-r0", work, error=OperationTimeoutError("cancelled"))
+    with pytest.raises(OperationTimeoutError):
         fut.wait()
-    assert work.failed_ranks == [2] and not work.local_success
+    with pytest.raises(OperationTimeoutError):
+        work.wait()
 
 
 def test_a_completed_collectives_future_is_ready_at_once():
