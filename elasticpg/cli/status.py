@@ -88,7 +88,9 @@ def group_status(store: Any, prefix: str, keys: set[str]) -> dict:
                                       if joined in keys else None)}
             joins.setdefault(int(parts[1]), []).append(entry)
     latest = int(get("view/latest")) if prefix + "view/latest" in keys else 0
-    slots = max([founders, *(r + 1 for r in ranks), *(r + 1 for r in joins)])
+    # the founders' announced capacity; older stores lack it: the slots seen in use
+    slots = (int(get("slots")) if prefix + "slots" in keys else
+             max([founders, *(r + 1 for r in ranks), *(r + 1 for r in joins)]))
     view = (View.decode(store.get(prefix + f"view/{latest}")) if latest
             else View.initial(slots, range(founders)))
     rows = []

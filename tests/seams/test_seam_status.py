@@ -23,7 +23,7 @@ def _founded(g: GroupStore, world: int) -> None:
     for r in range(world):
         g.register(r)
         g.publish_endpoint(r, "10.0.0.1", 7000 + r, 1)
-    g.announce_founders(world)
+    g.announce_founders(world, world)
 
 
 def test_views_rank_states_and_join_attempts():
