@@ -65,6 +65,9 @@ def _collectives(slot: int) -> dict:
     b = torch.tensor([float(slot)])
     dist.broadcast(b, src=HIGH)
     out["bcast"] = b.item()
+    # the root of that broadcast finishes first; leaving now could overtake a member that has
+    # not yet called it (it would then refuse a root that left)
+    dist.barrier()
     return out
 
 
