@@ -64,30 +64,20 @@ def _mac(secret: bytes, role: bytes, scope: bytes, nonces: bytes, hello: bytes) 
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> bool:
-    """Fill `view` from `sock`; False on a clean EOF before any byte."""
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> bool:
+    """Fill `view` from `sock`; False on a clean EOF before any byte. A `deadline` bounds the
+    whole read, not each chunk: a client that drips a byte at a time cannot hold a handshake
+    open for longer."""
     got, n = 0, len(view)
     while got < n:
+        if deadline is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             if got == 0:
                 return False
-            raise ConnectionError(f"connection closed mid-frame ({got}/{n} bytes)")
-        got += k
-    return True
-
-
-def _recv_by(sock: socket.socket, view: memoryview, deadline: float) -> bool:
-    """recv_exact with one deadline for the whole read, not per chunk: a client that drips a
-    byte at a time cannot hold a handshake open for longer."""
-    got, n = 0, len(view)
-    while got < n:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            if got == 0:
-                return False
-            raise ConnectionError(f"connection closed mid-handshake ({got}/{n} bytes)")
+            what = "frame" if deadline is None else "handshake"
+            raise ConnectionError(f"connection closed mid-{what} ({got}/{n} bytes)")
         got += k
     return True
 
@@ -168,7 +158,7 @@ class TcpTransport:
             nonce = os.urandom(_NONCE)
             sock.sendall(nonce)
             msg = bytearray(_HELLO.size + _MAC + _NONCE)
-            if not _recv_by(sock, memoryview(msg), started + self.handshake_timeout):
+            if not recv_exact(sock, memoryview(msg), started + self.handshake_timeout):
                 raise HandshakeError("closed during the handshake")
             hello, proof, theirs = (bytes(msg[:_HELLO.size]),
                                     bytes(msg[_HELLO.size:-_NONCE]), bytes(msg[-_NONCE:]))
