@@ -195,7 +195,8 @@ class Buffer:
             plan = lay.plan_dispatch(idx, num_experts, r, usable)
             sends = self._pack_dispatch(xc, plan, use_fp8, local)
             code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
-            rb = lay.row_bytes(hidden, use_fp8, xc.element_size())
+            esize = xc.element_size()
+            rb = lay.row_bytes(hidden, use_fp8, esize)
             call = (DISPATCH_KIND, n, hidden, num_experts, code, t)
         except BAD_CALL as exc:  # raised once the round is complete, on every rank
             problem, sends, call = exc, {}, ()
@@ -205,7 +206,8 @@ class Buffer:
         for s, blob in got.items():
             if usable[s] and blob.numel():
                 c = blob[:4 * local].view(torch.int32).tolist()
-                if 4 * local + sum(c) * rb != blob.numel():
+                if lay.dispatch_blob_bytes(local, sum(c), hidden, use_fp8, esize) != \
+                        blob.numel():
                     raise lay.EPMismatchError(f"rank {s} sent {blob.numel()} bytes for "
                                               f"{sum(c)} rows of {rb} bytes")
                 counts[s] = c
@@ -232,6 +234,7 @@ class Buffer:
         else:
             data, sc = x, None
         hidden = x.shape[1]
+        wdata = lay.wide_rows(data)
         sends = {}
         for d, c in enumerate(plan.rank_rows):
             if not c:
@@ -239,19 +242,21 @@ class Buffer:
             a = plan.row_offsets[d]
             rows = plan.row_token[a:a + c]
             dbytes = c * hidden * data.element_size()
-            sbytes = c * (hidden // lay.FP8_BLOCK) * 4 if fp8 else 0
-            blob = torch.empty(HB + 4 * (local + c) + dbytes + sbytes, dtype=torch.uint8)
+            o = lay.data_offset(local, c)
+            blob = torch.empty(HB + lay.dispatch_blob_bytes(local, c, hidden, fp8,
+                                                            x.element_size()),
+                               dtype=torch.uint8)
             sends[d] = blob
             blob = blob[HB:]
             blob[:4 * local].view(torch.int32).copy_(torch.tensor(plan.counts[d],
                                                                   dtype=torch.int32))
             blob[4 * local:4 * (local + c)].view(torch.int32).copy_(rows)
-            o = 4 * (local + c)
-            torch.index_select(data, 0, rows, out=blob[o:o + dbytes].view(data.dtype)
-                               .view(c, hidden))
+            torch.index_select(wdata, 0, rows, out=lay.wide_rows(
+                blob[o:o + dbytes].view(data.dtype).view(c, hidden)))
             if sc is not None:
-                torch.index_select(sc, 0, rows, out=blob[o + dbytes:].view(torch.float32)
-                                   .view(c, -1))
+                sb = c * sc.shape[1] * 4
+                torch.index_select(sc, 0, rows, out=blob[o + dbytes:o + dbytes + sb]
+                                   .view(torch.float32).view(c, -1))
         return sends
 
     def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
@@ -268,27 +273,24 @@ class Buffer:
             scales = torch.empty(local, hidden // lay.FP8_BLOCK, stride,
                                  dtype=torch.float32).transpose(1, 2)
         flat_x = recv_x.view(local * stride, hidden)
+        flat_x = lay.wide_rows(flat_x.view(torch.uint8) if fp8 else flat_x)
+        esize = 1 if fp8 else recv_x.element_size()
         for s in range(r):
             c = counts[s]
             if c is None or not sum(c):
                 continue
             blob, rows = got[s], sum(c)
             idx = layout.flat_rows(s, stride)
-            o = 4 * (local + rows)
-            src_info.view(-1).index_copy_(0, idx, blob[4 * local:o].view(torch.int32))
-            esize = 1 if fp8 else recv_x.element_size()
-            data = blob[o:o + rows * hidden * esize].view(recv_x.dtype if not fp8
-                                                          else torch.uint8).view(rows, hidden)
+            src_info.view(-1).index_copy_(0, idx, blob[4 * local:4 * (local + rows)]
+                                          .view(torch.int32))
+            o = lay.data_offset(local, rows)
+            nb = rows * hidden * esize
+            data = blob[o:o + nb].view(torch.uint8 if fp8 else recv_x.dtype).view(rows, hidden)
+            flat_x.index_copy_(0, idx, lay.wide_rows(data))
             if fp8:
-                flat_x.view(torch.uint8).index_copy_(0, idx, data)
-                sc = blob[o + rows * hidden:].view(torch.float32).view(rows, -1)
-                a = 0
-                for lx, (b, k) in enumerate(zip(layout.begin[s], c, strict=True)):
-                    if k:
-                        scales[lx, b:b + k].copy_(sc[a:a + k])
-                        a += k
-            else:
-                flat_x.index_copy_(0, idx, data)
+                sc = blob[o + nb:o + nb + rows * hidden // lay.FP8_BLOCK * 4] \
+                    .view(torch.float32).view(rows, -1)
+                scales.index_put_((idx // stride, idx % stride), sc)
         return recv_x, scales, src_info
 
     def _mark_inactive(self, active_ranks: torch.Tensor, usable: list[bool],
@@ -340,14 +342,15 @@ class Buffer:
                                         f"{tuple(out.shape)}")
             bound = self._bound(timeout_us)
             stride = r * n
-            flat = xs.view(local * stride, hidden)
+            wide = lay.wide_rows(xs.view(local * stride, hidden))
             sends = {}
             for s in range(r):
                 rows = sum(layout.counts[s])
                 if rows:
                     blob = torch.empty(HB + rows * hidden * xs.element_size(), dtype=torch.uint8)
-                    torch.index_select(flat, 0, layout.flat_rows(s, stride),
-                                       out=blob[HB:].view(xs.dtype).view(rows, hidden))
+                    torch.index_select(wide, 0, layout.flat_rows(s, stride),
+                                       out=lay.wide_rows(blob[HB:].view(xs.dtype)
+                                                         .view(rows, hidden)))
                     sends[s] = blob
             row_b = hidden * xs.element_size()
             call = (COMBINE_KIND, n, hidden, num_experts, lay.DTYPE_CODES[xs.dtype], t)

@@ -42,6 +42,33 @@ def row_bytes(hidden: int, fp8: bool, itemsize: int) -> int:
     return (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * itemsize) + 4
 
 
+def dispatch_blob_bytes(local: int, rows: int, hidden: int, fp8: bool, itemsize: int) -> int:
+    """Bytes of one dispatch blob past its header: counts (int32 [L]), token indices (int32
+    [rows]) padded to 8 bytes, the rows' data, (fp8) their scales, padded to 8 bytes: the data
+    then starts 8-aligned, so both sides can move rows as int64 words (see wide_rows)."""
+    return pad8(data_offset(local, rows) + rows * (row_bytes(hidden, fp8, itemsize) - 4))
+
+
+def data_offset(local: int, rows: int) -> int:
+    """Where a dispatch blob's row data starts, past its header."""
+    return pad8(4 * (local + rows))
+
+
+def pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def wide_rows(t: torch.Tensor) -> torch.Tensor:
+    """A view of the 2-D tensor `t` (rows contiguous) with the widest integer element that
+    divides its row and its start: row copies (index_select/index_copy_) then move 8-byte words
+    instead of 2-byte ones, measured ~1.5x faster, bit for bit the same bytes."""
+    nbytes, start = t.shape[1] * t.element_size(), t.storage_offset() * t.element_size()
+    for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if size > t.element_size() and not nbytes % size and not start % size:
+            return t.view(dt)
+    return t
+
+
 def size_hint(n: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Bytes of exchange buffer one rank needs for the largest step: every one of its N tokens
     may go to every local expert of every rank (dispatch, in float32), and come back (combine),
@@ -248,10 +275,16 @@ class RecvLayout:
         return rows
 
     def _flat_rows(self, src: int, stride: int) -> torch.Tensor:
-        parts = [torch.arange(e * stride + b, e * stride + b + c, dtype=torch.int64)
-                 for e, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
-                 if c]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        counts = torch.tensor(self.counts[src], dtype=torch.int64)
+        n = int(counts.sum())
+        if not n:
+            return torch.empty(0, dtype=torch.int64)
+        # row i of local expert e goes to e * stride + begin[e] + (i - first row of e)
+        first = torch.arange(len(self.counts[src]), dtype=torch.int64) * stride + \
+            torch.tensor(self.begin[src], dtype=torch.int64)
+        starts = torch.cumsum(counts, 0) - counts
+        return torch.arange(n, dtype=torch.int64) + \
+            torch.repeat_interleave(first - starts, counts, output_size=n)
 
 
 def recv_layout(counts: list[list[int] | None], local: int) -> RecvLayout:
