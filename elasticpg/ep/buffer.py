@@ -12,6 +12,10 @@ to and its experts are skipped. A source whose bytes do not arrive whole by the 
 as having sent nothing, and its entry is set to 0; entries are never set back to 1. Every
 output row a caller may read was written in this call from bytes that arrived whole; rows
 past recv_count are never read and are not cleared.
+
+Dispatch's outputs (recv_x, its scales, src_info) live in two buffer sets per shape that
+dispatch uses in turn, as DeepEP's low-latency buffers do: they stay valid until the second
+dispatch after the one that returned them (clone them to keep them longer).
 """
 
 from __future__ import annotations
@@ -89,6 +93,12 @@ class Buffer:
         self.num_ep_buffer_bytes = num_ep_buffer_bytes
         self.members = set(self._exchange.participants())
         self._combine_buffer: torch.Tensor | None = None
+        # dispatch outputs, two sets per shape used in turn (DeepEP's double buffering): a
+        # fresh recv_x of R*N rows per local expert is tens of MB, and mapping and faulting
+        # it in on every call cost more than placing the rows (measured ~2 ms of a 32 MB one)
+        self._recv_sets: dict[tuple, list[tuple]] = {}
+        self._recv_turn = 0
+        self._fold_scratch = torch.empty(0, dtype=torch.float32)  # combine's float32 rows
 
     # ---- membership -----------------------------------------------------------------------------
     def update_ep_member(self) -> None:
@@ -259,19 +269,36 @@ class Buffer:
                                    .view(torch.float32).view(c, -1))
         return sends
 
-    def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
-                         layout: lay.RecvLayout, local: int, n: int, hidden: int,
-                         dtype: torch.dtype, fp8: bool):
-        r = self.group_size
-        stride = r * n
-        recv_x = torch.empty(local, stride, hidden,
-                             dtype=torch.float8_e4m3fn if fp8 else dtype)
-        src_info = torch.full((local, stride), -1, dtype=torch.int32)
+    def _recv_set(self, local: int, stride: int, hidden: int, dtype: torch.dtype,
+                  fp8: bool) -> tuple:
+        """(recv_x, scales or None, src_info) for this dispatch: the set not handed out by
+        the previous dispatch, so a dispatch's outputs stay valid until the second dispatch
+        after it."""
+        key = (local, stride, hidden, dtype, fp8)
+        sets = self._recv_sets.get(key)
+        if sets is None:
+            sets = self._recv_sets[key] = [self._new_recv_set(*key) for _ in range(2)]
+        self._recv_turn ^= 1
+        return sets[self._recv_turn]
+
+    @staticmethod
+    def _new_recv_set(local: int, stride: int, hidden: int, dtype: torch.dtype,
+                      fp8: bool) -> tuple:
+        recv_x = torch.empty(local, stride, hidden, dtype=torch.float8_e4m3fn if fp8 else dtype)
         scales = None
         if fp8:
             # column-major, as the reference's fast path lays it out: [L, hidden/128, R*N]
             scales = torch.empty(local, hidden // lay.FP8_BLOCK, stride,
                                  dtype=torch.float32).transpose(1, 2)
+        return recv_x, scales, torch.empty(local, stride, dtype=torch.int32)
+
+    def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
+                         layout: lay.RecvLayout, local: int, n: int, hidden: int,
+                         dtype: torch.dtype, fp8: bool):
+        r = self.group_size
+        stride = r * n
+        recv_x, scales, src_info = self._recv_set(local, stride, hidden, dtype, fp8)
+        src_info.fill_(-1)
         flat_x = recv_x.view(local * stride, hidden)
         flat_x = lay.wide_rows(flat_x.view(torch.uint8) if fp8 else flat_x)
         esize = 1 if fp8 else recv_x.element_size()
@@ -369,7 +396,10 @@ class Buffer:
                 failed.add(d)  # it did not answer (whole): its experts count as inactive
         weights = lay.row_weights(plan, w, sum(plan.rank_rows))
         combined = torch.zeros(t, hidden, dtype=torch.float32)
-        lay.fold(combined, plan, answers, weights)
+        need = max((a.shape[0] for a in answers.values()), default=0)
+        if self._fold_scratch.shape[0] < need or self._fold_scratch.shape[1:] != (hidden,):
+            self._fold_scratch = torch.empty(need, hidden, dtype=torch.float32)
+        lay.fold(combined, plan, answers, weights, self._fold_scratch)
         self._mark_inactive(active_ranks, [True] * r, failed)
         result = combined.to(xs.dtype)
         if out is not None:
