@@ -58,15 +58,18 @@ def pad8(n: int) -> int:
     return -(-n // 8) * 8
 
 
-def wide_rows(t: torch.Tensor) -> torch.Tensor:
-    """A view of the 2-D tensor `t` (rows contiguous) with the widest integer element that
-    divides its row and its start: row copies (index_select/index_copy_) then move 8-byte words
-    instead of 2-byte ones, measured ~1.5x faster, bit for bit the same bytes."""
-    nbytes, start = t.shape[1] * t.element_size(), t.storage_offset() * t.element_size()
+def wide_rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of the 2-D tensors `ts` (same row bytes, rows contiguous) with the widest integer
+    element that divides the row and every tensor's start: row copies (index_select,
+    index_copy_) then move 8-byte words instead of 2-byte ones, measured ~1.5x faster, the
+    very same bytes. All views share one element type, so they can be copied into each other."""
+    esize = ts[0].element_size()
+    nbytes = ts[0].shape[1] * esize
     for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if size > t.element_size() and not nbytes % size and not start % size:
-            return t.view(dt)
-    return t
+        if size > esize and not nbytes % size and \
+                all(not t.storage_offset() * esize % size for t in ts):
+            return tuple(t.view(dt) for t in ts)
+    return ts
 
 
 def size_hint(n: int, hidden: int, num_ranks: int, num_experts: int) -> int:
