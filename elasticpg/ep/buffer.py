@@ -414,9 +414,9 @@ class Buffer:
                 failed.add(d)  # it did not answer (whole): its experts count as inactive
         weights = lay.row_weights(plan, w, sum(plan.rank_rows))
         combined = torch.zeros(t, hidden, dtype=torch.float32)
-        need = max((a.shape[0] for a in answers.values()), default=0)
-        if self._fold_scratch.shape[0] < need or self._fold_scratch.shape[1:] != (hidden,):
-            self._fold_scratch = torch.empty(need, hidden, dtype=torch.float32)
+        if self._fold_scratch.shape[1:] != (hidden,):
+            self._fold_scratch = torch.empty(lay.fold_chunk_rows(hidden), hidden,
+                                             dtype=torch.float32)
         lay.fold(combined, plan, answers, weights, self._fold_scratch)
         self._mark_inactive(active_ranks, [True] * r, failed)
         result = combined.to(xs.dtype)
