@@ -183,14 +183,18 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     if not all(usable):
         ok = torch.tensor(usable, dtype=torch.bool)
         valid &= ok[topk_idx.clamp(min=0) // local]
-    tok = torch.arange(t, dtype=torch.int64).unsqueeze(1).expand(t, k)
-    keys = topk_idx[valid] * max(t, 1) + tok[valid]
+    tok = torch.arange(t, dtype=torch.int64).unsqueeze(1)
+    # unsent selections get a key above every real one (sorted last, then dropped): where()
+    # instead of boolean-mask indexing, which costs a nonzero() and a gather per use
+    tt = max(t, 1)
+    keys = torch.where(valid, topk_idx * tt + tok, num_experts * tt)
     ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    row_expert = ukeys // max(t, 1)
-    row_token = ukeys - row_expert * max(t, 1)
+    if not bool(valid.all()):
+        ukeys = ukeys[:-1]
+    row_expert = ukeys // tt
+    row_token = ukeys - row_expert * tt
     per_expert = torch.bincount(row_expert, minlength=num_experts).view(num_ranks, local)
-    sel_row = torch.full((t, k), -1, dtype=torch.int64)
-    sel_row[valid] = inverse
+    sel_row = torch.where(valid, inverse, -1)
     counts = per_expert.tolist()
     return SendPlan(row_token, row_expert, counts, [sum(c) for c in counts], sel_row)
 
@@ -315,12 +319,12 @@ def layout_from_range(layout_range: torch.Tensor) -> RecvLayout:
 def row_weights(plan: SendPlan, topk_weights: torch.Tensor, rows: int) -> torch.Tensor:
     """float32 [rows]: the summed weight of every selection that maps to each row (a token that
     picked an expert twice gets both weights on its one row)."""
-    w = torch.zeros(rows, dtype=torch.float32)
+    w = torch.zeros(rows + 1, dtype=torch.float32)  # + a row that unsent selections go to
     sel = plan.sel_row
-    valid = sel >= 0
     if rows:
-        w.index_add_(0, sel[valid], topk_weights.to(torch.float32)[valid])
-    return w
+        w.index_add_(0, torch.where(sel >= 0, sel, rows).view(-1),
+                     topk_weights.to(torch.float32).reshape(-1))
+    return w[:rows]
 
 
 FOLD_CHUNK_BYTES = 512 << 10  # float32 rows folded at a time: they stay in L2 across the
@@ -334,12 +338,14 @@ def fold(combined: torch.Tensor, plan: SendPlan, answers: dict[int, torch.Tensor
     rows were sent. Only destinations that answered whole (and are active) are in `answers`,
     so no unwritten or partial row ever reaches the output. Rows are folded in order, in
     chunks, so the float additions are the same as one index_add_ per destination.
-    `scratch`: float32 [>= fold_chunk_rows(hidden), hidden], reused across calls."""
+    `scratch`: float32 [rows, hidden] (fold_chunk_rows(hidden) rows is enough), reused
+    across calls."""
     offs = plan.row_offsets
     hidden = combined.shape[1]
     step = fold_chunk_rows(hidden)
     if scratch is None:
         scratch = torch.empty(step, hidden, dtype=torch.float32)
+    step = max(1, min(step, scratch.shape[0]))
     for d, ans in answers.items():
         a, c = offs[d], plan.rank_rows[d]
         for i in range(0, c, step):
