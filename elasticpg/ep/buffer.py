@@ -318,8 +318,7 @@ class Buffer:
                 tok = plan.row_token[a:a + rows]
                 src_info.view(-1).index_copy_(0, idx, tok.to(torch.int32))
                 data, sc = own
-                fx, data = lay.wide_rows(flat_x, data)
-                fx.index_copy_(0, idx, data.index_select(0, tok))
+                lay.place_rows(flat_x, idx, lay.wide_rows(data)[0].index_select(0, tok))
                 if fp8:
                     scales.index_put_((idx // stride, idx % stride), sc.index_select(0, tok))
                 continue
@@ -329,8 +328,7 @@ class Buffer:
             o = lay.data_offset(local, rows)
             nb = rows * hidden * esize
             data = blob[o:o + nb].view(torch.uint8 if fp8 else recv_x.dtype).view(rows, hidden)
-            fx, data = lay.wide_rows(flat_x, data)
-            fx.index_copy_(0, idx, data)
+            lay.place_rows(flat_x, idx, data)
             if fp8:
                 sc = blob[o + nb:o + nb + rows * hidden // lay.FP8_BLOCK * 4] \
                     .view(torch.float32).view(rows, -1)
