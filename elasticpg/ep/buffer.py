@@ -20,6 +20,9 @@ dispatch after the one that returned them (clone them to keep them longer).
 
 from __future__ import annotations
 
+import struct
+
+import numpy as np
 import torch
 
 from ..api import runtime_of
@@ -158,7 +161,7 @@ class Buffer:
             if blob is None:
                 blob = torch.empty(HB, dtype=torch.uint8)
             words = lay.rejected_header() if problem is not None else header(blob.numel() - HB)
-            blob[:HB].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+            blob[:HB].numpy().view(np.int64)[:] = words  # numpy: cheaper than torch.tensor
             blobs.append(blob)
         got, failed = self._exchange.alltoall(data_code, parts, blobs, _scratch, bound)
         if problem is not None:
@@ -168,7 +171,8 @@ class Buffer:
         out = {}
         for p, blob in got.items():
             # (a copy: a transport may hand back views at any byte offset)
-            theirs = blob[:HB].clone().view(torch.int64).tolist() if blob.numel() >= HB else None
+            theirs = list(struct.unpack(f"={lay.HEADER_WORDS}q", blob[:HB].numpy().tobytes())) \
+                if blob.numel() >= HB else None
             why = lay.header_mismatch(mine, theirs, p, self.rank) if theirs else \
                 f"rank {p} sent {blob.numel()} bytes, not even a header"
             if why:
@@ -192,8 +196,8 @@ class Buffer:
             if not isinstance(x, torch.Tensor):
                 raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
             device = x.device
-            xc = x.detach().to("cpu").contiguous()
-            idx = topk_idx.to("cpu").contiguous() if isinstance(topk_idx, torch.Tensor) \
+            xc = _cpu(x.detach()).contiguous()
+            idx = _cpu(topk_idx).contiguous() if isinstance(topk_idx, torch.Tensor) \
                 else topk_idx
             lay.check_dispatch(xc, idx, n, num_experts, r, use_fp8)
             lay.check_active(active_ranks, r)
@@ -372,9 +376,9 @@ class Buffer:
             xs = self._combine_buffer if zero_copy else x
             device = topk_idx.device if isinstance(topk_idx, torch.Tensor) \
                 else torch.device("cpu")
-            xs = xs.detach().to("cpu").contiguous() if isinstance(xs, torch.Tensor) else xs
-            idx = topk_idx.to("cpu") if isinstance(topk_idx, torch.Tensor) else topk_idx
-            w = topk_weights.to("cpu") if isinstance(topk_weights, torch.Tensor) \
+            xs = _cpu(xs.detach()).contiguous() if isinstance(xs, torch.Tensor) else xs
+            idx = _cpu(topk_idx) if isinstance(topk_idx, torch.Tensor) else topk_idx
+            w = _cpu(topk_weights) if isinstance(topk_weights, torch.Tensor) \
                 else topk_weights
             t = plan.sel_row.shape[0]
             lay.check_combine(xs, idx, w, local, r, n, hidden, num_experts, t)
@@ -424,6 +428,11 @@ class Buffer:
         elif device.type != "cpu":
             result = result.to(device)
         return result, EventOverlap(), _done
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU; a no-op .to("cpu") still costs microseconds of dispatch per call."""
+    return t if t.device.type == "cpu" else t.to("cpu")
 
 
 def _scratch(_src: int, nbytes: int) -> torch.Tensor:
