@@ -304,6 +304,8 @@ def job_foreign_clients(rank: int, world: int, port: int) -> dict:
             break
     dist.barrier()
     m = elasticpg.metrics()
+    # nobody leaves before everyone has read its counters (a peer's departure counts as 'left')
+    dist.barrier()
     dist.destroy_process_group()
     return {"attacks": results, "wrong": wrong, "steps": steps, "metrics": m}
 
