@@ -12,10 +12,17 @@ to and its experts are skipped. A source whose bytes do not arrive whole by the 
 as having sent nothing, and its entry is set to 0; entries are never set back to 1. Every
 output row a caller may read was written in this call from bytes that arrived whole; rows
 past recv_count are never read and are not cleared.
+
+Dispatch's outputs (recv_x, its scales, src_info) live in two buffer sets per shape that
+dispatch uses in turn, as DeepEP's low-latency buffers do: they stay valid until the second
+dispatch after the one that returned them (clone them to keep them longer).
 """
 
 from __future__ import annotations
 
+import struct
+
+import numpy as np
 import torch
 
 from ..api import runtime_of
@@ -89,6 +96,12 @@ class Buffer:
         self.num_ep_buffer_bytes = num_ep_buffer_bytes
         self.members = set(self._exchange.participants())
         self._combine_buffer: torch.Tensor | None = None
+        # dispatch outputs, two sets per shape used in turn (DeepEP's double buffering): a
+        # fresh recv_x of R*N rows per local expert is tens of MB, and mapping and faulting
+        # it in on every call cost more than placing the rows (measured ~2 ms of a 32 MB one)
+        self._recv_sets: dict[tuple, list[tuple]] = {}
+        self._recv_turn = 0
+        self._fold_scratch = torch.empty(0, dtype=torch.float32)  # combine's float32 rows
 
     # ---- membership -----------------------------------------------------------------------------
     def update_ep_member(self) -> None:
@@ -148,7 +161,7 @@ class Buffer:
             if blob is None:
                 blob = torch.empty(HB, dtype=torch.uint8)
             words = lay.rejected_header() if problem is not None else header(blob.numel() - HB)
-            blob[:HB].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+            blob[:HB].numpy().view(np.int64)[:] = words  # numpy: cheaper than torch.tensor
             blobs.append(blob)
         got, failed = self._exchange.alltoall(data_code, parts, blobs, _scratch, bound)
         if problem is not None:
@@ -158,7 +171,8 @@ class Buffer:
         out = {}
         for p, blob in got.items():
             # (a copy: a transport may hand back views at any byte offset)
-            theirs = blob[:HB].clone().view(torch.int64).tolist() if blob.numel() >= HB else None
+            theirs = list(struct.unpack(f"={lay.HEADER_WORDS}q", blob[:HB].numpy().tobytes())) \
+                if blob.numel() >= HB else None
             why = lay.header_mismatch(mine, theirs, p, self.rank) if theirs else \
                 f"rank {p} sent {blob.numel()} bytes, not even a header"
             if why:
@@ -182,8 +196,8 @@ class Buffer:
             if not isinstance(x, torch.Tensor):
                 raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
             device = x.device
-            xc = x.detach().to("cpu").contiguous()
-            idx = topk_idx.to("cpu").contiguous() if isinstance(topk_idx, torch.Tensor) \
+            xc = _cpu(x.detach()).contiguous()
+            idx = _cpu(topk_idx).contiguous() if isinstance(topk_idx, torch.Tensor) \
                 else topk_idx
             lay.check_dispatch(xc, idx, n, num_experts, r, use_fp8)
             lay.check_active(active_ranks, r)
@@ -193,25 +207,30 @@ class Buffer:
             local = num_experts // r
             usable = self._usable(active_ranks.tolist(), parts)
             plan = lay.plan_dispatch(idx, num_experts, r, usable)
-            sends = self._pack_dispatch(xc, plan, use_fp8, local)
+            sends, own = self._pack_dispatch(xc, plan, use_fp8, local)
             code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
-            rb = lay.row_bytes(hidden, use_fp8, xc.element_size())
+            esize = xc.element_size()
+            rb = lay.row_bytes(hidden, use_fp8, esize)
             call = (DISPATCH_KIND, n, hidden, num_experts, code, t)
         except BAD_CALL as exc:  # raised once the round is complete, on every rank
-            problem, sends, call = exc, {}, ()
+            problem, sends, call, own = exc, {}, (), None
 
         got, failed = self._round(DISPATCH_ROUND, parts, call, sends, bound, problem)
         counts: list[list[int] | None] = [None] * r
         for s, blob in got.items():
             if usable[s] and blob.numel():
                 c = blob[:4 * local].view(torch.int32).tolist()
-                if 4 * local + sum(c) * rb != blob.numel():
+                if lay.dispatch_blob_bytes(local, sum(c), hidden, use_fp8, esize) != \
+                        blob.numel():
                     raise lay.EPMismatchError(f"rank {s} sent {blob.numel()} bytes for "
                                               f"{sum(c)} rows of {rb} bytes")
                 counts[s] = c
+        me = self.rank
+        if usable[me] and plan.rank_rows[me]:
+            counts[me] = plan.counts[me]  # our own rows never left: see _pack_dispatch
         layout = lay.recv_layout(counts, local)
         recv_x, scales, src_info = self._unpack_dispatch(got, counts, layout, local, n, hidden,
-                                                         xc.dtype, use_fp8)
+                                                         xc.dtype, use_fp8, plan, own)
         self._mark_inactive(active_ranks, usable, failed)
         handle = DispatchHandle((src_info, layout.layout_range(), n, hidden, num_experts),
                                 plan, usable, layout)
@@ -223,9 +242,12 @@ class Buffer:
         return out_x, recv_count, handle, EventOverlap(), _done
 
     def _pack_dispatch(self, x: torch.Tensor, plan: lay.SendPlan, fp8: bool,
-                       local: int) -> dict[int, torch.Tensor]:
-        """One blob per destination: room for the header, counts per local expert (int32 [L]),
-        the rows' token indices (int32), the rows' data, then (fp8) their scales."""
+                       local: int) -> tuple[dict[int, torch.Tensor], tuple]:
+        """One blob per other destination: room for the header, counts per local expert
+        (int32 [L]), the rows' token indices (int32), the rows' data, then (fp8) their scales.
+        Rows for our own experts are not packed (the round carries only our header to
+        ourselves): _unpack_dispatch places them straight from the returned (rows, scales),
+        which saves a pack and a copy of up to 1/R of the data."""
         if fp8:
             data, sc = lay.quantize_fp8(x)
             data = data.view(torch.uint8)
@@ -234,61 +256,87 @@ class Buffer:
         hidden = x.shape[1]
         sends = {}
         for d, c in enumerate(plan.rank_rows):
-            if not c:
+            if not c or d == self.rank:
                 continue
             a = plan.row_offsets[d]
             rows = plan.row_token[a:a + c]
             dbytes = c * hidden * data.element_size()
-            sbytes = c * (hidden // lay.FP8_BLOCK) * 4 if fp8 else 0
-            blob = torch.empty(HB + 4 * (local + c) + dbytes + sbytes, dtype=torch.uint8)
+            o = lay.data_offset(local, c)
+            blob = torch.empty(HB + lay.dispatch_blob_bytes(local, c, hidden, fp8,
+                                                            x.element_size()),
+                               dtype=torch.uint8)
             sends[d] = blob
             blob = blob[HB:]
             blob[:4 * local].view(torch.int32).copy_(torch.tensor(plan.counts[d],
                                                                   dtype=torch.int32))
             blob[4 * local:4 * (local + c)].view(torch.int32).copy_(rows)
-            o = 4 * (local + c)
-            torch.index_select(data, 0, rows, out=blob[o:o + dbytes].view(data.dtype)
-                               .view(c, hidden))
+            src, dst = lay.wide_rows(data, blob[o:o + dbytes].view(data.dtype).view(c, hidden))
+            torch.index_select(src, 0, rows, out=dst)
             if sc is not None:
-                torch.index_select(sc, 0, rows, out=blob[o + dbytes:].view(torch.float32)
-                                   .view(c, -1))
-        return sends
+                sb = c * sc.shape[1] * 4
+                torch.index_select(sc, 0, rows, out=blob[o + dbytes:o + dbytes + sb]
+                                   .view(torch.float32).view(c, -1))
+        return sends, (data, sc)
 
-    def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
-                         layout: lay.RecvLayout, local: int, n: int, hidden: int,
-                         dtype: torch.dtype, fp8: bool):
-        r = self.group_size
-        stride = r * n
-        recv_x = torch.empty(local, stride, hidden,
-                             dtype=torch.float8_e4m3fn if fp8 else dtype)
-        src_info = torch.full((local, stride), -1, dtype=torch.int32)
+    def _recv_set(self, local: int, stride: int, hidden: int, dtype: torch.dtype,
+                  fp8: bool) -> tuple:
+        """(recv_x, scales or None, src_info) for this dispatch: the set not handed out by
+        the previous dispatch, so a dispatch's outputs stay valid until the second dispatch
+        after it."""
+        key = (local, stride, hidden, dtype, fp8)
+        sets = self._recv_sets.get(key)
+        if sets is None:
+            sets = self._recv_sets[key] = [self._new_recv_set(*key) for _ in range(2)]
+        self._recv_turn ^= 1
+        return sets[self._recv_turn]
+
+    @staticmethod
+    def _new_recv_set(local: int, stride: int, hidden: int, dtype: torch.dtype,
+                      fp8: bool) -> tuple:
+        recv_x = torch.empty(local, stride, hidden, dtype=torch.float8_e4m3fn if fp8 else dtype)
         scales = None
         if fp8:
             # column-major, as the reference's fast path lays it out: [L, hidden/128, R*N]
             scales = torch.empty(local, hidden // lay.FP8_BLOCK, stride,
                                  dtype=torch.float32).transpose(1, 2)
+        return recv_x, scales, torch.empty(local, stride, dtype=torch.int32)
+
+    def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
+                         layout: lay.RecvLayout, local: int, n: int, hidden: int,
+                         dtype: torch.dtype, fp8: bool, plan: lay.SendPlan, own: tuple):
+        r = self.group_size
+        stride = r * n
+        recv_x, scales, src_info = self._recv_set(local, stride, hidden, dtype, fp8)
+        src_info.fill_(-1)
         flat_x = recv_x.view(local * stride, hidden)
+        flat_x = flat_x.view(torch.uint8) if fp8 else flat_x
+        esize = 1 if fp8 else recv_x.element_size()
         for s in range(r):
             c = counts[s]
             if c is None or not sum(c):
                 continue
-            blob, rows = got[s], sum(c)
+            rows = sum(c)
             idx = layout.flat_rows(s, stride)
-            o = 4 * (local + rows)
-            src_info.view(-1).index_copy_(0, idx, blob[4 * local:o].view(torch.int32))
-            esize = 1 if fp8 else recv_x.element_size()
-            data = blob[o:o + rows * hidden * esize].view(recv_x.dtype if not fp8
-                                                          else torch.uint8).view(rows, hidden)
+            if s == self.rank:  # our own rows, straight from x (or its fp8 form)
+                a = plan.row_offsets[s]
+                tok = plan.row_token[a:a + rows]
+                src_info.view(-1).index_copy_(0, idx, tok.to(torch.int32))
+                data, sc = own
+                lay.place_rows(flat_x, idx, lay.wide_rows(data)[0].index_select(0, tok))
+                if fp8:
+                    scales.index_put_((idx // stride, idx % stride), sc.index_select(0, tok))
+                continue
+            blob = got[s]
+            src_info.view(-1).index_copy_(0, idx, blob[4 * local:4 * (local + rows)]
+                                          .view(torch.int32))
+            o = lay.data_offset(local, rows)
+            nb = rows * hidden * esize
+            data = blob[o:o + nb].view(torch.uint8 if fp8 else recv_x.dtype).view(rows, hidden)
+            lay.place_rows(flat_x, idx, data)
             if fp8:
-                flat_x.view(torch.uint8).index_copy_(0, idx, data)
-                sc = blob[o + rows * hidden:].view(torch.float32).view(rows, -1)
-                a = 0
-                for lx, (b, k) in enumerate(zip(layout.begin[s], c, strict=True)):
-                    if k:
-                        scales[lx, b:b + k].copy_(sc[a:a + k])
-                        a += k
-            else:
-                flat_x.index_copy_(0, idx, data)
+                sc = blob[o + nb:o + nb + rows * hidden // lay.FP8_BLOCK * 4] \
+                    .view(torch.float32).view(rows, -1)
+                scales.index_put_((idx // stride, idx % stride), sc)
         return recv_x, scales, src_info
 
     def _mark_inactive(self, active_ranks: torch.Tensor, usable: list[bool],
@@ -328,9 +376,9 @@ class Buffer:
             xs = self._combine_buffer if zero_copy else x
             device = topk_idx.device if isinstance(topk_idx, torch.Tensor) \
                 else torch.device("cpu")
-            xs = xs.detach().to("cpu").contiguous() if isinstance(xs, torch.Tensor) else xs
-            idx = topk_idx.to("cpu") if isinstance(topk_idx, torch.Tensor) else topk_idx
-            w = topk_weights.to("cpu") if isinstance(topk_weights, torch.Tensor) \
+            xs = _cpu(xs.detach()).contiguous() if isinstance(xs, torch.Tensor) else xs
+            idx = _cpu(topk_idx) if isinstance(topk_idx, torch.Tensor) else topk_idx
+            w = _cpu(topk_weights) if isinstance(topk_weights, torch.Tensor) \
                 else topk_weights
             t = plan.sel_row.shape[0]
             lay.check_combine(xs, idx, w, local, r, n, hidden, num_experts, t)
@@ -344,10 +392,10 @@ class Buffer:
             sends = {}
             for s in range(r):
                 rows = sum(layout.counts[s])
-                if rows:
+                if rows and s != self.rank:  # our own answers never leave (see below)
                     blob = torch.empty(HB + rows * hidden * xs.element_size(), dtype=torch.uint8)
-                    torch.index_select(flat, 0, layout.flat_rows(s, stride),
-                                       out=blob[HB:].view(xs.dtype).view(rows, hidden))
+                    src, dst = lay.wide_rows(flat, blob[HB:].view(xs.dtype).view(rows, hidden))
+                    torch.index_select(src, 0, layout.flat_rows(s, stride), out=dst)
                     sends[s] = blob
             row_b = hidden * xs.element_size()
             call = (COMBINE_KIND, n, hidden, num_experts, lay.DTYPE_CODES[xs.dtype], t)
@@ -357,16 +405,21 @@ class Buffer:
         got, failed = self._round(COMBINE_ROUND, parts, call, sends, bound, problem)
         active = active_ranks.tolist()
         answers = {}
-        for d in range(r):
+        for d in range(r):  # in rank order: the fold's order of float additions
             if not handle.sent_to[d] or not active[d] or not plan.rank_rows[d]:
                 continue
-            if d in got and got[d].numel() == plan.rank_rows[d] * row_b:
+            if d == self.rank:  # our own rows' answers, straight from the expert outputs
+                answers[d] = flat.index_select(0, layout.flat_rows(d, r * n))
+            elif d in got and got[d].numel() == plan.rank_rows[d] * row_b:
                 answers[d] = got[d].view(xs.dtype).view(plan.rank_rows[d], hidden)
             else:
                 failed.add(d)  # it did not answer (whole): its experts count as inactive
         weights = lay.row_weights(plan, w, sum(plan.rank_rows))
         combined = torch.zeros(t, hidden, dtype=torch.float32)
-        lay.fold(combined, plan, answers, weights)
+        if self._fold_scratch.shape[1:] != (hidden,):
+            self._fold_scratch = torch.empty(lay.fold_chunk_rows(hidden), hidden,
+                                             dtype=torch.float32)
+        lay.fold(combined, plan, answers, weights, self._fold_scratch)
         self._mark_inactive(active_ranks, [True] * r, failed)
         result = combined.to(xs.dtype)
         if out is not None:
@@ -375,6 +428,11 @@ class Buffer:
         elif device.type != "cpu":
             result = result.to(device)
         return result, EventOverlap(), _done
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU; a no-op .to("cpu") still costs microseconds of dispatch per call."""
+    return t if t.device.type == "cpu" else t.to("cpu")
 
 
 def _scratch(_src: int, nbytes: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 FP8_BLOCK = 128  # channels per fp8 scale
@@ -40,6 +41,51 @@ class EPMismatchError(EPConfigError):
 def row_bytes(hidden: int, fp8: bool, itemsize: int) -> int:
     """Bytes one dispatched row occupies on the wire: data, fp8 scales, its token index."""
     return (hidden + hidden // FP8_BLOCK * 4 if fp8 else hidden * itemsize) + 4
+
+
+def dispatch_blob_bytes(local: int, rows: int, hidden: int, fp8: bool, itemsize: int) -> int:
+    """Bytes of one dispatch blob past its header: counts (int32 [L]), token indices (int32
+    [rows]) padded to 8 bytes, the rows' data, (fp8) their scales, padded to 8 bytes: the data
+    then starts 8-aligned, so both sides can move rows as int64 words (see wide_rows)."""
+    return pad8(data_offset(local, rows) + rows * (row_bytes(hidden, fp8, itemsize) - 4))
+
+
+def data_offset(local: int, rows: int) -> int:
+    """Where a dispatch blob's row data starts, past its header."""
+    return pad8(4 * (local + rows))
+
+
+def pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def wide_rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of the 2-D tensors `ts` (same row bytes, rows contiguous) with the widest integer
+    element that divides the row and every tensor's start: row copies (index_select,
+    index_copy_) then move 8-byte words instead of 2-byte ones, measured ~1.5x faster, the
+    very same bytes. All views share one element type, so they can be copied into each other."""
+    esize = ts[0].element_size()
+    nbytes = ts[0].shape[1] * esize
+    for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if size > esize and not nbytes % size and \
+                all(not t.storage_offset() * esize % size for t in ts):
+            return tuple(t.view(dt) for t in ts)
+    return ts
+
+
+def place_rows(dest: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """dest[idx] = src for 2-D tensors of one row size (dest rows contiguous): what
+    dest.index_copy_(0, idx, src) does, through numpy with each row one record, so that each
+    row is one memcpy (measured 0.34 ms against index_copy_'s 0.56 ms, even over int64
+    words, for 1024 rows of 4 KiB)."""
+    if idx.numel():
+        _records(dest)[idx.numpy()] = _records(src)
+
+
+def _records(t: torch.Tensor) -> np.ndarray:
+    """The rows of 2-D `t` as a 1-D numpy array of opaque records (a view: writes land in t)."""
+    rows, nbytes = t.shape[0], t.shape[1] * t.element_size()
+    return t.view(torch.uint8).numpy().view(np.dtype((np.void, nbytes))).reshape(rows)
 
 
 def size_hint(n: int, hidden: int, num_ranks: int, num_experts: int) -> int:
@@ -153,14 +199,18 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     if not all(usable):
         ok = torch.tensor(usable, dtype=torch.bool)
         valid &= ok[topk_idx.clamp(min=0) // local]
-    tok = torch.arange(t, dtype=torch.int64).unsqueeze(1).expand(t, k)
-    keys = topk_idx[valid] * max(t, 1) + tok[valid]
+    tok = torch.arange(t, dtype=torch.int64).unsqueeze(1)
+    # unsent selections get a key above every real one (sorted last, then dropped): where()
+    # instead of boolean-mask indexing, which costs a nonzero() and a gather per use
+    tt = max(t, 1)
+    keys = torch.where(valid, topk_idx * tt + tok, num_experts * tt)
     ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    row_expert = ukeys // max(t, 1)
-    row_token = ukeys - row_expert * max(t, 1)
+    if not bool(valid.all()):
+        ukeys = ukeys[:-1]
+    row_expert = ukeys // tt
+    row_token = ukeys - row_expert * tt
     per_expert = torch.bincount(row_expert, minlength=num_experts).view(num_ranks, local)
-    sel_row = torch.full((t, k), -1, dtype=torch.int64)
-    sel_row[valid] = inverse
+    sel_row = torch.where(valid, inverse, -1)
     counts = per_expert.tolist()
     return SendPlan(row_token, row_expert, counts, [sum(c) for c in counts], sel_row)
 
@@ -248,10 +298,16 @@ class RecvLayout:
         return rows
 
     def _flat_rows(self, src: int, stride: int) -> torch.Tensor:
-        parts = [torch.arange(e * stride + b, e * stride + b + c, dtype=torch.int64)
-                 for e, (b, c) in enumerate(zip(self.begin[src], self.counts[src], strict=True))
-                 if c]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        counts = torch.tensor(self.counts[src], dtype=torch.int64)
+        n = int(counts.sum())
+        if not n:
+            return torch.empty(0, dtype=torch.int64)
+        # row i of local expert e goes to e * stride + begin[e] + (i - first row of e)
+        first = torch.arange(len(self.counts[src]), dtype=torch.int64) * stride + \
+            torch.tensor(self.begin[src], dtype=torch.int64)
+        starts = torch.cumsum(counts, 0) - counts
+        return torch.arange(n, dtype=torch.int64) + \
+            torch.repeat_interleave(first - starts, counts, output_size=n)
 
 
 def recv_layout(counts: list[list[int] | None], local: int) -> RecvLayout:
@@ -279,27 +335,44 @@ def layout_from_range(layout_range: torch.Tensor) -> RecvLayout:
 def row_weights(plan: SendPlan, topk_weights: torch.Tensor, rows: int) -> torch.Tensor:
     """float32 [rows]: the summed weight of every selection that maps to each row (a token that
     picked an expert twice gets both weights on its one row)."""
-    w = torch.zeros(rows, dtype=torch.float32)
+    w = torch.zeros(rows + 1, dtype=torch.float32)  # + a row that unsent selections go to
     sel = plan.sel_row
-    valid = sel >= 0
     if rows:
-        w.index_add_(0, sel[valid], topk_weights.to(torch.float32)[valid])
-    return w
+        w.index_add_(0, torch.where(sel >= 0, sel, rows).view(-1),
+                     topk_weights.to(torch.float32).reshape(-1))
+    return w[:rows]
+
+
+FOLD_CHUNK_BYTES = 512 << 10  # float32 rows folded at a time: they stay in L2 across the
+# convert, scale and add passes (measured ~12% faster than whole answers at 1024x2048)
 
 
 def fold(combined: torch.Tensor, plan: SendPlan, answers: dict[int, torch.Tensor],
-         weights: torch.Tensor) -> None:
+         weights: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
     """combined [T, hidden] float32 += sum over the rows of each answering destination d of
     weight * answer: `answers[d]` [rank_rows[d], hidden] holds d's answers in the order the
     rows were sent. Only destinations that answered whole (and are active) are in `answers`,
-    so no unwritten or partial row ever reaches the output."""
+    so no unwritten or partial row ever reaches the output. Rows are folded in order, in
+    chunks, so the float additions are the same as one index_add_ per destination.
+    `scratch`: float32 [rows, hidden] (fold_chunk_rows(hidden) rows is enough), reused
+    across calls."""
     offs = plan.row_offsets
+    hidden = combined.shape[1]
+    step = fold_chunk_rows(hidden)
+    if scratch is None:
+        scratch = torch.empty(step, hidden, dtype=torch.float32)
+    step = max(1, min(step, scratch.shape[0]))
     for d, ans in answers.items():
         a, c = offs[d], plan.rank_rows[d]
-        if c:
+        for i in range(0, c, step):
+            j = min(i + step, c)
             # convert, then scale in place: measured 3x faster than one promoting multiply
-            part = ans.to(torch.float32).mul_(weights[a:a + c].unsqueeze(1))
-            combined.index_add_(0, plan.row_token[a:a + c], part)
+            part = scratch[:j - i].copy_(ans[i:j]).mul_(weights[a + i:a + j].unsqueeze(1))
+            combined.index_add_(0, plan.row_token[a + i:a + j], part)
+
+
+def fold_chunk_rows(hidden: int) -> int:
+    return max(1, FOLD_CHUNK_BYTES // (4 * max(hidden, 1)))
 
 
 def dense_reference(xs: list[torch.Tensor], topks: list[torch.Tensor],

@@ -146,3 +146,38 @@ def test_size_hint_grows_with_every_argument():
     assert base > 0
     for args in [(32, 256, 2, 8), (16, 512, 2, 8), (16, 256, 2, 16)]:
         assert lay.size_hint(*args) > base
+
+
+def test_chunked_fold_adds_in_the_same_order_and_unsent_weights_are_ignored():
+    """fold works in chunks of its scratch; the sum must be bit-identical to one index_add_ per
+    destination (the order of float additions per token is the rows' order). A NaN weight on
+    a -1 (unsent) selection must not reach any row."""
+    g = torch.Generator().manual_seed(5)
+    t, k, experts, ranks, hidden = 40, 6, 16, 4, 64
+    idx = torch.randint(-1, experts, (t, k), generator=g)
+    w = torch.randn(t, k, generator=g)
+    w[idx < 0] = float("nan")
+    plan = lay.plan_dispatch(idx, experts, ranks, [True] * ranks)
+    rows = sum(plan.rank_rows)
+    weights = lay.row_weights(plan, w, rows)
+    assert not weights.isnan().any()
+    answers = {d: torch.randn(c, hidden, generator=g).to(torch.bfloat16)
+               for d, c in enumerate(plan.rank_rows) if c}
+    whole = torch.zeros(t, hidden)
+    offs = plan.row_offsets
+    for d, ans in answers.items():
+        a, c = offs[d], plan.rank_rows[d]
+        whole.index_add_(0, plan.row_token[a:a + c], ans.float() * weights[a:a + c, None])
+    for scratch_rows in (1, 3, 1000):
+        got = torch.zeros(t, hidden)
+        lay.fold(got, plan, answers, weights, torch.empty(scratch_rows, hidden))
+        assert torch.equal(got, whole)
+
+
+def test_wide_rows_views_share_one_element_type():
+    a = torch.zeros(4, 8, dtype=torch.bfloat16)  # 16-byte rows at offset 0: int64
+    b = torch.zeros(42, dtype=torch.bfloat16)[2:].view(5, 8)  # starts 4 bytes in: int32
+    c = torch.zeros(41, dtype=torch.bfloat16)[1:].view(5, 8)  # 2 bytes in: as it is
+    assert lay.wide_rows(a)[0].dtype == torch.int64
+    assert {v.dtype for v in lay.wide_rows(a, b)} == {torch.int32}
+    assert {v.dtype for v in lay.wide_rows(a, b, c)} == {torch.bfloat16}
