@@ -4,7 +4,11 @@ N founders serve (one small all_reduce per step) while a replacement for slot 1 
 up in isolation for --warmup seconds and calls join_group; the founders poll get_peer_state
 every step and call recover_ranks once it turns True. Reported per trial:
 
-* baseline step: the founders' median step latency before the joiner exists;
+* baseline step: the founders' median step latency before the joiner exists (slot 1 left
+  already, so one rank fewer than after the join);
+* full-strength step: the same with every founder serving, before slot 1 leaves: the baseline
+  to compare the step after the join with (same number of ranks; on a machine with fewer
+  cores than ranks one more rank alone makes a step markedly slower);
 * worst step during warm-up: the founders' slowest step while the joiner warms up;
 * admission stall: how long recover_ranks blocks the founders;
 * admission pause: what the healthy ranks really lose to the admission: recover_ranks plus
@@ -49,6 +53,7 @@ def _founder(rank: int, world: int, port: int, out: Any) -> None:
         dist.all_reduce(t)
         return time.perf_counter() - t0
 
+    full = [step() for _ in range(200)]  # every founder serves: the rank count after the join
     if rank == 1:  # the slot the joiner will take: leave gracefully after a warm start
         elasticpg.deactivate_ranks(None, [1])
         dist.destroy_process_group()
@@ -70,8 +75,9 @@ def _founder(rank: int, world: int, port: int, out: Any) -> None:
             break
     if stall is None or res.status.value != "Applied":
         raise RuntimeError("the joiner was not admitted within 60 s")
-    after = [step() for _ in range(50)]
-    out.put((rank, {"baseline": statistics.median(base), "worst": worst, "stall": stall,
+    after = [step() for _ in range(200)]  # as many as the baselines
+    out.put((rank, {"baseline": statistics.median(base), "full": statistics.median(full),
+                    "worst": worst, "stall": stall,
                     "pause": stall + first - statistics.median(base), "seen": seen,
                     "after": statistics.median(after)}))
     dist.destroy_process_group()
@@ -97,7 +103,7 @@ def _joiner(world: int, port: int, warmup: float, started: float, out: Any) -> N
     elasticpg.join_group()
     active = time.time()
     t = torch.ones(1)
-    for _ in range(50):
+    for _ in range(200):
         t.fill_(1.0)
         dist.all_reduce(t)
     if t.item() != world:
@@ -152,7 +158,10 @@ def _trial(world: int, warmup: float) -> dict[str, float]:
         "ready_visible_ms": 1e3 * (max(f["seen"] for f in founders) - j["called"]),
         "start_to_active_s": j["start_to_active"],
         "start_to_active_minus_warmup_s": j["start_to_active"] - warmup,
+        "full_strength_step_ms": 1e3 * statistics.median(f["full"] for f in founders),
         "step_after_join_ms": 1e3 * statistics.median(f["after"] for f in founders),
+        "after_join_over_full_strength": statistics.median(f["after"] / f["full"]
+                                                           for f in founders),
     }
 
 
