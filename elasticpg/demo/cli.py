@@ -236,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"elasticpg.ep; rank {s.kill_rank} is SIGKILLed in step {s.kill_step}; the "
           f"replacement warms up {s.warmup:g} s; join mode(s): {', '.join(modes)}"
           f"{oversubscription_note(s.ranks + 1, cpu_count())}", flush=True)
+    # Ctrl-C stops the demo even when its shell started it with SIGINT ignored (a background
+    # job of a non-interactive shell: Python then installs no KeyboardInterrupt handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         reports = run(s, modes, out, fancy)
     except DemoFailedError as exc:
