@@ -120,11 +120,16 @@ def replace_a_rank(rank: int, victim: int, init: Callable[[int, bool], None], co
     return out
 
 
-def check_replaced(res: list[RankResult], victim: int) -> None:
-    """What `replace_a_rank` must have produced at every rank."""
+def only_victim_died(res: list[RankResult], victim: int) -> None:
+    """The rank `victim` was killed; every other rank's job returned."""
     assert res[victim].status == "dead", res[victim]
     bad = [(r, x.value) for r, x in enumerate(res) if r != victim and x.status != "ok"]
     assert not bad, bad
+
+
+def check_replaced(res: list[RankResult], victim: int) -> None:
+    """What `replace_a_rank` must have produced at every rank."""
+    only_victim_died(res, victim)
     mask = [0 if r == victim else 1 for r in range(4)]
     for r in range(4):
         if r != victim:
