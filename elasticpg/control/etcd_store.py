@@ -30,10 +30,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -426,27 +427,59 @@ class EtcdStore(dist.Store):
         return True
 
 
+INIT_METHOD_ENV = "ELASTICPG_INIT_METHOD"  # etcd://...: what env:// means in this process
+
+
 def rendezvous_handler(url: str, timeout: timedelta = DEFAULT_TIMEOUT,
                        **kwargs: object) -> Iterator[tuple[EtcdStore, int, int]]:
     """torch's rendezvous protocol for ``init_method="etcd://host:port,.../prefix"``: rank and
-    world size come from init_process_group (which adds them to the URL's query)."""
+    world size come from init_process_group (which adds them to the URL's query), else from
+    RANK and WORLD_SIZE in the environment, as for env://."""
     endpoints, prefix = parse_url(url)
     query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
     try:
-        rank, world = int(query["rank"]), int(query["world_size"])
+        rank = int(query["rank"] if "rank" in query else os.environ["RANK"])
+        world = int(query["world_size"] if "world_size" in query else os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):
         raise ValueError(f"etcd:// init_method needs rank and world_size (pass them to "
-                         f"init_process_group): {url!r}") from None
+                         f"init_process_group, or set RANK and WORLD_SIZE): {url!r}") from None
     store = EtcdStore(endpoints, prefix, timeout=timeout)
     yield store, rank, world
     raise RuntimeError("etcd:// rendezvous handler is single-use")
 
 
+def _env_or_etcd(torch_env: Callable[..., Iterator]) -> Callable[..., Iterator]:
+    """torch's env:// handler, except where $ELASTICPG_INIT_METHOD names an etcd URL: then
+    that. `elasticpg run --store etcd://...` sets it, so that a script written for torchrun
+    (`init_process_group("elasticpg")`, i.e. env://) rendezvouses on etcd unchanged; torch's
+    env:// itself can only build a TCPStore from MASTER_ADDR and MASTER_PORT."""
+    def handler(url: str, timeout: timedelta = DEFAULT_TIMEOUT,
+                **kwargs: object) -> Iterator[tuple[dist.Store, int, int]]:
+        target = os.environ.get(INIT_METHOD_ENV, "")
+        if not target:
+            return torch_env(url, timeout=timeout, **kwargs)
+        if urlsplit(target).scheme != SCHEME:
+            raise ValueError(f"${INIT_METHOD_ENV}={target!r}: expected an etcd:// URL")
+        query = urlsplit(url).query  # the rank and world size torch added, if any
+        if query:
+            target += ("&" if urlsplit(target).query else "?") + query
+        return rendezvous_handler(target, timeout=timeout)
+
+    handler.elasticpg_wraps = torch_env  # type: ignore[attr-defined]
+    return handler
+
+
 def register_rendezvous() -> None:
-    """Make ``init_method="etcd://..."`` work; idempotent."""
+    """Make ``init_method="etcd://..."`` work, and env:// honour $ELASTICPG_INIT_METHOD;
+    idempotent."""
     import importlib
 
     # the module, not torch.distributed.rendezvous (the function of the same name)
     rdzv = importlib.import_module("torch.distributed.rendezvous")
-    if SCHEME not in rdzv._rendezvous_handlers:
+    handlers = rdzv._rendezvous_handlers
+    if SCHEME not in handlers:
         dist.register_rendezvous_handler(SCHEME, rendezvous_handler)
+    env = handlers.get("env")
+    # torch offers no way to replace a handler but its registry; wrapped once, never twice
+    if env is not None and not hasattr(env, "elasticpg_wraps"):
+        handlers["env"] = _env_or_etcd(env)

@@ -15,13 +15,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     world = config.nnodes * config.nproc_per_node
     try:
-        with store_for_workers(config.store, world, config.store_timeout) as (host, port):
+        with store_for_workers(config.store, world, config.store_timeout,
+                               config.node_rank) as store:
             where = "hosted here" if config.store is None else "external"
             print(f"elasticpg run: {config.nproc_per_node} worker(s) on node "
                   f"{config.node_rank} of {config.nnodes} (world size {world}); store "
-                  f"{host}:{port} ({where}); run id {config.run_id}", file=sys.stderr,
+                  f"{store} ({where}); run id {config.run_id}", file=sys.stderr,
                   flush=True)
-            return Supervisor(config, host, port).run()
+            return Supervisor(config, store).run()
     except LaunchError as exc:
         print(f"elasticpg run: {exc}", file=sys.stderr)
         return ExitCode.LAUNCH_ERROR

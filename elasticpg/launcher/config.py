@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..cli.launching import cpu_count
 from .environment import WorkerSlot
 from .policy import RestartPolicy
-from .store import StoreSpec, parse_store
+from .store import StoreSpec, parse_store, with_prefix
 
 PROG = "elasticpg run"
 
@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this node's index, 0..M-1; its workers are ranks I*N..I*N+N-1")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--store", type=_store, default=None, metavar="HOST:PORT|URL",
-                       help="the store every worker rendezvouses on (a TCPStore at HOST:PORT; "
-                       "URL forms tcp://, etcd://); default: one hosted by this launcher")
+                       help="the store every worker rendezvouses on: a TCPStore at HOST:PORT "
+                       "(or tcp://HOST:PORT), or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] "
+                       "(the job's key prefix, default elasticpg-RUN_ID); default: a "
+                       "TCPStore hosted by this launcher")
     where.add_argument("--standalone", action="store_true",
                        help="host the store in this launcher (the default; as torchrun)")
     p.add_argument("--max-restarts", "--max_restarts", type=_count, default=3, metavar="K",
@@ -136,6 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
     if args.nnodes > 1 and args.store is None:
         parser.error("--nnodes > 1 needs --store HOST:PORT: a store every node's launcher "
                      "can reach (a launcher's own store listens on 127.0.0.1 only)")
+    if (args.nnodes > 1 and args.store.scheme == "etcd" and not args.store.prefix
+            and args.run_id is None):
+        parser.error("--nnodes > 1 with an etcd store needs a key prefix every node's "
+                     "launcher agrees on: etcd://HOST:PORT,.../PREFIX or --run-id ID")
     if args.min_workers > args.nproc_per_node:
         parser.error(f"--min-workers {args.min_workers} is more than this node's "
                      f"--nproc-per-node {args.nproc_per_node}")
@@ -152,8 +158,10 @@ def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
     if not args.module and not args.no_python and not os.path.isfile(args.script):
         parser.error(f"script {args.script!r} not found")
     policy = RestartPolicy(args.max_restarts, args.restart_delay, args.max_restart_delay)
+    run_id = args.run_id or uuid.uuid4().hex[:12]
+    store = with_prefix(args.store, run_id) if args.store is not None else None
     return LaunchConfig(
         nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
-        store=args.store, policy=policy, min_workers=args.min_workers,
+        store=store, policy=policy, min_workers=args.min_workers,
         grace_period=args.grace_period, store_timeout=args.store_timeout,
-        run_id=args.run_id or uuid.uuid4().hex[:12], command=tuple(command))
+        run_id=run_id, command=tuple(command))

@@ -33,7 +33,7 @@ from typing import IO
 
 from ..cli.launching import die_with_parent_hook
 from .config import LaunchConfig
-from .environment import worker_env
+from .environment import WorkerStore, worker_env
 from .output import PrefixedLines, prefix_for
 from .policy import Decision, Outcome, SlotStatus, Supervision
 
@@ -67,10 +67,10 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, config: LaunchConfig, store_host: str, store_port: int,
+    def __init__(self, config: LaunchConfig, store: WorkerStore,
                  stdout: IO[bytes] | None = None, stderr: IO[bytes] | None = None) -> None:
         self.config = config
-        self.store = (store_host, store_port)
+        self.store = store
         self.slots = config.slots()
         self.sup = Supervision([s.rank for s in self.slots], config.policy, config.min_workers,
                                peers_elsewhere=config.nnodes > 1)
@@ -144,7 +144,7 @@ class Supervisor:
     def _start(self, outcome: Outcome, now: float) -> None:
         slot = self.slots[outcome.slot.local_rank]
         restarts = outcome.slot.restarts
-        env = worker_env(slot, restarts, *self.store, self.config.run_id,
+        env = worker_env(slot, restarts, self.store, self.config.run_id,
                          self.config.policy.max_restarts)
         try:
             proc = subprocess.Popen(self.config.command, env=env, stdin=subprocess.DEVNULL,

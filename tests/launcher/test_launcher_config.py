@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import pytest
@@ -46,6 +47,7 @@ def test_nodes_modules_and_executables():
     (["--grace-period", "0", SCRIPT], "more than 0 seconds"),
     (["--store", "nohost", SCRIPT], "expected HOST:PORT"),
     (["--store", "h:1", "--standalone", SCRIPT], "not allowed with"),
+    (["--nnodes", "2", "--store", "etcd://h:1", SCRIPT], "a key prefix every node"),
     (["/no/such/script.py"], "not found"),
     ([], "required"),
 ])
@@ -61,6 +63,7 @@ def test_bad_command_lines_are_usage_errors(argv, message, capsys):
     ("tcp://node0:1234", StoreSpec("tcp", (("node0", 1234),))),
     ("[::1]:29500", StoreSpec("tcp", (("::1", 29500),))),
     ("etcd://a:2379,b:2379", StoreSpec("etcd", (("a", 2379), ("b", 2379)))),
+    ("etcd://a:2379/jobs/42/", StoreSpec("etcd", (("a", 2379),), "jobs/42")),
 ])
 def test_store_addresses(text, spec):
     assert parse_store(text) == spec
@@ -69,14 +72,26 @@ def test_store_addresses(text, spec):
 @pytest.mark.parametrize("text, message", [
     ("h:0", "port in 1..65535"), ("h:99999", "port in 1..65535"), (":80", "HOST:PORT"),
     ("redis://h:1", "unknown store scheme"), ("tcp://a:1,b:2", "one address"),
-    ("tcp://h:1/x", "no path"), ("etcd://", "no HOST:PORT"),
+    ("tcp://h:1/x", "no path"), ("etcd://", "no HOST:PORT"), ("etcd://h:1/p?x=1", "no query"),
 ])
 def test_bad_store_addresses(text, message):
     with pytest.raises(ValueError, match=message):
         parse_store(text)
 
 
-def test_an_etcd_store_is_refused_clearly_for_now():
-    with pytest.raises(LaunchError, match="etcd stores are not supported"):
-        with store_for_workers(parse_store("etcd://h:2379"), 2, 1.0):
+def test_an_etcd_store_gets_a_prefix_per_run_and_workers_get_its_url():
+    c = parse_args(["--store", "etcd://a:1,b:2", "--run-id", "r7", SCRIPT])
+    assert c.store == StoreSpec("etcd", (("a", 1), ("b", 2)), "elasticpg-r7")
+    assert str(c.store) == "etcd://a:1,b:2/elasticpg-r7"
+    c = parse_args(["--nnodes", "2", "--store", "etcd://a:1/job", SCRIPT])  # shared prefix
+    assert c.store.prefix == "job"
+
+
+def test_an_unreachable_etcd_store_is_a_launch_error_within_the_bound():
+    pytest.importorskip("requests", reason="the etcd store needs the `etcd` extra")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(LaunchError, match="did not answer within 1 s"):
+        with store_for_workers(parse_store(f"etcd://{dead}/job"), 2, 1.0):
             pass

@@ -9,6 +9,7 @@ import pytest
 
 from elasticpg.launcher.environment import (
     WorkerSlot,
+    WorkerStore,
     is_replacement,
     restart_count,
     worker_env,
@@ -171,7 +172,8 @@ def test_output_lines_are_prefixed_whole():
 
 def test_worker_env_is_torchruns_plus_the_replacement_mark():
     slot = WorkerSlot(local_rank=1, nproc_per_node=2, node_rank=1, nnodes=2)
-    env = worker_env(slot, 2, "10.0.0.1", 29500, "job7", 3, base={"PATH": "/bin"})
+    env = worker_env(slot, 2, WorkerStore("10.0.0.1", 29500), "job7", 3,
+                     base={"PATH": "/bin", "ELASTICPG_INIT_METHOD": "etcd://old:1/x"})
     assert env == {
         "PATH": "/bin", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
         "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "3",
@@ -180,8 +182,13 @@ def test_worker_env_is_torchruns_plus_the_replacement_mark():
         "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "3",
         "TORCHELASTIC_RUN_ID": "job7", "ELASTICPG_REPLACEMENT": "1",
         "ELASTICPG_RESTART_COUNT": "2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    first = worker_env(slot, 0, "h", 1, "j", 3, base={"OMP_NUM_THREADS": "4"})
+    first = worker_env(slot, 0, WorkerStore("h", 1), "j", 3, base={"OMP_NUM_THREADS": "4"})
     assert first["ELASTICPG_REPLACEMENT"] == "0" and first["OMP_NUM_THREADS"] == "4"
+    # an etcd store: its URL, and none of a TCPStore's variables (not even inherited ones)
+    etcd = worker_env(slot, 0, WorkerStore(url="etcd://a:1,b:2/job"), "j", 3,
+                      base={"MASTER_ADDR": "x", "MASTER_PORT": "1"})
+    assert etcd["ELASTICPG_INIT_METHOD"] == "etcd://a:1,b:2/job"
+    assert not {"MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"} & set(etcd)
 
 
 def test_is_replacement_and_restart_count_read_the_environment(monkeypatch):
