@@ -17,11 +17,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from elasticpg.cli.launching import listen_store
+from elasticpg.cli import status
+from elasticpg.control.etcd_store import EtcdStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "elastic_run.py"
@@ -193,24 +195,65 @@ def test_rank0_sigkilled_is_replaced_and_joins_while_the_others_serve(launches, 
     _check_replaced_and_served(_reports(tmp_path), 3, victim=0)
 
 
-def test_two_nodes_one_store_restart_a_worker_of_the_second_node(launches, tmp_path):
-    """Two launchers (one per "node") share an external store; rank 3 (node 1) dies, and
-    node 1's launcher alone restarts it."""
-    store, port = listen_store(4, 60.0)
+def test_two_nodes_one_store_server_restart_a_worker_of_the_second_node(launches, tmp_path,
+                                                                         store_server):
+    """Two launchers (one per "node") share a standalone `elasticpg store-server` (no launcher
+    and no worker hosts the control plane); rank 3 (node 1) dies, and node 1's launcher alone
+    restarts it."""
     nodes = [launches("--nnodes", 2, "--node-rank", i, "--nproc-per-node", 2, "--store",
-                      f"127.0.0.1:{port}", "--restart-delay", 0.2, EXAMPLE, "--seconds", 2,
-                      "--warmup", 0.3, "--kill-rank", 3, "--kill-after", 1, "--report", tmp_path)
-             for i in (0, 1)]
-    try:
-        codes = [n.finish() for n in nodes]
-    finally:
-        del store
+                      f"127.0.0.1:{store_server}", "--restart-delay", 0.2, EXAMPLE, "--seconds",
+                      2, "--warmup", 0.3, "--kill-rank", 3, "--kill-after", 1, "--report",
+                      tmp_path) for i in (0, 1)]
+    codes = [n.finish() for n in nodes]
     assert codes == [0, 0], [n.text for n in nodes]
+    assert f"store 127.0.0.1:{store_server} (external)" in nodes[1].text, nodes[1].text
     assert "2 ranks, 0 restarts; exit 0 (all finished)" in nodes[0].text, nodes[0].text
     assert "rank 3 killed by SIGKILL; restarting it" in nodes[1].text, nodes[1].text
     assert "2 ranks, 1 restart; exit 0 (all finished)" in nodes[1].text, nodes[1].text
     assert re.search(r"\[rank 3 #1\] joined as a replacement", nodes[1].text), nodes[1].text
     _check_replaced_and_served(_reports(tmp_path), 4, victim=3)
+
+
+def test_an_etcd_store_carries_a_run_through_a_sigkill_and_the_etcd_leaders_death(
+        launches, tmp_path, etcd):
+    """`--store etcd://...`: the script's plain `init_process_group("elasticpg")` rendezvouses
+    on etcd; rank 1 dies by SIGKILL, and while the launcher refills its slot the etcd leader
+    is SIGKILLed too: the group serves on, the replacement joins, the run finishes. Then the
+    group's views are in etcd for `elasticpg status`, and a second run on the same prefix is
+    refused (it would take the first run's views for its own)."""
+    prefix = f"run-{uuid.uuid4().hex[:8]}"
+    url = etcd.url(prefix)
+    run = launches("--nproc-per-node", 3, "--store", url, "--restart-delay", 0.2, EXAMPLE,
+                   "--seconds", 2, "--warmup", 0.3, "--kill-rank", 1, "--kill-after", 1,
+                   "--report", tmp_path)
+    killed = []
+    try:
+        run.wait_for(r"rank 1 killed by SIGKILL; restarting it")
+        killed.append(etcd.leader())
+        etcd.kill(killed[0])
+        rc = run.finish()
+    finally:
+        for i in killed:
+            etcd.start(i)
+    assert rc == 0, run.text
+    assert f"store {url} (external)" in run.text, run.text
+    assert re.search(r"\[rank 1 #1\] joined as a replacement", run.text), run.text
+    assert "3 ranks, 1 restart; exit 0 (all finished)" in run.text, run.text
+    _check_replaced_and_served(_reports(tmp_path), 3, victim=1)
+
+    store = EtcdStore(etcd.endpoints, prefix)
+    try:
+        (g,) = status.collect(store)
+    finally:
+        store.close()
+    assert g["group"] == "default_pg/0/cpu" and g["epoch"] == 2, g  # failure, then the join
+    assert g["active_mask"] == [1, 1, 1], g
+    assert [r["incarnations"] for r in g["ranks"]] == [1, 2, 1], g
+
+    again = launches("--store", url, "--store-timeout", 10, PLAIN, "crash", 0)
+    assert again.finish(timeout=60) == 1, again.text
+    assert f"the prefix {prefix!r} was used before by a launcher for node 0" in again.text
+    assert "worker {" not in again.text
 
 
 @pytest.mark.parametrize("min_workers", [1, 3])

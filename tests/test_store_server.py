@@ -5,52 +5,16 @@ etcd) at each step."""
 from __future__ import annotations
 
 import json
-import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
 
-import pytest
 import torch.distributed as dist
 
 import elasticpg
 from elasticpg.cli import status
-from elasticpg.cli.launching import die_with_parent_hook
 
 from .harness import HOST, check_replaced, replace_a_rank
-
-START_TIMEOUT = 120.0  # the server imports torch: slow on a loaded 2-core machine
-
-
-@pytest.fixture
-def store_server():
-    """A `elasticpg store-server --port 0` process; yields its port; always stopped."""
-    proc = subprocess.Popen([sys.executable, "-m", "elasticpg.cli.main", "store-server",
-                             "--host", HOST, "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=die_with_parent_hook())
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError("store-server did not start") from None
-            if "listening on" in line:
-                break
-        yield int(line.rsplit(":", 1)[1])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _init(rank: int, port: int, is_extension: bool) -> None:
