@@ -333,3 +333,28 @@ def test_store_gone_entirely_is_a_clear_error_within_the_bound(pool):
         assert v["error"].startswith("ControlPlaneError") and "decide a view" in v["error"], v
         assert "no member answered" in v["error"], v
         assert v["took"] < STORE_BOUND + 10, v
+
+
+def test_torchrun_workers_rendezvous_on_etcd_through_the_environment(etcd):
+    """ELASTICPG_INIT_METHOD=etcd://... makes env:// (a torchrun script's plain
+    `init_process_group("elasticpg")`) use etcd, not torchrun's TCPStore; the group's keys
+    are in etcd afterwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    prefix = _prefix()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(root / "examples" / "quickstart.py")], capture_output=True, text=True,
+        timeout=240, cwd=root, env={**os.environ, "ELASTICPG_INIT_METHOD": etcd.url(prefix)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(proc.stdout.count(f"rank {r}: all_reduce=1 ") for r in (0, 1)) == [1, 1], \
+        proc.stdout
+    store = EtcdStore(etcd.endpoints, prefix)
+    try:
+        (g,) = status.collect(store)
+    finally:
+        store.close()
+    assert g["group"] == "default_pg/0/cpu" and g["founders"] == 2, g
