@@ -36,14 +36,16 @@ BOUND = 5.0  # seconds within which a transport must have closed a connection it
 class Side:
     """One transport and what its callbacks saw."""
 
-    def __init__(self, rank: int, secret: bytes = SECRET, handshake_timeout: float = 10.0):
+    def __init__(self, rank: int, secret: bytes = SECRET, handshake_timeout: float = 10.0,
+                 **options):
         self.frames: list[Header] = []
         self.lost: list[tuple[int, str]] = []
         self.rejected: list[str] = []
         self.lost_event = threading.Event()
         self.t = TcpTransport(rank, secret, "g", HOST, on_frame=lambda h, p: self.frames.append(h),
                               on_lost=self._lost, handshake_timeout=handshake_timeout,
-                              on_rejected=lambda addr, why, s: self.rejected.append(why))
+                              on_rejected=lambda addr, why, s: self.rejected.append(why),
+                              **options)
 
     def _lost(self, peer: int, reason: str, incarnation: int) -> None:
         self.lost.append((peer, reason))
@@ -195,6 +197,44 @@ def test_a_client_dripping_bytes_cannot_stretch_the_handshake_bound(sides):
     s.close()
     assert took is not None and time.monotonic() - start < 2.5, time.monotonic() - start
     assert _wait_for(lambda: len(b.rejected) == 1)
+
+
+def _link_threads(rank: int) -> int:
+    """Threads serving connections to `rank`'s listener (handshakes and established links)."""
+    return sum(t.name == f"elasticpg-link-r{rank}" for t in threading.enumerate())
+
+
+def test_a_flood_of_silent_connections_costs_a_bounded_number_of_threads(sides):
+    """Three times more half-open foreign connections than handshakes allowed at once: never
+    more than that many handshake threads (the rest wait in the backlog), each connection is
+    closed at the handshake bound, and a real peer queued behind the flood still gets in."""
+    cap, flood = 8, 24
+    b = sides(1, handshake_timeout=0.5, max_handshakes=cap)
+    a = sides(0)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:  # a measurement, not synchronisation
+        while not stop.is_set():
+            peak[0] = max(peak[0], _link_threads(1))
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    socks = [socket.create_connection(b.t.endpoint) for _ in range(flood)]
+    try:
+        assert _wait_for(lambda: _link_threads(1) >= cap), "the flood never filled the cap"
+        a.t.connect(1, *b.t.endpoint, timeout=flood / cap * 0.5 + BOUND)
+        a.t.send(1, Header(MsgType.P2P, 0, 0, OpKind.SEND, tag=1))
+        assert _wait_for(lambda: len(b.frames) == 1)
+        assert _wait_for(lambda: len(b.rejected) == flood), len(b.rejected)
+    finally:
+        stop.set()
+        sampler.join(5)
+        for s in socks:
+            s.close()
+    assert peak[0] <= cap + 1, peak  # the handshakes, and the real peer's established link
+    assert all("timed out" in why for why in b.rejected), b.rejected
+    assert not b.lost and b.t.has_incoming(0)
 
 
 def _authenticated(sides) -> tuple[Side, Side, socket.socket]:

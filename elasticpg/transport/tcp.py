@@ -6,7 +6,10 @@ challenge from each side per connection, so a recorded handshake is worth nothin
 connection); from then on the sender only sends, and the acceptor runs one reader thread per
 incoming link that hands complete frames to `on_frame`. A connection that does not complete the
 handshake within `handshake_timeout` is closed and reported (`on_rejected`): no byte of it
-ever reaches `on_frame`.
+ever reaches `on_frame`. At most `max_handshakes` connections are in their handshake at once
+(a thread each); beyond that the listener stops accepting until one finishes, so a flood of
+silent foreign connections costs a bounded number of threads and waits in the kernel's
+backlog, and a real peer's handshake is only delayed (it completes in a round trip).
 When a link's socket closes or errors, `on_lost(rank, reason, incarnation)` fires at once: a
 crashed peer is noticed as soon as the kernel closes its sockets. Every link knows which process
 (incarnation) of a slot it connects, so a report about a dead predecessor is never mistaken for
@@ -45,6 +48,7 @@ _MAC = 32
 _SOCK_BUF = 4 << 20
 _SMALL = 1 << 16  # below this, header and payload go out in one buffer
 _CHUNK = 1 << 20  # large payloads are sent in chunks of this size, recording progress
+MAX_HANDSHAKES = 64  # connections in their handshake at once, per listener
 
 log = logging.getLogger("elasticpg.transport")
 
@@ -106,9 +110,11 @@ class TcpTransport:
                  incarnation: int = 0,
                  buffer_for: Callable[[Header], torch.Tensor | None] | None = None,
                  handshake_timeout: float = 10.0,
-                 on_rejected: Callable[[object, str, float], None] | None = None) -> None:
+                 on_rejected: Callable[[object, str, float], None] | None = None,
+                 max_handshakes: int = MAX_HANDSHAKES) -> None:
         self.rank = rank
         self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
         self.rejected = 0  # connections that failed the handshake
         self._on_rejected = on_rejected  # (remote address, why, seconds it took)
         self.incarnation = incarnation
@@ -119,6 +125,8 @@ class TcpTransport:
         self._on_connected = on_connected
         self._buffer_for = buffer_for  # a posted destination for a payload (Mailbox.expect)
         self._lock = threading.Lock()
+        self._handshakes = 0  # connections accepted and not yet through their handshake
+        self._handshake_room = threading.Condition(self._lock)
         self._out: dict[int, socket.socket] = {}
         self._out_locks: dict[int, threading.Lock] = {}
         self._out_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
@@ -144,11 +152,23 @@ class TcpTransport:
     # ---- incoming ---------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         while True:
+            with self._handshake_room:  # bounded: each handshake ends within its timeout
+                while self._handshakes >= self.max_handshakes and not self._closing:
+                    self._handshake_room.wait(self.handshake_timeout)
+                if self._closing:
+                    return
+                self._handshakes += 1
             try:
                 sock, addr = self._listener.accept()
             except OSError:
+                self._handshake_over()
                 return  # listener closed
             self._spawn(self._serve, f"elasticpg-link-r{self.rank}", sock, addr)
+
+    def _handshake_over(self) -> None:
+        with self._handshake_room:
+            self._handshakes -= 1
+            self._handshake_room.notify()
 
     def _serve(self, sock: socket.socket, addr: object = None) -> None:
         src = -1
@@ -179,6 +199,8 @@ class TcpTransport:
             else:
                 log.warning("rank %d: rejected a connection from %s: %s", self.rank, addr, why)
             return
+        finally:
+            self._handshake_over()
         with self._lock:
             if self._closing:
                 sock.close()
@@ -444,6 +466,7 @@ class TcpTransport:
             if self._closing:
                 return
             self._closing = True
+            self._handshake_room.notify_all()  # an accept loop waiting for room ends
             out, self._out = dict(self._out), {}
             inc, self._in = dict(self._in), {}
         for sock in out.values():
