@@ -1,18 +1,25 @@
 """A real etcd cluster on 127.0.0.1 for the tests (Debian's `etcd-server` package, `etcd` on
 PATH): members on free ports in a temporary directory, each killable and restartable, all
-torn down (SIGKILL, by PID) when the cluster is closed."""
+torn down (SIGKILL, by PID) when the cluster is closed, and killed by the kernel if the test
+process dies first (even by SIGKILL: PR_SET_PDEATHSIG, see `_Spawner`)."""
 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import requests
+
+from elasticpg.cli.launching import die_with_parent_hook
 
 HOST = "127.0.0.1"
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -36,6 +43,46 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+class _Spawner:
+    """Starts every member of a cluster from one thread that lives as long as the cluster.
+
+    Members get PR_SET_PDEATHSIG (SIGKILL), so a test run that is SIGKILLed leaks no etcd. But
+    Linux sends that signal when the *thread* that forked the child exits, not its process: a
+    member restarted from a short-lived thread (a test's chaos thread) would be killed the
+    moment that thread ends. Forking only here ties every member to the cluster's lifetime.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], threading.Event, list] | None] = \
+            queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="etcd-spawner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, done, out = job
+            try:
+                out.append(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                out.append(exc)
+            done.set()
+
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen:
+        done, out = threading.Event(), []
+        hook = die_with_parent_hook()
+        self._jobs.put((lambda: subprocess.Popen(args, preexec_fn=hook, **kwargs), done, out))
+        if not done.wait(START_TIMEOUT):
+            raise TimeoutError(f"could not start {args[0]} within {START_TIMEOUT} s")
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+    def close(self) -> None:
+        """Only once every member is dead: the thread's exit would kill the rest."""
+        self._jobs.put(None)
+        self._thread.join(10)
+
+
 class EtcdCluster:
     def __init__(self, size: int = 3) -> None:
         self.size = size
@@ -47,6 +94,7 @@ class EtcdCluster:
                                 for n, p in zip(self.names, self.peer_ports, strict=True))
         self.procs: list[subprocess.Popen | None] = [None] * size
         self._logs: list = [None] * size
+        self._spawner = _Spawner()
         try:
             for i in range(size):
                 self.start(i, wait=False)
@@ -68,7 +116,7 @@ class EtcdCluster:
         c, p = self.client_ports[i], self.peer_ports[i]
         log = open(os.path.join(self.dir, f"{self.names[i]}.log"), "ab")  # noqa: SIM115
         self._logs[i] = log
-        self.procs[i] = subprocess.Popen(
+        self.procs[i] = self._spawner.popen(
             [ETCD, "--name", self.names[i], "--data-dir", os.path.join(self.dir, self.names[i]),
              "--listen-client-urls", f"http://{HOST}:{c}",
              "--advertise-client-urls", f"http://{HOST}:{c}",
@@ -150,4 +198,5 @@ class EtcdCluster:
             self.kill(i)
             if self._logs[i] is not None:
                 self._logs[i].close()
+        self._spawner.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -358,3 +358,81 @@ def test_torchrun_workers_rendezvous_on_etcd_through_the_environment(etcd):
     finally:
         store.close()
     assert g["group"] == "default_pg/0/cpu" and g["founders"] == 2, g
+
+
+# ---- the test cluster itself: nothing outlives the test process ------------------------------
+
+def _running(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for a reaper we do not control)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _until(cond, bound: float) -> bool:
+    deadline = time.monotonic() + bound
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # polling the kernel's process table, which has no wait for others
+    return True
+
+
+def test_a_member_restarted_from_a_short_lived_thread_outlives_that_thread():
+    """Members die with the test process (PR_SET_PDEATHSIG), which Linux ties to the thread
+    that forked them: a restart from a chaos thread must not die when that thread ends."""
+    from .etcd_cluster import EtcdCluster, etcd_available
+
+    if not etcd_available():
+        pytest.skip("etcd is not installed (Debian: apt-get install etcd-server)")
+    single = EtcdCluster(1)
+    try:
+        single.kill(0)
+        t = threading.Thread(target=single.start, args=(0,))
+        t.start()
+        t.join(60)
+        assert not t.is_alive()
+        # the OS thread is gone (not only its Python half): a parent-death signal is sent now
+        assert _until(lambda: not os.path.exists(f"/proc/self/task/{t.native_id}"), 10)
+        single.wait_healthy()
+        assert single.alive() == [0]
+    finally:
+        single.close()
+
+
+def test_a_sigkilled_test_process_leaves_no_etcd_behind():
+    import select
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .etcd_cluster import etcd_available
+
+    if not etcd_available():
+        pytest.skip("etcd is not installed (Debian: apt-get install etcd-server)")
+    code = ("import sys; from tests.etcd_cluster import EtcdCluster; c = EtcdCluster(1); "
+            "print(c.procs[0].pid, c.dir, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid, where = None, None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 90)
+        assert ready, "the cluster did not start"
+        pid, where = proc.stdout.readline().split()
+        pid = int(pid)
+        assert _running(pid)
+        proc.kill()
+        proc.wait(10)
+        assert _until(lambda: not _running(pid), 10), f"etcd {pid} outlived its test process"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+        if where:
+            shutil.rmtree(where, ignore_errors=True)

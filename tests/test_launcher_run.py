@@ -151,7 +151,10 @@ def _survivor_record(survivor: dict, start: float, end: float) -> dict:
             "longest_gap": longest / 10, "worst_step": worst, "window": end - start}
 
 
-def _check_replaced_and_served(reports: dict, world: int, victim: int) -> dict:
+def _check_replaced_and_served(reports: dict, world: int, victim: int,
+                               no_long_stall: bool = True) -> dict:
+    """The victim's slot was refilled once and the survivors served on meanwhile (with
+    `no_long_stall`: with no step, or gap between steps, of half the replacement's window)."""
     assert set(reports) == {(r, 0) for r in range(world) if r != victim} | {(victim, 1)}, \
         sorted(reports)
     rep = reports[(victim, 1)]
@@ -166,8 +169,10 @@ def _check_replaced_and_served(reports: dict, world: int, victim: int) -> dict:
         rec = _survivor_record(s, start, end)
         # the survivors kept completing steps all through the replacement's import, init and
         # warm-up (seconds), and no step of theirs lasted anything like that long
-        assert rec["steps"] > 0 and rec["longest_gap"] < rec["window"] / 2, rec
-        assert rec["worst_step"] < rec["window"] / 2, rec
+        assert rec["steps"] > 0, rec
+        if no_long_stall:
+            assert rec["longest_gap"] < rec["window"] / 2, rec
+            assert rec["worst_step"] < rec["window"] / 2, rec
         stats[r] = {**rec, "stall": s["stalls"][0]}
     def worst(v: dict) -> str:  # the example records only steps over 5 ms
         return f"{v['worst_step'] * 1e3:.1f} ms" if v["worst_step"] else "<= 5 ms"
@@ -217,10 +222,15 @@ def test_two_nodes_one_store_server_restart_a_worker_of_the_second_node(launches
 def test_an_etcd_store_carries_a_run_through_a_sigkill_and_the_etcd_leaders_death(
         launches, tmp_path, etcd):
     """`--store etcd://...`: the script's plain `init_process_group("elasticpg")` rendezvouses
-    on etcd; rank 1 dies by SIGKILL, and while the launcher refills its slot the etcd leader
-    is SIGKILLed too: the group serves on, the replacement joins, the run finishes. Then the
-    group's views are in etcd for `elasticpg status`, and a second run on the same prefix is
-    refused (it would take the first run's views for its own)."""
+    on etcd; rank 1 dies by SIGKILL, and once the survivors decided that, while the launcher
+    refills its slot, the etcd leader is SIGKILLed too: the group serves on, the replacement
+    rendezvouses and joins through the election, the run finishes. Then the group's views are
+    in etcd for `elasticpg status`, and a second run on the same prefix is refused (it would
+    take the first run's views for its own).
+
+    A store operation that meets the election can take up to the store's per-request bound
+    (2 s, then the next member is tried), so a survivor's admission step may stall that long:
+    the survivors must keep serving, not within the TCPStore tests' stall bound."""
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     url = etcd.url(prefix)
     run = launches("--nproc-per-node", 3, "--store", url, "--restart-delay", 0.2, EXAMPLE,
@@ -229,6 +239,7 @@ def test_an_etcd_store_carries_a_run_through_a_sigkill_and_the_etcd_leaders_deat
     killed = []
     try:
         run.wait_for(r"rank 1 killed by SIGKILL; restarting it")
+        run.wait_for(r"\] step \d+: rank\(s\) \[1\] failed inside this all_reduce")
         killed.append(etcd.leader())
         etcd.kill(killed[0])
         rc = run.finish()
@@ -239,7 +250,7 @@ def test_an_etcd_store_carries_a_run_through_a_sigkill_and_the_etcd_leaders_deat
     assert f"store {url} (external)" in run.text, run.text
     assert re.search(r"\[rank 1 #1\] joined as a replacement", run.text), run.text
     assert "3 ranks, 1 restart; exit 0 (all finished)" in run.text, run.text
-    _check_replaced_and_served(_reports(tmp_path), 3, victim=1)
+    _check_replaced_and_served(_reports(tmp_path), 3, victim=1, no_long_stall=False)
 
     store = EtcdStore(etcd.endpoints, prefix)
     try:
