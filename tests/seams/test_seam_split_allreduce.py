@@ -1,7 +1,8 @@
 """The split (reduce-scatter + all-gather) TCP all_reduce, n ranks in threads over a loopback
-link: bit-identical to the direct exchange, and under a rank that dies after any number of
-its frames, every survivor finishes with the reduction over every participant or over exactly
-the ranks whose raw tensor it received whole, never a mix of slices."""
+link, its slices whole or pipelined in chunks: bit-identical to the direct exchange, and under
+a rank that dies after any number of its frames, every survivor finishes with the reduction
+over every participant or over exactly the ranks whose raw tensor it received whole, never a
+mix of slices."""
 
 from __future__ import annotations
 
@@ -13,13 +14,23 @@ import torch
 
 from elasticpg.collectives import algorithms as alg
 from elasticpg.collectives.context import OpContext, OpSpec
+from elasticpg.core import schedules
 from elasticpg.core.dtypes import dtype_code
 from elasticpg.core.framing import OpKind
 from elasticpg.core.reduction import Reduce, reduce_into
-from elasticpg.core.schedules import SPLIT_ALLREDUCE_FROM, split_allreduce
+from elasticpg.core.schedules import SPLIT_ALLREDUCE_FROM, pipeline_chunks, split_allreduce
 from elasticpg.transport.mailbox import Mailbox
 
 N = 4
+FALLBACK_STEP, FIRST_RAW_STEP = 1, 2  # see collectives/algorithms.py
+
+
+@pytest.fixture(params=["whole slices", "chunks"])
+def chunking(request, monkeypatch):
+    """Run each test with one chunk per slice (the sizes here) and with 3-4 chunks each."""
+    if request.param == "chunks":
+        monkeypatch.setattr(schedules, "PIPELINE_CHUNK", 48 << 10)
+    return request.param
 
 
 class DiedError(Exception):
@@ -105,10 +116,13 @@ def _numel(dtype: torch.dtype) -> int:
 
 @pytest.mark.parametrize("dtype,op", [(torch.float32, Reduce.SUM), (torch.bfloat16, Reduce.AVG),
                                       (torch.int64, Reduce.MAX), (torch.float64, Reduce.PRODUCT)])
-def test_bit_identical_to_the_direct_exchange(dtype, op):
+def test_bit_identical_to_the_direct_exchange(dtype, op, chunking):
     g = torch.Generator().manual_seed(7)
     n = _numel(dtype)
-    assert split_allreduce(n * dtype.itemsize, n, N) is not None
+    slices = split_allreduce(n * dtype.itemsize, n, N)
+    assert slices is not None
+    nchunks = len(pipeline_chunks(slices, dtype.itemsize)[0])
+    assert (nchunks > 1) == (chunking == "chunks")
     inputs = [(torch.rand(n, generator=g) * 4 + 0.5).to(dtype) for _ in range(N)]
     want = torch.empty_like(inputs[0])
     reduce_into(want, inputs, op)  # the direct exchange's reduction: ascending rank order
@@ -116,11 +130,13 @@ def test_bit_identical_to_the_direct_exchange(dtype, op):
     for r in range(N):
         assert torch.equal(outs[r].view(torch.uint8), want.view(torch.uint8)), r
         assert not ctxs[r].failed
-        assert 4 not in links[r].steps  # no fallback when nothing failed
-        assert links[r].steps.count(0) == N - 1  # one raw slice per peer, not the tensor
+        assert FALLBACK_STEP not in links[r].steps  # no fallback when nothing failed
+        # one raw slice per peer (in nchunks frames), not the tensor; each reduced chunk once
+        assert len(links[r].steps) == (N - 1) * (2 * nchunks + 1)
+        assert links[r].steps.count(FIRST_RAW_STEP) == N - 1
 
 
-def test_the_next_op_reuses_buffers_without_crosstalk():
+def test_the_next_op_reuses_buffers_without_crosstalk(chunking):
     n = _numel(torch.float32)
     for seq in (5, 6, 7):
         inputs = [torch.full((n,), float(seq * 10 + r)) for r in range(N)]
@@ -128,9 +144,10 @@ def test_the_next_op_reuses_buffers_without_crosstalk():
         assert all(torch.equal(o, torch.full((n,), float(seq * 40 + 6))) for o in outs)
 
 
-def test_a_rank_dying_after_any_number_of_frames():
+def test_a_rank_dying_after_any_number_of_frames(chunking):
     """Rank r contributes 2**r, so a result names the ranks it covers. Every kill point of
-    rank 2 over its whole schedule (raw slices, flags, reduced slices, status, raw tensors)."""
+    rank 2 over its whole schedule (raw chunks, reduced chunks or its "incomplete" mark,
+    status, raw tensors)."""
     n = _numel(torch.float64)
     inputs = [torch.full((n,), float(2 ** r)) for r in range(N)]
     every = float(2 ** N - 1)
