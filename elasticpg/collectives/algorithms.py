@@ -10,7 +10,9 @@ Outputs are indexed by slot: `slot_of[i]` is where participant i's data goes in 
 
 Large all_reduce at more than two ranks is the one exception (see _allreduce_split): partial
 sums travel, but a rank keeps them only when they cover every participant, and otherwise falls
-back to the direct exchange, so the rule above still holds for the result.
+back to the direct exchange, so the rule above still holds for the result. Large broadcast at
+more than two ranks (see _broadcast_split) passes the root's slices on among the other ranks,
+with the root standing by to send the whole tensor to any rank that missed a slice.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.reduction import WIDENED, Reduce, reduce_into
-from ..core.schedules import pipeline_chunks, split_allreduce
+from ..core.schedules import pipeline_chunks, split_allreduce, split_broadcast
 from .context import OpContext
 
 # Reductions whose two operands may be swapped without changing a bit (IEEE addition and
@@ -85,7 +87,7 @@ def _reduced_step(k: int) -> int:
     return 3 + 2 * k
 
 
-_INCOMPLETE = torch.empty(0, dtype=torch.uint8)  # a reducer's mark: no complete chunk follows
+_INCOMPLETE = torch.empty(0, dtype=torch.uint8)  # "I have no complete data for this step"
 
 
 def _allreduce_split(ctx: OpContext, t: torch.Tensor, op: Reduce,
@@ -172,6 +174,10 @@ def _allreduce_split(ctx: OpContext, t: torch.Tensor, op: Reduce,
 
 
 def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:
+    slices = split_broadcast(t.numel() * t.element_size(), t.numel(), len(ctx.participants))
+    if slices is not None:
+        _broadcast_split(ctx, t, root, slices)
+        return
     if ctx.me == root:
         for p in ctx.peers:
             ctx.send(p, 0, t)
@@ -180,6 +186,63 @@ def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:
     x = ctx.recv(root, 0, t.dtype, t.numel())
     if x is not None:
         _into(t, x)
+
+
+# steps of the split broadcast
+_BC_SLICE, _BC_RELAY, _BC_DONE, _BC_FALLBACK = range(1, 5)
+
+
+def _broadcast_split(ctx: OpContext, t: torch.Tensor, root: int,
+                     slices: list[tuple[int, int]]) -> None:
+    """Scatter + all-gather: the root sends slice j to non-root j, which passes it to every
+    other non-root (an empty frame if the root's slice never came). The root sends the tensor
+    once instead of once per rank; each other rank sends (n-2)/(n-1) of it.
+
+    A rank that misses a slice (its relay failed) says so in its 1-byte DONE frame to the
+    root, which then sends it the whole tensor: every rank that does not see the root fail
+    ends with the root's tensor. The root returns once every rank has said it is done (or
+    failed)."""
+    flat = t.reshape(-1)
+    others = [r for r in ctx.participants if r != root]
+    where = {r: slices[i] for i, r in enumerate(others)}
+
+    def part(r: int) -> torch.Tensor:
+        o, c = where[r]
+        return flat[o:o + c]
+
+    if ctx.me == root:
+        for p in ctx.peers:
+            ctx.send(p, _BC_SLICE, part(p))
+        for p in ctx.peers:
+            done = ctx.recv(p, _BC_DONE, torch.uint8, 1)
+            if done is not None and not int(done[0]):
+                ctx.send(p, _BC_FALLBACK, t)
+        return
+    relays = [p for p in ctx.peers if p != root]
+    mine = part(ctx.me)
+    ctx.expect(root, _BC_SLICE, mine)
+    for p in relays:
+        ctx.expect(p, _BC_RELAY, part(p))
+    x = ctx.recv(root, _BC_SLICE, t.dtype, mine.numel())
+    if x is not None:
+        _into(mine, x)
+    for p in relays:
+        ctx.send(p, _BC_RELAY, mine if x is not None else _INCOMPLETE)
+    whole = x is not None
+    for p in relays:
+        y = ctx.recv(p, _BC_RELAY, t.dtype, -1)
+        if y is None or y.numel() == 0:
+            whole = False
+            continue
+        if y.numel() != where[p][1]:
+            ctx._mismatch(f"rank {p} passed on a slice of {y.numel()} elements, rank "
+                          f"{ctx.me} expected {where[p][1]}")
+        _into(part(p), y)
+    ctx.send(root, _BC_DONE, torch.tensor([int(whole)], dtype=torch.uint8))
+    if not whole:
+        z = ctx.recv(root, _BC_FALLBACK, t.dtype, t.numel())
+        if z is not None:
+            _into(t, z)
 
 
 def reduce(ctx: OpContext, t: torch.Tensor, root: int, op: Reduce) -> None:

@@ -87,3 +87,18 @@ def pipeline_chunks(slices: Sequence[tuple[int, int]],
         raise ValueError(f"empty slice in {list(slices)}")
     chunks = max(1, min(-(-largest * itemsize // PIPELINE_CHUNK), smallest))
     return [[(o + co, cc) for co, cc in even_splits(c, chunks)] for o, c in slices]
+
+
+SPLIT_BROADCAST_FROM = 16 << 20  # bytes: above (and > 2 ranks), broadcast over TCP runs as
+# scatter + all-gather: the root sends the tensor once (a slice to each rank) instead of once
+# per rank, and the ranks pass the slices on among themselves, so no one sender carries it all
+# (measured: README, across hosts)
+
+
+def split_broadcast(nbytes: int, numel: int, ranks: int) -> list[tuple[int, int]] | None:
+    """The slice (offset, count) each non-root participant (by index among the non-roots)
+    receives from the root when a TCP broadcast runs as scatter + all-gather, or None for the
+    direct one. Like split_allreduce, decided from the op and the participant count only."""
+    if ranks <= 2 or nbytes < SPLIT_BROADCAST_FROM or numel < ranks - 1:
+        return None
+    return even_splits(numel, ranks - 1)

@@ -193,3 +193,13 @@ def test_pipeline_chunks_examples():
     assert pipeline_chunks([(0, 2), (2, 1)], 1 << 30) == [[(0, 2)], [(2, 1)]]  # never empty
     with pytest.raises(ValueError):
         pipeline_chunks([(0, 0)], 4)
+
+
+def test_split_broadcast_is_for_large_tensors_at_more_than_two_ranks():
+    from elasticpg.core.schedules import SPLIT_BROADCAST_FROM, split_broadcast
+
+    big = SPLIT_BROADCAST_FROM
+    assert split_broadcast(big, big // 4, 2) is None  # two ranks: the direct broadcast
+    assert split_broadcast(big - 1, big, 4) is None  # small: direct
+    assert split_broadcast(big, 2, 4) is None  # fewer elements than non-roots
+    assert split_broadcast(big, 10, 4) == [(0, 4), (4, 3), (7, 3)]  # one per non-root

@@ -1,8 +1,11 @@
-"""The split (reduce-scatter + all-gather) TCP all_reduce, n ranks in threads over a loopback
-link, its slices whole or pipelined in chunks: bit-identical to the direct exchange, and under
-a rank that dies after any number of its frames, every survivor finishes with the reduction
-over every participant or over exactly the ranks whose raw tensor it received whole, never a
-mix of slices."""
+"""The split TCP collectives, n ranks in threads over a loopback link.
+
+all_reduce as reduce-scatter + all-gather, its slices whole or pipelined in chunks:
+bit-identical to the direct exchange, and under a rank that dies after any number of its
+frames, every survivor finishes with the reduction over every participant or over exactly the
+ranks whose raw tensor it received whole, never a mix of slices. broadcast as scatter +
+all-gather: under a relay or the root dying after any number of its frames, every rank that
+did not see the root fail ends with the root's tensor."""
 
 from __future__ import annotations
 
@@ -18,7 +21,12 @@ from elasticpg.core import schedules
 from elasticpg.core.dtypes import dtype_code
 from elasticpg.core.framing import OpKind
 from elasticpg.core.reduction import Reduce, reduce_into
-from elasticpg.core.schedules import SPLIT_ALLREDUCE_FROM, pipeline_chunks, split_allreduce
+from elasticpg.core.schedules import (
+    SPLIT_ALLREDUCE_FROM,
+    pipeline_chunks,
+    split_allreduce,
+    split_broadcast,
+)
 from elasticpg.transport.mailbox import Mailbox
 
 N = 4
@@ -80,13 +88,18 @@ class LoopLink:
         return self._scratch[key]
 
 
-def _run(inputs: list[torch.Tensor], op: Reduce, dying: int | None = None,
-         die_after: int | None = None, seq: int = 5):
+def _run(inputs: list[torch.Tensor], op: Reduce | None, dying: int | None = None,
+         die_after: int | None = None, seq: int = 5, root: int | None = None):
+    """all_reduce (op) or broadcast from `root` (op None), one thread per rank."""
     links: dict[int, LoopLink] = {}
     for r in range(len(inputs)):
         links[r] = LoopLink(r, links, die_after if r == dying else None)
-    spec = OpSpec(OpKind.ALLREDUCE, dtype_code(inputs[0].dtype), inputs[0].numel(), -1,
-                  int(op))
+    if op is None:
+        assert root is not None
+        spec = OpSpec(OpKind.BROADCAST, dtype_code(inputs[0].dtype), inputs[0].numel(), root)
+    else:
+        spec = OpSpec(OpKind.ALLREDUCE, dtype_code(inputs[0].dtype), inputs[0].numel(), -1,
+                      int(op))
     ctxs = {r: OpContext(links[r], r, tuple(range(len(inputs))), seq=seq, epoch=1, spec=spec,
                          deadline=time.monotonic() + 10) for r in links}
     outs = [t.clone() for t in inputs]
@@ -94,7 +107,10 @@ def _run(inputs: list[torch.Tensor], op: Reduce, dying: int | None = None,
 
     def body(r: int) -> None:
         try:
-            alg.allreduce(ctxs[r], outs[r], op)
+            if op is None:
+                alg.broadcast(ctxs[r], outs[r], root)
+            else:
+                alg.allreduce(ctxs[r], outs[r], op)
         except DiedError:
             pass
         except BaseException as exc:  # reported by the test thread
@@ -165,3 +181,48 @@ def test_a_rank_dying_after_any_number_of_frames(chunking):
                 assert ctxs[r].failed_peers == {2}, (k, r)  # excluded only if seen to fail
             seen.add(v)
     assert seen == {every, survivors_only}
+
+
+# ---------------------------------------------------------------- broadcast as scatter + gather
+@pytest.fixture
+def small_split_broadcast(monkeypatch):
+    """Split broadcasts from 1 MiB (slices still above EXPECT_FROM: received in place)."""
+    monkeypatch.setattr(schedules, "SPLIT_BROADCAST_FROM", 1 << 20)
+
+
+def _bcast_numel() -> int:
+    return schedules.SPLIT_BROADCAST_FROM // 4 + 7  # float32, uneven slices
+
+
+def test_split_broadcast_delivers_the_roots_tensor(small_split_broadcast):
+    n = _bcast_numel()
+    assert split_broadcast(n * 4, n, N) is not None
+    for root in range(N):
+        inputs = [torch.full((n,), -1.0) for _ in range(N)]
+        inputs[root] = torch.arange(n, dtype=torch.float32)
+        outs, ctxs, links = _run(inputs, None, root=root)
+        for r in range(N):
+            assert torch.equal(outs[r], inputs[root]), (root, r)
+            assert not ctxs[r].failed
+        assert len(links[root].steps) == N - 1  # one slice per rank, no fallback
+        for r in set(range(N)) - {root}:
+            assert len(links[r].steps) == N - 1  # relays to N-2 ranks, DONE to the root
+
+
+@pytest.mark.parametrize("dying", [0, 2], ids=["the root", "a relay"])
+def test_split_broadcast_under_a_rank_dying_after_any_number_of_frames(dying,
+                                                                      small_split_broadcast):
+    """The root is rank 0. A rank that did not see the root fail ends with its tensor; one
+    that did may hold part of it (as the direct broadcast: nothing else was received)."""
+    n = _bcast_numel()
+    inputs = [torch.full((n,), -1.0) for _ in range(N)]
+    inputs[0] = torch.arange(n, dtype=torch.float32)
+    total = len(_run(inputs, None, root=0)[2][dying].steps)
+    for k in range(total + 2):
+        outs, ctxs, _ = _run(inputs, None, dying=dying, die_after=k, root=0)
+        for r in set(range(N)) - {dying, 0}:
+            if 0 in ctxs[r].failed:
+                assert dying == 0, (k, r)
+                continue
+            assert torch.equal(outs[r], inputs[0]), (k, r)
+            assert ctxs[r].failed_peers <= {dying}, (k, r)
