@@ -46,9 +46,10 @@ def split_offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-SPLIT_ALLREDUCE_FROM = 512 << 10  # bytes: above (and > 2 ranks), all_reduce over TCP runs as
+SPLIT_ALLREDUCE_FROM = 1 << 20  # bytes: from here (and > 2 ranks), all_reduce over TCP runs as
 # reduce-scatter + all-gather. Each rank then sends 2(n-1)/n of the tensor instead of n-1
-# copies of it, for one more round of 1-byte frames. At 2 ranks it moves the same bytes as
+# copies of it, for two more rounds of frames: at 4 ranks over veth the direct exchange was
+# faster at 512 KiB, even at 1 MiB, the split from 2 MiB. At 2 ranks it moves the same bytes as
 # the direct exchange and measured slower at 1-64 MiB (README, across hosts): not used there
 
 
