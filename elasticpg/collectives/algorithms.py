@@ -10,7 +10,9 @@ Outputs are indexed by slot: `slot_of[i]` is where participant i's data goes in 
 
 Large all_reduce at more than two ranks is the one exception (see _allreduce_split): partial
 sums travel, but a rank keeps them only when they cover every participant, and otherwise falls
-back to the direct exchange, so the rule above still holds for the result.
+back to the direct exchange, so the rule above still holds for the result. Large broadcast at
+more than two ranks (see _broadcast_split) passes the root's slices on among the other ranks,
+with the root standing by to send the whole tensor to any rank that missed a slice.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.reduction import WIDENED, Reduce, reduce_into
-from ..core.schedules import split_allreduce
+from ..core.schedules import pipeline_chunks, split_allreduce, split_broadcast
 from .context import OpContext
 
 # Reductions whose two operands may be swapped without changing a bit (IEEE addition and
@@ -73,65 +75,89 @@ def allreduce(ctx: OpContext, t: torch.Tensor, op: Reduce) -> None:
     _reduce_ordered(ctx, t, parts, op)
 
 
-# steps of the split all_reduce
-_RAW, _COMPLETE, _REDUCED, _WHOLE, _FALLBACK = range(5)
+# steps of the split all_reduce: two of its own, then raw and reduced chunk k at 2+2k, 3+2k
+_WHOLE, _FALLBACK = 0, 1
+
+
+def _raw_step(k: int) -> int:
+    return 2 + 2 * k
+
+
+def _reduced_step(k: int) -> int:
+    return 3 + 2 * k
+
+
+_INCOMPLETE = torch.empty(0, dtype=torch.uint8)  # "I have no complete data for this step"
 
 
 def _allreduce_split(ctx: OpContext, t: torch.Tensor, op: Reduce,
                      slices: list[tuple[int, int]]) -> None:
-    """Reduce-scatter + all-gather, directly: each rank sends its raw slice j to participant j,
-    which reduces the slice (ascending rank order, so the bits equal the direct exchange's) and
-    sends it to everyone. A rank sends 2(n-1)/n of the tensor instead of (n-1) copies.
+    """Reduce-scatter + all-gather, directly and pipelined: each rank sends its raw slice j to
+    participant j in chunks; j reduces chunk k (ascending rank order, so the bits equal the
+    direct exchange's) while chunk k+1 is on the wire, and sends it to everyone at once. A
+    rank sends 2(n-1)/n of the tensor instead of (n-1) copies, and reduces only its slice.
 
-    The exclusion rule: a reduced slice is used only if its reducer received every
-    participant's raw slice whole (it says so in a byte before the slice). A rank that lacks
-    any complete slice (a reducer failed, or missed someone's raw slice) has no exact partial
-    result, so it asks everyone for their raw tensors and reduces those received whole: the
-    direct exchange. Every rank therefore keeps its input intact until each peer has said it
-    needs nothing (the result is assembled apart and copied in at the end), and each rank's
-    result covers either every participant or exactly the ranks it received whole."""
+    The exclusion rule: a reduced chunk is sent only if its reducer received that chunk of
+    every participant's raw slice whole; otherwise the reducer sends an empty frame instead
+    and nothing more. A rank that lacks any complete chunk (a reducer failed, or missed
+    someone's raw chunk) has no exact partial result, so it asks everyone for their raw
+    tensors and reduces those received whole: the direct exchange. Every rank therefore keeps
+    its input intact until each peer has said it needs nothing (the result is assembled apart
+    and copied in at the end), and each rank's result covers either every participant or
+    exactly the ranks it received whole."""
     flat = t.reshape(-1)
     pos = {r: i for i, r in enumerate(ctx.participants)}
+    chunks = pipeline_chunks(slices, t.element_size())
+    nchunks = len(chunks[0])
     mo, mc = slices[pos[ctx.me]]
+    mine = chunks[pos[ctx.me]]
     out = ctx.scratch(ctx.me, t).reshape(-1)  # the result, apart from our raw input
 
-    def part(buf: torch.Tensor, r: int) -> torch.Tensor:
-        o, c = slices[pos[r]]
-        return buf[o:o + c]
+    raw: dict[int, torch.Tensor] = {}  # where each peer's raw chunks of our slice land
+    for p in ctx.peers:
+        raw[p] = ctx.scratch(p, flat[mo:mo + mc])
+        for k, (o, c) in enumerate(mine):
+            ctx.expect(p, _raw_step(k), raw[p][o - mo:o - mo + c])
+        for k, (o, c) in enumerate(chunks[pos[p]]):
+            ctx.expect(p, _reduced_step(k), out[o:o + c])
 
-    for p in ctx.peers:
-        ctx.expect(p, _RAW, ctx.scratch(p, flat[mo:mo + mc]))
-        ctx.expect(p, _REDUCED, part(out, p))
-    for p in ctx.peers:
-        ctx.send(p, _RAW, part(flat, p))
-    parts = {ctx.me: flat[mo:mo + mc]}
-    for p in ctx.peers:
-        x = ctx.recv(p, _RAW, t.dtype, mc)
-        if x is not None:
-            parts[p] = x
-    complete = len(parts) == len(ctx.participants)
-    if complete:
-        reduce_into(part(out, ctx.me), [parts[r] for r in sorted(parts)], op)
-    flag = torch.tensor([int(complete)], dtype=torch.uint8)
-    for p in ctx.peers:
-        ctx.send(p, _COMPLETE, flag)
+    def send_raw(k: int) -> None:
+        for p in ctx.peers:
+            o, c = chunks[pos[p]][k]
+            ctx.send(p, _raw_step(k), flat[o:o + c])
+
+    send_raw(0)
+    complete = True
+    for k, (o, c) in enumerate(mine):
+        if k + 1 < nchunks:
+            send_raw(k + 1)  # on the wire while we reduce chunk k
+        if not complete:
+            continue
+        parts = {ctx.me: flat[o:o + c]}
+        for p in ctx.peers:
+            x = ctx.recv(p, _raw_step(k), t.dtype, c)
+            if x is not None:
+                parts[p] = x
+        complete = len(parts) == len(ctx.participants)
         if complete:
-            ctx.send(p, _REDUCED, part(out, ctx.me))
+            reduce_into(out[o:o + c], [parts[r] for r in sorted(parts)], op)
+        for p in ctx.peers:
+            ctx.send(p, _reduced_step(k), out[o:o + c] if complete else _INCOMPLETE)
     whole = complete
     for p in ctx.peers:
-        f = ctx.recv(p, _COMPLETE, torch.uint8, 1)
-        if f is None or not int(f[0]):
-            whole = False
-            continue
-        x = ctx.recv(p, _REDUCED, t.dtype, slices[pos[p]][1])
-        if x is None:
-            whole = False
-        else:
-            _into(part(out, p), x)
+        for k, (o, c) in enumerate(chunks[pos[p]]):
+            x = ctx.recv(p, _reduced_step(k), t.dtype, -1)
+            if x is None or x.numel() == 0:
+                whole = False
+                break
+            if x.numel() != c:
+                ctx._mismatch(f"rank {p} sent a reduced chunk of {x.numel()} elements, "
+                             f"rank {ctx.me} expected {c}")
+            _into(out[o:o + c], x)
     # keep the raw input until every peer has said whether it needs it
-    mine = torch.tensor([int(whole)], dtype=torch.uint8)
+    flag = torch.tensor([int(whole)], dtype=torch.uint8)
     for p in ctx.peers:
-        ctx.send(p, _WHOLE, mine)
+        ctx.send(p, _WHOLE, flag)
     for p in ctx.peers:
         w = ctx.recv(p, _WHOLE, torch.uint8, 1)
         if w is not None and not int(w[0]):
@@ -139,15 +165,19 @@ def _allreduce_split(ctx: OpContext, t: torch.Tensor, op: Reduce,
     if whole:
         flat.copy_(out)
         return
-    raw = {ctx.me: t}
+    contributions = {ctx.me: t}
     for p in ctx.peers:
         x = ctx.recv(p, _FALLBACK, t.dtype, t.numel())
         if x is not None:
-            raw[p] = x
-    _reduce_ordered(ctx, t, raw, op)
+            contributions[p] = x
+    _reduce_ordered(ctx, t, contributions, op)
 
 
 def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:
+    slices = split_broadcast(t.numel() * t.element_size(), t.numel(), len(ctx.participants))
+    if slices is not None:
+        _broadcast_split(ctx, t, root, slices)
+        return
     if ctx.me == root:
         for p in ctx.peers:
             ctx.send(p, 0, t)
@@ -156,6 +186,63 @@ def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:
     x = ctx.recv(root, 0, t.dtype, t.numel())
     if x is not None:
         _into(t, x)
+
+
+# steps of the split broadcast
+_BC_SLICE, _BC_RELAY, _BC_DONE, _BC_FALLBACK = range(1, 5)
+
+
+def _broadcast_split(ctx: OpContext, t: torch.Tensor, root: int,
+                     slices: list[tuple[int, int]]) -> None:
+    """Scatter + all-gather: the root sends slice j to non-root j, which passes it to every
+    other non-root (an empty frame if the root's slice never came). The root sends the tensor
+    once instead of once per rank; each other rank sends (n-2)/(n-1) of it.
+
+    A rank that misses a slice (its relay failed) says so in its 1-byte DONE frame to the
+    root, which then sends it the whole tensor: every rank that does not see the root fail
+    ends with the root's tensor. The root returns once every rank has said it is done (or
+    failed)."""
+    flat = t.reshape(-1)
+    others = [r for r in ctx.participants if r != root]
+    where = {r: slices[i] for i, r in enumerate(others)}
+
+    def part(r: int) -> torch.Tensor:
+        o, c = where[r]
+        return flat[o:o + c]
+
+    if ctx.me == root:
+        for p in ctx.peers:
+            ctx.send(p, _BC_SLICE, part(p))
+        for p in ctx.peers:
+            done = ctx.recv(p, _BC_DONE, torch.uint8, 1)
+            if done is not None and not int(done[0]):
+                ctx.send(p, _BC_FALLBACK, t)
+        return
+    relays = [p for p in ctx.peers if p != root]
+    mine = part(ctx.me)
+    ctx.expect(root, _BC_SLICE, mine)
+    for p in relays:
+        ctx.expect(p, _BC_RELAY, part(p))
+    x = ctx.recv(root, _BC_SLICE, t.dtype, mine.numel())
+    if x is not None:
+        _into(mine, x)
+    for p in relays:
+        ctx.send(p, _BC_RELAY, mine if x is not None else _INCOMPLETE)
+    whole = x is not None
+    for p in relays:
+        y = ctx.recv(p, _BC_RELAY, t.dtype, -1)
+        if y is None or y.numel() == 0:
+            whole = False
+            continue
+        if y.numel() != where[p][1]:
+            ctx._mismatch(f"rank {p} passed on a slice of {y.numel()} elements, rank "
+                          f"{ctx.me} expected {where[p][1]}")
+        _into(part(p), y)
+    ctx.send(root, _BC_DONE, torch.tensor([int(whole)], dtype=torch.uint8))
+    if not whole:
+        z = ctx.recv(root, _BC_FALLBACK, t.dtype, t.numel())
+        if z is not None:
+            _into(t, z)
 
 
 def reduce(ctx: OpContext, t: torch.Tensor, root: int, op: Reduce) -> None:

@@ -161,3 +161,45 @@ def test_split_allreduce_slices_cover_the_tensor_once(nbytes, numel, ranks):
     assert len(slices) == ranks and all(c > 0 for _, c in slices)
     assert [o for o, _ in slices] == [sum(c for _, c in slices[:i]) for i in range(ranks)]
     assert sum(c for _, c in slices) == numel
+
+
+@FAST
+@given(st.integers(1, 1 << 27), st.integers(2, 64), st.sampled_from([1, 2, 4, 8, 16]))
+def test_pipeline_chunks_tile_every_slice_alike(numel, ranks, itemsize):
+    from elasticpg.core.schedules import PIPELINE_CHUNK, even_splits, pipeline_chunks
+
+    if numel < ranks:
+        return
+    slices = even_splits(numel, ranks)
+    chunks = pipeline_chunks(slices, itemsize)
+    assert len({len(c) for c in chunks}) == 1  # every reducer runs the same number of steps
+    for (o, c), parts in zip(slices, chunks, strict=True):
+        assert all(cc > 0 for _, cc in parts)  # an empty frame means "incomplete"
+        assert [po for po, _ in parts] == [o + sum(cc for _, cc in parts[:i])
+                                           for i in range(len(parts))]
+        assert sum(cc for _, cc in parts) == c
+        if len(parts) > 1:
+            assert max(cc for _, cc in parts) * itemsize <= PIPELINE_CHUNK + itemsize
+
+
+def test_pipeline_chunks_examples():
+    from elasticpg.core.schedules import PIPELINE_CHUNK, pipeline_chunks
+
+    assert pipeline_chunks([(0, 4), (4, 3)], 4) == [[(0, 4)], [(4, 3)]]  # small: one chunk
+    n = PIPELINE_CHUNK // 4
+    a, b = pipeline_chunks([(0, 2 * n + 1), (2 * n + 1, 2 * n)], 4)
+    assert len(a) == len(b) == 3  # the largest slice sets the count, for every reducer
+    assert a[0] == (0, (2 * n + 1 + 2) // 3) and b[0][0] == 2 * n + 1
+    assert pipeline_chunks([(0, 2), (2, 1)], 1 << 30) == [[(0, 2)], [(2, 1)]]  # never empty
+    with pytest.raises(ValueError):
+        pipeline_chunks([(0, 0)], 4)
+
+
+def test_split_broadcast_is_for_large_tensors_at_more_than_two_ranks():
+    from elasticpg.core.schedules import SPLIT_BROADCAST_FROM, split_broadcast
+
+    big = SPLIT_BROADCAST_FROM
+    assert split_broadcast(big, big // 4, 2) is None  # two ranks: the direct broadcast
+    assert split_broadcast(big - 1, big, 4) is None  # small: direct
+    assert split_broadcast(big, 2, 4) is None  # fewer elements than non-roots
+    assert split_broadcast(big, 10, 4) == [(0, 4), (4, 3), (7, 3)]  # one per non-root
