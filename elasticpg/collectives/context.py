@@ -72,6 +72,10 @@ class OpContext:
     # in failed and timed_out, and counts as having sent nothing (elasticpg.ep's timeout_us)
     give_up_on_timeout: bool = False
     timed_out: set[int] = field(default_factory=set)
+    # the last header sent, with what it was built from: a direct exchange sends the same one
+    # to every peer, and building a frozen Header costs more than sending a small frame (the
+    # key holds spec, seq and ready too: a reused context, group.lane, runs many ops)
+    _last_header: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.peers = peer_order(self.me, self.participants)
@@ -95,9 +99,16 @@ class OpContext:
         numel = tensor.numel() if tensor is not None else None
         if self.spec.kind not in (OpKind.ALLTOALL, OpKind.ALLTOALL_SINGLE):
             numel = None  # the op-level count identifies the call (per message only for all_to_all)
+        nbytes = len(payload)
+        key = (self.spec, self.seq, self.ready, step, nbytes, numel)
+        last = self._last_header
+        if last is not None and last[0] == key:
+            header = last[1]
+        else:
+            header = self.header(step, nbytes, numel)
+            self._last_header = (key, header)
         try:
-            self.link.send_frame(peer, self.header(step, len(payload), numel), payload,
-                                 self.deadline)
+            self.link.send_frame(peer, header, payload, self.deadline)
         except PeerFailedError:
             self.failed.add(peer)
             return False

@@ -91,12 +91,17 @@ class Header:
             raise FramingError(f"bad magic 0x{magic:04x}")
         if nbytes > MAX_PAYLOAD:
             raise FramingError(f"frame claims {nbytes} payload bytes (limit {MAX_PAYLOAD})")
-        try:
-            mtype, okind = MsgType(typ), OpKind(kind)
-        except ValueError as exc:
-            raise FramingError(str(exc)) from None
+        mtype, okind = _MSG_TYPES.get(typ), _OP_KINDS.get(kind)
+        if mtype is None or okind is None:  # dict lookups: an enum call costs a microsecond
+            bad = f"{typ} is not a valid MsgType" if mtype is None else \
+                f"{kind} is not a valid OpKind"
+            raise FramingError(bad)
         return cls(mtype, src, nbytes, okind, dtype, redop, epoch, seq, step, numel, root, tag,
                    ready)
+
+
+_MSG_TYPES = {m.value: m for m in MsgType}
+_OP_KINDS = {k.value: k for k in OpKind}
 
 
 # ---- payloads of membership frames ---------------------------------------------------------

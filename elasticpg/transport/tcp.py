@@ -49,6 +49,7 @@ _SOCK_BUF = 4 << 20
 _SMALL = 1 << 16  # below this, header and payload go out in one buffer
 _CHUNK = 1 << 20  # large payloads are sent in chunks of this size, recording progress
 MAX_HANDSHAKES = 64  # connections in their handshake at once, per listener
+_RBUF = 1 << 16  # a reader's buffer: frames up to this size arrive in one system call
 
 log = logging.getLogger("elasticpg.transport")
 
@@ -86,8 +87,16 @@ def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = N
     return True
 
 
+# dtypes numpy knows: their byte view needs no reshape or reinterpreting view (a microsecond
+# each, on every small frame)
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32,
+                           torch.int16, torch.int8, torch.uint8, torch.bool})
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, also bfloat16/float8)."""
+    if t.dtype in _NUMPY_DTYPES and t.dim() == 1 and not t.requires_grad:
+        return memoryview(t.numpy()).cast("B")
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
@@ -215,27 +224,52 @@ class TcpTransport:
         self._read_loop(sock, src, inc)
 
     def _read_loop(self, sock: socket.socket, src: int, inc: int) -> None:
-        hbuf = bytearray(HEADER_SIZE)
-        hview = memoryview(hbuf)
+        """Read frames until the link ends. Reads go into one buffer, as much as the socket
+        holds: a small frame (header and payload) costs one system call, and frames that
+        arrived together cost one between them. Only a payload larger than what is buffered
+        is read on, straight into its destination."""
+        buf = bytearray(_RBUF)
+        view = memoryview(buf)
+        start = end = 0  # buffered, not yet consumed: buf[start:end]
         reason = "connection closed"
         try:
             while True:
-                if not recv_exact(sock, hview):
-                    break
-                self._last_heard[src] = time.monotonic()
-                header = Header.unpack(hbuf)
+                if end - start < HEADER_SIZE:
+                    if start:  # keep the partial header at the front
+                        view[:end - start] = view[start:end]
+                        start, end = 0, end - start
+                    while end < HEADER_SIZE:
+                        k = sock.recv_into(view[end:], _RBUF - end)
+                        if k == 0:
+                            if end:
+                                raise ConnectionError(
+                                    f"connection closed mid-frame ({end}/{HEADER_SIZE} bytes)")
+                            return self._link_ended(sock, src, inc, reason)
+                        end += k
+                    self._last_heard[src] = time.monotonic()
+                header = Header.unpack(view[start:start + HEADER_SIZE])
+                start += HEADER_SIZE
                 if header.src != src:
                     raise FramingError(f"link from rank {src} carried a frame from {header.src}")
                 if header.type == MsgType.HEARTBEAT:
                     continue
+                n = header.nbytes
                 payload = None
                 if self._buffer_for is not None and header.type == MsgType.COLL:
                     payload = self._buffer_for(header)
                 if payload is None:
-                    payload = torch.empty(header.nbytes, dtype=torch.uint8)
-                if header.nbytes and not recv_exact(sock, memoryview(payload.numpy())):
-                    raise ConnectionError("connection closed mid-frame")
-                self._last_heard[src] = time.monotonic()
+                    payload = torch.empty(n, dtype=torch.uint8)
+                if n:
+                    dest = memoryview(payload.numpy())
+                    have = min(n, end - start)
+                    if have:
+                        dest[:have] = view[start:start + have]
+                        start += have
+                    if have < n and not recv_exact(sock, dest[have:]):
+                        raise ConnectionError("connection closed mid-frame")
+                    if start == end:
+                        start = end = 0
+                    self._last_heard[src] = time.monotonic()
                 if header.type == MsgType.GOODBYE:
                     reason = "peer left the group"
                     break
@@ -246,6 +280,9 @@ class TcpTransport:
             log.exception("rank %d: handling a frame from rank %d failed; dropping the link",
                           self.rank, src)
             reason = f"reader error: {type(exc).__name__}: {exc}"
+        self._link_ended(sock, src, inc, reason)
+
+    def _link_ended(self, sock: socket.socket, src: int, inc: int, reason: str) -> None:
         with self._lock:
             current = self._in.get(src) is sock
             if current:
