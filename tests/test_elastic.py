@@ -62,6 +62,8 @@ def job_scenario3(rank: int, world: int, port: int) -> dict:
     out["after"] = _sum(float(rank))
     out["mask_after"] = elasticpg.get_active_ranks().tolist()
     out["world"] = dist.get_world_size()
+    out["shm_peers"] = _shm_peers()
+    dist.barrier()  # nobody leaves before every rank has read its lane
     return out
 
 
@@ -83,7 +85,27 @@ def _replacement(port: int) -> dict:
     out["active_after"] = time.time() - started
     out["after"] = _sum(1.0)
     out["mask_after"] = elasticpg.get_active_ranks().tolist()
+    out["shm_peers"] = _shm_peers()
+    dist.barrier()  # nobody leaves before every rank has read its lane
     return out
+
+
+def _shm_peers() -> list[int] | dict:
+    """The peers whose shared memory the next collective uses, if it takes the steady-state
+    lane; else what kept it off the lane (regions None: it would run on TCP).
+
+    Read before the final barrier: once a peer has left (the job is over for it), the lane
+    is gone by design. Measured after it, this check was intermittent (9fd8276, 7bcaab3):
+    its 'no lane' was the departure of a faster rank ('peer left the group'), not the join."""
+    from elasticpg.api import runtime_of
+
+    rt = runtime_of(None)
+    regions = rt.shm.regions_for(rt.view.active, 1.0)
+    lane = rt.lane()
+    if regions is not None and lane is not None:
+        return sorted(regions)
+    return {"regions": None if regions is None else sorted(regions), "dirty": rt.state.dirty,
+            "failed": dict(rt.state.failed), "epoch": rt.view.epoch}
 
 
 def _isolated_gather() -> list[float]:
@@ -99,6 +121,9 @@ def test_scenario3_deferred_join_of_a_replacement(pool):
     assert j["isolated"] == 1.0 and j["world"] == 4
     assert j["isolated_gather"] == [-1.0, 1.0, -1.0, -1.0]  # only its own slot
     assert j["after"] == 6.0 and j["mask_after"] == [1, 1, 1, 1]
+    # after the join every rank, the replacement included, serves over shared memory with all
+    # of its host peers on the steady-state lane: no pair fell back to TCP
+    assert j["shm_peers"] == [0, 2, 3], repr(j["shm_peers"])
     for r in (0, 2, 3):
         v = res[r].value
         assert v["first"] == 5.0 and v["mask"] == [1, 0, 1, 1], v
@@ -106,6 +131,7 @@ def test_scenario3_deferred_join_of_a_replacement(pool):
         assert v["status"] == "Applied" and v["epoch"] == 2, v
         assert v["after"] == 6.0 and v["mask_after"] == [1, 1, 1, 1], v
         assert v["seen_at"] >= j["join_called"], (v, j)
+        assert v["shm_peers"] == [p for p in range(4) if p != r], repr((r, v["shm_peers"]))
 
 
 def _admit_when_ready(joiner: int, group=None) -> str:
