@@ -235,8 +235,11 @@ def _post_result(sx: ShmOp, base: int, t: torch.Tensor, tb: torch.Tensor,
     ctx = sx.ctx
     nbytes = tb.numel()
     table = _table(ctx, status, digests)
+    # post copies the stream bytes of window k from [k * window, ...): shift our stream so
+    # that window base + j carries bytes [j * window, ...) of the result
+    segments = [(base * sx.window, tb)]
     for j in range(shm_algorithms._rounds(sx, nbytes)):
-        sx.post(base + j, [(0, tb)], nbytes, table if j == 0 else None)
+        sx.post(base + j, segments, nbytes, table if j == 0 else None)
         for p in ctx.peers:
             _await(sx, p, base + j)
 
