@@ -31,7 +31,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.hierarchy import HierPlan, reduces_hierarchically
+from ..core.hierarchy import (
+    FAILED,
+    INCLUDED,
+    MISSING,
+    HierPlan,
+    classify,
+    reduces_hierarchically,
+    result_rounds,
+    windows,
+)
 from ..core.reduction import Reduce, reduce_into
 from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
 from ..transport.mailbox import ViewLagError
@@ -46,7 +55,6 @@ log = logging.getLogger("elasticpg.hierarchical")
 # flat form from a rank on another view is never taken for one of these (see _recv)
 STEP_META, STEP_DATA = 16, 17
 FLAT_STEP = 0
-MISSING, INCLUDED, FAILED = 0, 1, 2  # what a table says of a participant
 
 
 @dataclass
@@ -99,7 +107,7 @@ def _allreduce(h: HierOp, t: torch.Tensor, op: Reduce) -> None:
     base = 0
     if sx is not None:
         shm_algorithms.allreduce(sx, t, op)
-        base = shm_algorithms._rounds(sx, tb.numel())
+        base = result_rounds(tb.numel(), sx.window).start
     status = {r: INCLUDED if r not in ctx.failed else
               FAILED if r not in ctx.lagged else MISSING for r in plan.mine}
     digests = {r: ctx.ready if r == ctx.me else ctx.heard_ready.get(r, 0) for r in plan.mine}
@@ -204,20 +212,19 @@ def _answer_flat_peers(ctx: OpContext, plan: HierPlan) -> None:
 
 def _adopt(ctx: OpContext, plan: HierPlan, status: dict[int, int],
            digests: dict[int, int]) -> None:
-    """Make the context say what the result covers: a participant not included is failed
-    (someone on the way saw it fail, or this process did) or missing (view lag: incomplete,
-    nobody excluded); included ones' readiness digests count as heard (runtime._agree_ready)."""
-    failed_here = ctx.link.mailbox.is_failed
-    for r in ctx.participants:
-        if r == ctx.me:
-            continue
-        s = status.get(r, MISSING)
-        if s == INCLUDED:
-            ctx.heard_ready[r] = digests[r]
-        elif s == FAILED or failed_here(r):
-            ctx.lagged.discard(r)
-            ctx.failed.add(r)
-        elif r not in ctx.failed:
+    """Make the context say what the result covers (core.hierarchy.classify): failed ones
+    named, missing ones skipped as view lag (incomplete, nobody excluded); included ones'
+    readiness digests count as heard (runtime._agree_ready)."""
+    mb = ctx.link.mailbox
+    included, failed, missing = classify(ctx.me, ctx.participants, status,
+                                         [r for r in ctx.participants if mb.is_failed(r)])
+    for r in included:
+        ctx.heard_ready[r] = digests[r]
+    for r in failed:
+        ctx.lagged.discard(r)
+        ctx.failed.add(r)
+    for r in missing:
+        if r not in ctx.failed:
             ctx.lagged.add(r)
             ctx.failed.add(r)
 
@@ -238,7 +245,7 @@ def _post_result(sx: ShmOp, base: int, t: torch.Tensor, tb: torch.Tensor,
     # post copies the stream bytes of window k from [k * window, ...): shift our stream so
     # that window base + j carries bytes [j * window, ...) of the result
     segments = [(base * sx.window, tb)]
-    for j in range(shm_algorithms._rounds(sx, nbytes)):
+    for j in range(windows(nbytes, sx.window)):
         sx.post(base + j, segments, nbytes, table if j == 0 else None)
         for p in ctx.peers:
             _await(sx, p, base + j)
@@ -252,7 +259,7 @@ def _take_result(ctx: OpContext, plan: HierPlan, sx: ShmOp | None, base: int,
     reported missing."""
     assert sx is not None  # a member shares its host with its leader
     leader, nbytes = plan.leader, tb.numel()
-    rounds = shm_algorithms._rounds(sx, nbytes)
+    rounds = windows(nbytes, sx.window)
     # several windows: assemble apart, so that a leader lost half-way leaves t whole
     dest = tb if rounds == 1 else byte_view(ctx.scratch(leader, t))
     status: dict[int, int] = {}

@@ -17,7 +17,7 @@ Rounds of a hierarchical all_reduce at rank r (host group G, leader L = min(G)):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .reduction import WIDENED, Reduce
@@ -86,3 +86,43 @@ def reduces_hierarchically(op: Reduce, dtype: object) -> bool:
     averages), nor dtypes the flat form reduces in a wider type in one pass (float16,
     bfloat16, float8: a per-host partial would be rounded back first)."""
     return op != Reduce.AVG and dtype not in WIDENED
+
+
+MISSING, INCLUDED, FAILED = 0, 1, 2  # what a coverage table says of a participant
+
+
+def windows(nbytes: int, window: int) -> int:
+    """Shared-memory rounds that `nbytes` take in windows of `window` bytes (at least one)."""
+    return max(1, -(-nbytes // window))
+
+
+def result_rounds(nbytes: int, window: int) -> range:
+    """The round numbers of step 3 (the leader's result to its members): right after the
+    one-host all_reduce's rounds 0 .. windows - 1, which step 1 runs unchanged, so the
+    multi-host form is the one-host form plus later rounds (a prefix-compatible superset)."""
+    n = windows(nbytes, window)
+    return range(n, 2 * n)
+
+
+def classify(me: int, participants: Sequence[int], table: Mapping[int, int],
+             seen_failed: Iterable[int] = ()) -> tuple[set[int], set[int], set[int]]:
+    """(included, failed, missing) of the other participants for a result whose coverage
+    table is `table` (participant -> MISSING / INCLUDED / FAILED; absent: MISSING).
+
+    Failed: someone on the way saw it fail, or this process did (`seen_failed`): named in the
+    failed-ranks hint, excluded in mode (a). Missing: no news of it (its leader, or ours, is
+    gone or on another form): the result is incomplete, but it is not called failed, so no
+    healthy host is excluded (README, "Across hosts", constraint 2)."""
+    seen = set(seen_failed)
+    included, failed, missing = set(), set(), set()
+    for r in participants:
+        if r == me:
+            continue
+        s = table.get(r, MISSING)
+        if s == INCLUDED:
+            included.add(r)
+        elif s == FAILED or r in seen:
+            failed.add(r)
+        else:
+            missing.add(r)
+    return included, failed, missing
