@@ -70,9 +70,13 @@ def host_groups(participants: Sequence[int],
 
 def plan(me: int, participants: Sequence[int], hosts: Mapping[int, str]) -> HierPlan | None:
     """The hierarchical plan for `me`, or None where the flat forms run: every participant on
-    one host (shared memory), or one participant per host (TCP between all, nothing to gain)."""
+    one host (shared memory), one participant per host (TCP between all, nothing to gain), or
+    a participant without a host id (ELASTICPG_TRANSPORT=tcp opts its collectives out of shared
+    memory altogether)."""
     if me not in participants:
         raise ValueError(f"rank {me} is not in {list(participants)}")
+    if not all(hosts.get(r) for r in participants):
+        return None
     groups = host_groups(participants, hosts)
     if len(groups) < 2 or all(len(g) == 1 for g in groups):
         return None

@@ -27,8 +27,9 @@ from elasticpg.core.reduction import WIDENED, Reduce
 def _check(participants: tuple[int, ...], hosts: dict[int, str]) -> None:
     plans = {me: plan(me, participants, hosts) for me in participants}
     distinct_hosts = {hosts.get(r) or f"tcp{r}" for r in participants}
-    flat = len(distinct_hosts) == 1 or len(distinct_hosts) == len(participants)
-    if flat:  # one host (shared memory) or one rank per host (TCP): the flat forms
+    flat = len(distinct_hosts) == 1 or len(distinct_hosts) == len(participants) or \
+        not all(hosts.get(r) for r in participants)
+    if flat:  # one host (shared memory), one rank per host (TCP) or a TCP opt-out: flat
         assert all(p is None for p in plans.values())
         return
     groups = plans[participants[0]].groups
@@ -79,9 +80,10 @@ def test_a_rank_outside_the_participants_is_refused():
 def test_host_groups_examples():
     hosts = {0: "a", 1: "b", 2: "a", 3: "b", 4: ""}
     assert host_groups((0, 1, 2, 3, 4), hosts) == ((0, 2), (1, 3), (4,))
-    p = plan(3, (0, 1, 2, 3, 4), hosts)
+    assert plan(3, (0, 1, 2, 3, 4), hosts) is None  # rank 4 opted out of shared memory
+    p = plan(3, (0, 1, 2, 3), hosts)
     assert p is not None and p.mine == (1, 3) and p.leader == 1 and not p.is_leader
-    assert plan(1, (0, 1, 2, 3, 4), hosts).remote_leaders == (0, 4)
+    assert plan(1, (0, 1, 2, 3), hosts).remote_leaders == (0,)
 
 
 @given(st.integers(0, 1 << 30), st.integers(1, 1 << 24))
