@@ -72,6 +72,7 @@ from ..collectives import algorithms, shm_algorithms
 from ..collectives.context import OpContext, OpSpec
 from ..collectives.shm_exchange import ShmOp
 from ..control.group_store import GroupStore
+from ..core import hierarchy
 from ..core.dtypes import ITEMSIZE_BY_CODE, dtype_code
 from ..core.framing import Header, MsgType, OpKind, pack_join, pack_slots, unpack_join, unpack_slots
 from ..core.group_state import (
@@ -83,6 +84,7 @@ from ..core.group_state import (
     JoinAttempt,
     Phase,
 )
+from ..core.hierarchy import HierPlan
 from ..core.membership import ExecMode, View
 from ..core.reduction import Reduce
 from ..errors import (
@@ -173,6 +175,9 @@ class GroupRuntime:
         self._linked_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
         self._newest_inc: dict[int, int] = {}  # the newest process seen in each slot
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}  # see scratch
+        # hierarchical collectives across hosts (see hier_plan); set alike on every rank
+        self.hierarchical = os.environ.get("ELASTICPG_HIERARCHICAL", "1") != "0"
+        self._hier: tuple[tuple[int, tuple[int, ...]], HierPlan | None] | None = None
         initial = View.initial(self.slots, range(world_size))
         self.views = ViewKeeper(self.control, rank, initial, on_applied=self._view_applied,
                                 announce=self._announce_view, on_decided=self._view_decided)
@@ -671,6 +676,19 @@ class GroupRuntime:
             return region is not None and region.newest_seq() >= seq
 
         return posted
+
+    def hier_plan(self, participants: tuple[int, ...]) -> HierPlan | None:
+        """The hierarchical plan of a collective over `participants` (core.hierarchy), or
+        None for the flat forms: a function of the view and the published host ids only, so
+        every participant picks alike. Kept for the current view (a slot's host may change
+        with a replacement, and with it the view)."""
+        if not self.hierarchical:
+            return None
+        key = (self.view.epoch, participants)
+        if self._hier is None or self._hier[0] != key:
+            hosts = {p: self.shm.host_of(p, self.timeout) for p in participants}
+            self._hier = (key, hierarchy.plan(self.rank, participants, hosts))
+        return self._hier[1]
 
     def scratch(self, peer: int, seq: int, nbytes: int) -> torch.Tensor:
         """A receive buffer for `peer`'s frame in collective `seq`, kept for the next calls of

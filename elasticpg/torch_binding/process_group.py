@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..collectives import algorithms as alg
+from ..collectives import hierarchical as hier
 from ..collectives import shm_algorithms as shm_alg
 from ..collectives.context import OpContext, OpSpec
 from ..core.dtypes import SUPPORTED_DTYPES, dtype_code, dtype_name
@@ -253,7 +254,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         t = st.host(_one(tensors, "allreduce"), "tensor", output=True)
         op = self._redop(opts, t.dtype)
         spec = OpSpec(OpKind.ALLREDUCE, dtype_code(t.dtype), t.numel(), -1, op)
-        return self._collective(spec, st, [t], _either(shm_alg.allreduce, alg.allreduce, t, op))
+        return self._collective(spec, st, [t], _either(shm_alg.allreduce, hier.allreduce, t, op))
 
     def allreduce_coalesced(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.AllreduceCoalescedOptions()

@@ -32,7 +32,7 @@ class Cluster:
     pool: NodePool
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
     why = unavailable()
     if why:
