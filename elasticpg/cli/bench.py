@@ -491,7 +491,7 @@ def _netns_job(rank: int, world: int, port: int, cfg: dict[str, Any]) -> None:
 def _run_over_netns(cfg: dict[str, Any], ranks: int, timeout: float) -> int:
     """Every rank in a network namespace of its own ("hosts" joined by veth links to a
     bridge): both backends cross real links. Needs root and `ip` (elasticpg.netns)."""
-    from elasticpg.netns.nodes import NodePool
+    from elasticpg.netns.nodes import run_once
     from elasticpg.netns.topology import SWITCH_ADDR, Topology, unavailable
 
     why = unavailable()
@@ -499,24 +499,13 @@ def _run_over_netns(cfg: dict[str, Any], ranks: int, timeout: float) -> int:
         print(f"elasticpg-bench: --netns: {why}", file=sys.stderr)
         return 2
     topo = Topology(f"epgbench-{os.getpid()}", hosts=ranks)
-    pool = None
-    try:
-        topo.create()
-        pool = NodePool(topo, range(ranks), output=sys.stdout.fileno())
-        from elasticpg.cli import bench as this  # picklable by name, also under `python -m`
+    from elasticpg.cli import bench as this  # picklable by name, also under `python -m`
 
-        pool.run(this._netns_job, {**cfg, "netns": True, "store_host": SWITCH_ADDR,
-                              "gloo_ifname": "eth0"},
-                 nodes=list(range(ranks)), timeout=timeout)
-    except AssertionError as exc:  # a rank failed: NodePool.run says which and why
-        print(f"elasticpg-bench: FAILED:\n{exc}", file=sys.stderr, flush=True)
+    res = run_once(topo, range(ranks), this._netns_job,
+                   {**cfg, "netns": True, "store_host": SWITCH_ADDR, "gloo_ifname": "eth0"},
+                   timeout=timeout, prog="elasticpg-bench")
+    if res is None:
         return 1
-    finally:
-        if pool is not None:
-            pool.close()
-        left = topo.remove()
-        if left:
-            print(f"elasticpg-bench: could not remove namespaces: {left}", file=sys.stderr)
     return 0
 
 

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print("elasticpg hier-bench: need --hosts >= 2, --ranks-per-host >= 1, --factor >= 2, "
               "--min-bytes >= 4", file=sys.stderr)
         return 2
-    from elasticpg.netns.nodes import NodePool
+    from elasticpg.netns.nodes import run_once
     from elasticpg.netns.topology import Topology, unavailable
 
     why = unavailable()
@@ -148,29 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"sizes": size_list(args.min_bytes, args.max_bytes, args.factor),
            "target_seconds": args.target_seconds, "rounds": args.rounds,
            "max_iters": args.max_iters, "seed": args.seed, "timeout": args.timeout}
-    world = args.hosts * args.ranks_per_host
     placement = [h for h in range(args.hosts) for _ in range(args.ranks_per_host)]
     topo = Topology(f"epghier-{os.getpid()}", hosts=args.hosts)
-    pool = None
     print(f"# all_reduce float32 SUM, {args.hosts} hosts (network namespaces) x "
           f"{args.ranks_per_host} ranks, {os.cpu_count()} cores; ratio < 1: first is faster\n"
           + HEADER, flush=True)
-    try:
-        topo.create()
-        pool = NodePool(topo, placement, output=sys.stdout.fileno())
-        from elasticpg.cli import hierbench as this  # picklable by name, also under -m
+    from elasticpg.cli import hierbench as this  # picklable by name, also under -m
 
-        res = pool.run(this._job, cfg, nodes=list(range(world)),
-                       timeout=600 + 20 * len(cfg["sizes"]) * args.target_seconds * 3)
-    except AssertionError as exc:  # a rank failed: NodePool.run says which and why
-        print(f"elasticpg hier-bench: FAILED:\n{exc}", file=sys.stderr, flush=True)
+    res = run_once(topo, placement, this._job, cfg, prog="elasticpg hier-bench",
+                   timeout=600 + 20 * len(cfg["sizes"]) * args.target_seconds * 3)
+    if res is None:
         return 1
-    finally:
-        if pool is not None:
-            pool.close()
-        left = topo.remove()
-        if left:
-            print(f"elasticpg hier-bench: could not remove namespaces: {left}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"hosts": args.hosts, "ranks_per_host": args.ranks_per_host,

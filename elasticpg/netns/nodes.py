@@ -286,3 +286,24 @@ class NodePool:
 
 def _readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], max(0.0, timeout))[0])
+
+
+def run_once(topo: Topology, placement: Sequence[int], fn: Callable, *args: Any,
+             timeout: float, prog: str) -> Any | None:
+    """Build `topo`, run one job on a node per entry of `placement` (its host), tear it all
+    down: the benchmarks' whole life in namespaces. Returns the job's results, or None after
+    saying on stderr which rank failed and why (or which namespaces outlived the run)."""
+    pool = None
+    try:
+        topo.create()
+        pool = NodePool(topo, placement, output=sys.stdout.fileno())
+        return pool.run(fn, *args, nodes=list(range(len(placement))), timeout=timeout)
+    except AssertionError as exc:  # a rank failed: NodePool.run says which and why
+        print(f"{prog}: FAILED:\n{exc}", file=sys.stderr, flush=True)
+        return None
+    finally:
+        if pool is not None:
+            pool.close()
+        left = topo.remove()
+        if left:
+            print(f"{prog}: could not remove namespaces: {left}", file=sys.stderr)
