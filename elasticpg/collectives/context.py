@@ -128,9 +128,11 @@ class OpContext:
             .view(like.dtype)
 
     def recv(self, peer: int, step: int, dtype: torch.dtype, numel: int,
-             msg_numel: int | None = None) -> torch.Tensor | None:
+             msg_numel: int | None = None,
+             probe: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """The tensor `peer` sent for this step, or None if the peer failed first
-        (`numel` < 0: whatever size it sent).
+        (`numel` < 0: whatever size it sent). `probe` (default: the peer's shared memory
+        moved on) says the peer runs another form of this op: the wait ends as view lag.
 
         Raises CollectiveMismatchError (after telling the other participants) when the frame
         belongs to a different call: other op, dtype, count, root or reduce op. A peer already
@@ -141,7 +143,8 @@ class OpContext:
         try:
             header, payload = self.link.mailbox.take_coll(
                 peer, self.seq, step, self.deadline, vet=self._vet,
-                probe=self.link.shm_probe(peer, self.seq, self.epoch))
+                probe=probe if probe is not None else
+                self.link.shm_probe(peer, self.seq, self.epoch))
         except PeerFailedError:
             self.failed.add(peer)
             return None

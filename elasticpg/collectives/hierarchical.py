@@ -42,8 +42,7 @@ from ..core.hierarchy import (
     windows,
 )
 from ..core.reduction import Reduce, reduce_into
-from ..errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
-from ..transport.mailbox import ViewLagError
+from ..errors import CollectiveMismatchError
 from ..transport.shm import TOK, Region
 from . import algorithms, shm_algorithms
 from .context import OpContext
@@ -166,35 +165,9 @@ def _recv(ctx: OpContext, peer: int, step: int, dtype: torch.dtype,
           numel: int) -> torch.Tensor | None:
     """ctx.recv for a leader's frame, that also ends (as view lag) when `peer` runs the flat
     form of this collective (its step-0 frame is here): its frames for us will never come."""
-    if peer in ctx.failed:
-        return None
-    mb = ctx.link.mailbox
-    coll = mb._coll  # read-only membership test, as the shared-memory side does (shm_exchange)
+    coll = ctx.link.mailbox._coll  # read-only membership test, as shm_exchange does
     flat_key = (peer, ctx.seq, FLAT_STEP)
-    try:
-        header, payload = mb.take_coll(peer, ctx.seq, step, ctx.deadline, vet=ctx._vet,
-                                       probe=lambda: flat_key in coll)
-    except PeerFailedError:
-        ctx.failed.add(peer)
-        return None
-    except ViewLagError:
-        ctx.lagged.add(peer)
-        ctx.failed.add(peer)
-        return None
-    except OperationTimeoutError:
-        if not ctx.give_up_on_timeout:
-            raise
-        ctx.timed_out.add(peer)
-        ctx.failed.add(peer)
-        return None
-    except CollectiveMismatchError as exc:
-        ctx._mismatch(str(exc))
-    problem = ctx._compare(header, ctx.spec.numel, numel * dtype.itemsize)
-    if problem:
-        if ctx.lag(peer, header.epoch):
-            return None
-        ctx._mismatch(problem)
-    return payload.view(dtype) if numel else payload[:0].view(dtype)
+    return ctx.recv(peer, step, dtype, numel, probe=lambda: flat_key in coll)
 
 
 def _answer_flat_peers(ctx: OpContext, plan: HierPlan) -> None:
