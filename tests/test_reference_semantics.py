@@ -39,9 +39,15 @@ def _store(port: int) -> dist.Store:
 
 def job_p2p_lost_peer(rank: int, world: int, port: int) -> dict:
     init_group(rank, world, port, pg_options=_opts())
+    store = _store(port)
+    if rank == 1:
+        store.set("pid", str(os.getpid()))
     dist.barrier()
     if rank == 1:
         os._exit(0)
+    # a live process acknowledges what reaches it: until rank 1 has exited, its reader could
+    # still take (and ack) the send below, which is right by contract, not what this tests
+    _wait_gone(int(store.get("pid")))
     other = 2 - rank  # the other survivor: 0 <-> 2
     ops, peers = [], []
     for peer in (1, other):
