@@ -1,7 +1,8 @@
-"""Hierarchical all_reduce for participants on several hosts with several ranks on some:
-shared memory inside each host, TCP between the host leaders only (plan: core/hierarchy.py).
+"""Hierarchical collectives for participants on several hosts with several ranks on some:
+shared memory inside each host, TCP between hosts only (plans: core/hierarchy.py). all_reduce,
+broadcast and all_gather have hierarchical forms, where core.hierarchy.pays says they pay.
 
-Rounds at a rank of host group G with leader L:
+all_reduce, at a rank of host group G with leader L:
 
 1. the one-host shared-memory all_reduce over G, unchanged (same tokens, same descriptor),
    so every rank of G holds the host's partial result. A rank that already applied a one-host
@@ -14,19 +15,27 @@ Rounds at a rank of host group G with leader L:
    member posts an empty window in the same rounds (the full exchange that makes buffer reuse
    safe) and copies the result.
 
+all_gather runs the same three steps with blocks instead of partials: (1) the one-host
+all_gather over G; (2) L sends every other leader the blocks of G it holds whole, one frame
+each, after the table; (3) L posts the remote ranks' blocks, the members copy those the table
+says arrived. broadcast from root R: R sends its tensor to every other host's leader over TCP
+(the flat form's frame), then each host runs the one-host broadcast from its source (R, or the
+leader, which posts with the table a word on whether R's tensor came).
+
 The exclusion rule, through partial results: a result covers exactly the ranks its table says
 were included, every one of them received whole by someone on the way. A member hears remote
-ranks only through L: if L fails or runs another form, the member keeps its host's partial and
-reports the remote ranks as missing (local_success False, view lag: nobody excluded; constraint
-2), except those that L reported, or this process itself saw, failed. A rank that waits in
-shared memory for a peer that already posted a later collective stops waiting: that peer runs
-another form (another view), which is lag too.
+ranks only through L: if L fails or runs another form, the member keeps what its host has
+(the host's partial or blocks; for broadcast nothing) and reports the remote ranks as missing
+(local_success False, view lag: nobody excluded; constraint 2), except those that L reported,
+or this process itself saw, failed. A rank that waits in shared memory for a peer that already
+posted a later collective stops waiting: that peer runs another form (another view), which is
+lag too.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +45,10 @@ from ..core.hierarchy import (
     INCLUDED,
     MISSING,
     HierPlan,
+    broadcast_targets,
     classify,
     reduces_hierarchically,
+    remote_ranks,
     result_rounds,
     windows,
 )
@@ -50,10 +61,13 @@ from .shm_exchange import ShmOp, byte_view
 
 log = logging.getLogger("elasticpg.hierarchical")
 
-# TCP steps of the leaders' exchange: apart from the flat forms' (0..4), so a frame of the
-# flat form from a rank on another view is never taken for one of these (see _recv)
-STEP_META, STEP_DATA = 16, 17
+# TCP steps of the leaders' exchange: far from the flat forms' (0..4, and 2 + 2k for the
+# chunks of a split all_reduce), so a frame of the flat form from a rank on another view is
+# never taken for one of these (see _recv). all_gather's blocks: STEP_DATA + position in host.
+STEP_META, STEP_DATA = 1 << 20, (1 << 20) + 1
 FLAT_STEP = 0
+
+Status = dict[int, int]  # participant -> MISSING / INCLUDED / FAILED (core.hierarchy)
 
 
 @dataclass
@@ -66,9 +80,10 @@ class HierOp:
     sx: ShmOp | None
 
 
-def hier_op(ctx: OpContext) -> HierOp | None:
-    """The hierarchical form of `ctx`'s collective, or None where the flat ones run."""
-    plan = ctx.link.hier_plan(ctx.participants)
+def hier_op(ctx: OpContext, nbytes: int) -> HierOp | None:
+    """The hierarchical form of `ctx`'s collective (`nbytes` per rank), or None where the
+    flat ones run."""
+    plan = ctx.link.hier_plan(ctx.participants, ctx.spec.kind, nbytes)
     if plan is None:
         return None
     sx = None
@@ -85,48 +100,178 @@ def hier_op(ctx: OpContext) -> HierOp | None:
     return HierOp(ctx, plan, sx)
 
 
+def _guarded(h: HierOp, body: Callable[..., None], *args) -> None:
+    try:
+        body(h, *args)
+    except CollectiveMismatchError as exc:
+        # the host group's ShmOp told only its own ranks: tell the other hosts too
+        h.ctx.link.report_mismatch(h.ctx.seq, [p for p in h.ctx.participants
+                                               if p not in h.plan.mine], str(exc))
+        raise
+
+
 def allreduce(ctx: OpContext, t: torch.Tensor, op: Reduce) -> None:
     """The TCP-side all_reduce: hierarchical where the plan says so, else the flat one."""
-    h = hier_op(ctx) if reduces_hierarchically(op, t.dtype) else None
+    h = hier_op(ctx, t.numel() * t.element_size()) \
+        if reduces_hierarchically(op, t.dtype) else None
     if h is None:
         algorithms.allreduce(ctx, t, op)
         return
-    try:
-        _allreduce(h, t, op)
-    except CollectiveMismatchError as exc:
-        # the host group's ShmOp told only its own ranks: tell the other hosts too
-        ctx.link.report_mismatch(ctx.seq, [p for p in ctx.participants if p not in h.plan.mine],
-                                 str(exc))
-        raise
+    _guarded(h, _allreduce, t, op)
+
+
+def broadcast(ctx: OpContext, t: torch.Tensor, root: int) -> None:
+    """The TCP-side broadcast: hierarchical where the plan says so, else the flat one."""
+    h = hier_op(ctx, t.numel() * t.element_size())
+    if h is None:
+        algorithms.broadcast(ctx, t, root)
+        return
+    _guarded(h, _broadcast, t, root)
+
+
+def allgather(ctx: OpContext, outs: Sequence[torch.Tensor], t: torch.Tensor,
+              slot_of: Sequence[int]) -> None:
+    """The TCP-side all_gather (list and into-tensor forms): hierarchical where the plan says
+    so, else the flat one."""
+    h = hier_op(ctx, t.numel() * t.element_size())
+    if h is None:
+        algorithms.allgather(ctx, outs, t, slot_of)
+        return
+    _guarded(h, _allgather, outs, t, slot_of)
+
+
+def _local_status(ctx: OpContext, plan: HierPlan) -> tuple[Status, dict[int, int]]:
+    """What step 1 left: the host's ranks included, seen failed or missing (lag), and their
+    readiness digests."""
+    status = {r: INCLUDED if r not in ctx.failed else
+              FAILED if r not in ctx.lagged else MISSING for r in plan.mine}
+    digests = {r: ctx.ready if r == ctx.me else ctx.heard_ready.get(r, 0) for r in plan.mine}
+    return status, digests
 
 
 def _allreduce(h: HierOp, t: torch.Tensor, op: Reduce) -> None:
     ctx, plan, sx = h.ctx, h.plan, h.sx
     tb = byte_view(t)
+    nbytes = tb.numel()
     base = 0
     if sx is not None:
         shm_algorithms.allreduce(sx, t, op)
-        base = result_rounds(tb.numel(), sx.window).start
-    status = {r: INCLUDED if r not in ctx.failed else
-              FAILED if r not in ctx.lagged else MISSING for r in plan.mine}
-    digests = {r: ctx.ready if r == ctx.me else ctx.heard_ready.get(r, 0) for r in plan.mine}
+        base = result_rounds(nbytes, sx.window).start
+    status, digests = _local_status(ctx, plan)
     if plan.is_leader:
         _leaders_exchange(ctx, plan, t, op, status, digests)
         _answer_flat_peers(ctx, plan)
         if sx is not None:
-            _post_result(sx, base, t, tb, status, digests)
+            _post_stream(sx, base, [(0, tb)], nbytes, _table(ctx, status, digests))
+        return
+    assert sx is not None  # a member shares its host with its leader
+    # several windows: assemble apart, so that a leader lost half-way leaves t whole
+    dest = tb if windows(nbytes, sx.window) == 1 else byte_view(ctx.scratch(plan.leader, t))
+    got = _take_stream(ctx, sx, plan.leader, base, nbytes, lambda _s: [(0, dest)])
+    _answer_flat_peers(ctx, plan)
+    if got is None:
+        # the host's partial stays: locals as step 1 left them, remote ranks missing (or
+        # failed, where this process saw it)
+        _adopt(ctx, status, digests)
+        return
+    if dest.data_ptr() != tb.data_ptr():
+        tb.copy_(dest)
+    _adopt(ctx, *got)
+
+
+def _broadcast(h: HierOp, t: torch.Tensor, root: int) -> None:
+    """The root's tensor to the other hosts' leaders over TCP, then inside every host from its
+    source (core.hierarchy.broadcast_source) over shared memory."""
+    ctx, plan, sx = h.ctx, h.plan, h.sx
+    if root in plan.mine:  # the root's host: the one-host form (root first to the others)
+        for p in broadcast_targets(plan, root):
+            ctx.send(p, FLAT_STEP, t)
+        if sx is not None:
+            shm_algorithms.broadcast(sx, t, root)
+        return
+    tb = byte_view(t)
+    nbytes = tb.numel()
+    if plan.is_leader:
+        ctx.expect(root, FLAT_STEP, t)
+        x = _recv(ctx, root, FLAT_STEP, t.dtype, t.numel(), flat=False)
+        if x is not None:
+            algorithms._into(t, x)
+        if sx is not None:
+            came = INCLUDED if x is not None else FAILED if root in ctx.failed_peers else MISSING
+            table = _table(ctx, {root: came}, {root: ctx.heard_ready.get(root, 0)})
+            _post_stream(sx, 0, [(0, tb)] if x is not None else [], nbytes, table)
+        return
+    assert sx is not None
+    got = _take_stream(ctx, sx, plan.leader, 0, nbytes,
+                       lambda st: [(0, tb)] if st.get(root) == INCLUDED else [])
+    _adopt(ctx, *(got or ({}, {})), among=(root,))
+
+
+def _allgather(h: HierOp, outs: Sequence[torch.Tensor], t: torch.Tensor,
+               slot_of: Sequence[int]) -> None:
+    ctx, plan, sx = h.ctx, h.plan, h.sx
+    idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    blk = t.numel() * t.element_size()
+    base = 0
+    if sx is not None:
+        shm_algorithms.allgather(sx, outs, t, [idx[r] for r in plan.mine])
+        base = result_rounds(blk, sx.window).start
     else:
-        _take_result(ctx, plan, sx, base, t, tb, status, digests)
+        outs[idx[ctx.me]].reshape(-1).copy_(t.reshape(-1))
+    status, digests = _local_status(ctx, plan)
+    remote = remote_ranks(plan)
+
+    def blocks(st: Status) -> list[tuple[int, torch.Tensor]]:
+        """(offset in the step-3 stream, bytes) of the remote blocks that `st` includes."""
+        return [(j * blk, byte_view(outs[idx[r]])) for j, r in enumerate(remote)
+                if st.get(r) == INCLUDED]
+
+    if plan.is_leader:
+        _leaders_gather(ctx, plan, outs, idx, t, status, digests)
         _answer_flat_peers(ctx, plan)
+        if sx is not None:
+            _post_stream(sx, base, blocks(status), len(remote) * blk,
+                         _table(ctx, status, digests))
+        return
+    assert sx is not None
+    got = _take_stream(ctx, sx, plan.leader, base, len(remote) * blk, blocks)
+    _answer_flat_peers(ctx, plan)
+    _adopt(ctx, *(got or (status, digests)))
+
+
+def _meta(plan: HierPlan, status: Status, digests: dict[int, int]) -> torch.Tensor:
+    """A leader's table for the other leaders: (rank, status, digest) per rank of its host."""
+    return torch.tensor([x for r in plan.mine for x in (r, status[r], digests[r])],
+                        dtype=torch.int64)
+
+
+def _seen_failed(ctx: OpContext, r: int) -> int:
+    return FAILED if r in ctx.failed_peers or ctx.link.mailbox.is_failed(r) else MISSING
+
+
+def _their_rows(ctx: OpContext, plan: HierPlan, p: int,
+                status: Status) -> list[list[int]] | None:
+    """Leader p's table, or None (its host's ranks then failed or missing in `status`)."""
+    group = plan.group_of(p)
+    m = _recv(ctx, p, STEP_META, torch.int64, 3 * len(group))
+    rows = m.view(-1, 3).tolist() if m is not None else None
+    if rows is not None and [r for r, _s, _d in rows] != list(group):
+        ctx.lagged.add(p)  # it runs another view's plan
+        ctx.failed.add(p)
+        rows = None
+    if rows is None:
+        for r in group:
+            status[r] = _seen_failed(ctx, r)
+    return rows
 
 
 def _leaders_exchange(ctx: OpContext, plan: HierPlan, t: torch.Tensor, op: Reduce,
-                      status: dict[int, int], digests: dict[int, int]) -> None:
-    """Step 2 (at a leader): partials and tables to and from the other leaders; t becomes
-    the combination of every partial received whole; status/digests gain the remote ranks."""
+                      status: Status, digests: dict[int, int]) -> None:
+    """Step 2 of all_reduce (at a leader): partials and tables to and from the other leaders;
+    t becomes the combination of every partial received whole; status/digests gain the
+    remote ranks."""
     remote = plan.remote_leaders
-    meta = torch.tensor([x for r in plan.mine for x in (r, status[r], digests[r])],
-                        dtype=torch.int64)
+    meta = _meta(plan, status, digests)
     for p in remote:
         ctx.expect(p, STEP_DATA, ctx.scratch(p, t))
     for p in remote:
@@ -134,18 +279,11 @@ def _leaders_exchange(ctx: OpContext, plan: HierPlan, t: torch.Tensor, op: Reduc
             ctx.send(p, STEP_DATA, t)
     parts = {ctx.me: t}
     for p in remote:
-        group = plan.group_of(p)
-        m = _recv(ctx, p, STEP_META, torch.int64, 3 * len(group))
-        x = _recv(ctx, p, STEP_DATA, t.dtype, t.numel()) if m is not None else None
+        rows = _their_rows(ctx, plan, p, status)
+        x = _recv(ctx, p, STEP_DATA, t.dtype, t.numel()) if rows is not None else None
         if x is None:
-            for r in group:
-                status[r] = FAILED if r in ctx.failed_peers or ctx.link.mailbox.is_failed(r) \
-                    else MISSING
-            continue
-        rows = m.view(-1, 3).tolist()
-        if sorted(r for r, _s, _d in rows) != list(group):  # it runs another view's plan
-            ctx.lagged.add(p)
-            ctx.failed.add(p)
+            for r in plan.group_of(p):
+                status[r] = _seen_failed(ctx, r)
             continue
         for r, s, d in rows:
             status[r], digests[r] = s, d
@@ -158,39 +296,81 @@ def _leaders_exchange(ctx: OpContext, plan: HierPlan, t: torch.Tensor, op: Reduc
             acc = order[0].reshape(-1)
             reduce_into(acc, order, op)
             t.reshape(-1).copy_(acc)
-    _adopt(ctx, plan, status, digests)
+    _adopt(ctx, status, digests)
 
 
-def _recv(ctx: OpContext, peer: int, step: int, dtype: torch.dtype,
-          numel: int) -> torch.Tensor | None:
-    """ctx.recv for a leader's frame, that also ends (as view lag) when `peer` runs the flat
-    form of this collective (its step-0 frame is here): its frames for us will never come."""
-    coll = ctx.link.mailbox._coll  # read-only membership test, as shm_exchange does
+def _leaders_gather(ctx: OpContext, plan: HierPlan, outs: Sequence[torch.Tensor],
+                    idx: dict[int, int], t: torch.Tensor, status: Status,
+                    digests: dict[int, int]) -> None:
+    """Step 2 of all_gather (at a leader): the table, then every block of this host held
+    whole, to every other leader; their blocks into `outs`, each counted iff it came whole
+    (a leader lost half-way leaves the blocks it sent before)."""
+    remote = plan.remote_leaders
+    meta = _meta(plan, status, digests)
+    for p in remote:
+        for j, r in enumerate(plan.group_of(p)):
+            if outs[idx[r]].is_contiguous():
+                ctx.expect(p, STEP_DATA + j, outs[idx[r]])
+    for p in remote:
+        if ctx.send(p, STEP_META, meta):
+            for j, r in enumerate(plan.mine):
+                if status[r] == INCLUDED and not ctx.send(p, STEP_DATA + j, outs[idx[r]]):
+                    break
+    for p in remote:
+        rows = _their_rows(ctx, plan, p, status)
+        for j, (r, s, d) in enumerate(rows or ()):
+            if s == INCLUDED:
+                x = _recv(ctx, p, STEP_DATA + j, t.dtype, t.numel())
+                if x is None:
+                    s = _seen_failed(ctx, r)
+                else:
+                    algorithms._into(outs[idx[r]], x)
+            status[r], digests[r] = s, d
+    _adopt(ctx, status, digests)
+
+
+def _recv(ctx: OpContext, peer: int, step: int, dtype: torch.dtype, numel: int,
+          flat: bool = True) -> torch.Tensor | None:
+    """ctx.recv for a frame of a hierarchical form, that also ends (as view lag) when `peer`
+    runs another form of this collective (another view's plan): its flat step-0 frame is here
+    (`flat`), or it already sent us a frame of a later collective. Frames of one link arrive
+    in order, so then all it sent us for this one is here, and the frame awaited never comes."""
+    mb = ctx.link.mailbox
+    coll = mb._coll  # read-only membership test, as shm_exchange does
     flat_key = (peer, ctx.seq, FLAT_STEP)
-    return ctx.recv(peer, step, dtype, numel, probe=lambda: flat_key in coll)
+    later = ctx.seq + 1
+    return ctx.recv(peer, step, dtype, numel,
+                    probe=lambda: (flat and flat_key in coll) or mb.has_coll_from(peer, later))
 
 
 def _answer_flat_peers(ctx: OpContext, plan: HierPlan) -> None:
-    """A remote rank that runs the flat form (it applied a view where that is the plan)
-    waits for our step-0 frame: send it an empty one, which it takes as view lag (another
-    epoch, another size) instead of waiting until the timeout. We skip it as lag too."""
+    """A remote rank that runs another form (it applied a view where that is the plan) may
+    wait for a frame of ours: the flat form's step-0 frame, or (a leader in its plan that is
+    none in ours) our table. Send it an empty one, which it takes as view lag (another epoch,
+    another size) instead of waiting until the timeout. We skip it as lag too."""
     coll = ctx.link.mailbox._coll
+    leaders = plan.remote_leaders if plan.is_leader else ()
     for p in ctx.participants:
-        if p not in plan.mine and (p, ctx.seq, FLAT_STEP) in coll:
-            ctx.send(p, FLAT_STEP)
-            if p not in ctx.failed:
-                ctx.lagged.add(p)
-                ctx.failed.add(p)
+        if p in plan.mine:
+            continue
+        for step in (FLAT_STEP, STEP_META):
+            if (p, ctx.seq, step) in coll and (step == FLAT_STEP or p not in leaders):
+                ctx.send(p, step)
+                if p not in ctx.failed:
+                    ctx.lagged.add(p)
+                    ctx.failed.add(p)
 
 
-def _adopt(ctx: OpContext, plan: HierPlan, status: dict[int, int],
-           digests: dict[int, int]) -> None:
-    """Make the context say what the result covers (core.hierarchy.classify): failed ones
-    named, missing ones skipped as view lag (incomplete, nobody excluded); included ones'
-    readiness digests count as heard (runtime._agree_ready)."""
+def _adopt(ctx: OpContext, status: Status, digests: dict[int, int],
+           among: Sequence[int] | None = None) -> None:
+    """Make the context say what the result covers (core.hierarchy.classify) of the
+    participants (or of `among`: whom the op hears from): failed ones named, missing ones
+    skipped as view lag (incomplete, nobody excluded); included ones' readiness digests count
+    as heard (runtime._agree_ready)."""
     mb = ctx.link.mailbox
-    included, failed, missing = classify(ctx.me, ctx.participants, status,
-                                         [r for r in ctx.participants if mb.is_failed(r)])
+    among = ctx.participants if among is None else among
+    included, failed, missing = classify(ctx.me, among, status,
+                                         [r for r in among if mb.is_failed(r)])
     for r in included:
         ctx.heard_ready[r] = digests[r]
     for r in failed:
@@ -202,43 +382,40 @@ def _adopt(ctx: OpContext, plan: HierPlan, status: dict[int, int],
             ctx.failed.add(r)
 
 
-def _table(ctx: OpContext, status: dict[int, int], digests: dict[int, int]) -> list[int]:
+def _table(ctx: OpContext, status: Status, digests: dict[int, int]) -> list[int]:
     table = [0] * (2 * ctx.link.slots)
     for r, s in status.items():
         table[2 * r], table[2 * r + 1] = s, digests.get(r, 0)
     return table
 
 
-def _post_result(sx: ShmOp, base: int, t: torch.Tensor, tb: torch.Tensor,
-                 status: dict[int, int], digests: dict[int, int]) -> None:
-    """Step 3 at the leader: the result, window by window, the table with the first."""
+def _post_stream(sx: ShmOp, base: int, segments: list[tuple[int, torch.Tensor]],
+                 stream_len: int, table: list[int]) -> None:
+    """Step 3 at the leader: a stream of `stream_len` bytes (`segments`: (offset, bytes)
+    pieces of it; the rest unwritten) window by window from round `base`, the table with the
+    first; every member's post of each round awaited (the buffer-reuse rule)."""
     ctx = sx.ctx
-    nbytes = tb.numel()
-    table = _table(ctx, status, digests)
     # post copies the stream bytes of window k from [k * window, ...): shift our stream so
-    # that window base + j carries bytes [j * window, ...) of the result
-    segments = [(base * sx.window, tb)]
-    for j in range(windows(nbytes, sx.window)):
-        sx.post(base + j, segments, nbytes, table if j == 0 else None)
+    # that window base + j carries bytes [j * window, ...)
+    shifted = [(base * sx.window + off, seg) for off, seg in segments]
+    for j in range(windows(stream_len, sx.window)):
+        sx.post(base + j, shifted, stream_len, table if j == 0 else None)
         for p in ctx.peers:
             _await(sx, p, base + j)
 
 
-def _take_result(ctx: OpContext, plan: HierPlan, sx: ShmOp | None, base: int,
-                 t: torch.Tensor, tb: torch.Tensor, local: dict[int, int],
-                 local_digests: dict[int, int]) -> None:
-    """Step 3 at a member: the leader's result, or (leader gone, or on another form) the
-    host's partial already in t (covering `local`, step 1's statuses), with the remote ranks
-    reported missing."""
-    assert sx is not None  # a member shares its host with its leader
-    leader, nbytes = plan.leader, tb.numel()
-    rounds = windows(nbytes, sx.window)
-    # several windows: assemble apart, so that a leader lost half-way leaves t whole
-    dest = tb if rounds == 1 else byte_view(ctx.scratch(leader, t))
-    status: dict[int, int] = {}
+def _take_stream(ctx: OpContext, sx: ShmOp, leader: int, base: int, stream_len: int,
+                 wanted: Callable[[Status], list[tuple[int, torch.Tensor]]],
+                 ) -> tuple[Status, dict[int, int]] | None:
+    """Step 3 at a member: the leader's stream, window by window from round `base` (posting
+    empty windows in the same rounds); `wanted(status)` says, from the table in the first
+    window, which (stream offset, destination bytes) to copy. Returns that table, or None if
+    the leader is gone or runs another form (then not every wanted byte came)."""
+    status: Status = {}
     digests: dict[int, int] = {}
+    want: list[tuple[int, torch.Tensor]] = []
     got = True
-    for j in range(rounds):
+    for j in range(windows(stream_len, sx.window)):
         k = base + j
         sx.post(k, [], 0)
         region = _await(sx, leader, k) if got else None
@@ -246,7 +423,7 @@ def _take_result(ctx: OpContext, plan: HierPlan, sx: ShmOp | None, base: int,
             got = False
             continue
         b = sx.bufs[leader]
-        if region.ctl[TOK + 8 * b + 4] != nbytes:  # its post is not a result (another form)
+        if region.ctl[TOK + 8 * b + 4] != stream_len:  # its post is not a result (another form)
             ctx.lagged.add(leader)
             ctx.failed.add(leader)
             got = False
@@ -255,18 +432,10 @@ def _take_result(ctx: OpContext, plan: HierPlan, sx: ShmOp | None, base: int,
             row = region.table(b)
             for r in ctx.participants:
                 status[r], digests[r] = int(row[2 * r]), int(row[2 * r + 1])
-        lo = j * sx.window
-        c = min(nbytes - lo, sx.window)
-        if c > 0:
-            dest[lo:lo + c].copy_(region.raw(b)[:c])
-    if got:
-        if dest.data_ptr() != tb.data_ptr():
-            tb.copy_(dest)
-        _adopt(ctx, plan, status, digests)
-        return
-    # the host's partial stays: locals as step 1 left them, remote ranks missing (or failed,
-    # where this process saw it)
-    _adopt(ctx, plan, local, local_digests)
+            want = wanted(status)
+        if want:
+            shm_algorithms._copy_window(region.raw(b), j * sx.window, want, False)
+    return (status, digests) if got else None
 
 
 def _await(sx: ShmOp, peer: int, k: int) -> Region | None:

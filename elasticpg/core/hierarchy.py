@@ -13,6 +13,18 @@ Rounds of a hierarchical all_reduce at rank r (host group G, leader L = min(G)):
 2. the leaders exchange partial results over TCP, each with the ranks it covers;
 3. inside the host, the leader posts the combined result (and whom it covers) in the rounds
    after those of step 1; the members copy it.
+
+Broadcast from root R: R sends the tensor once per other host, to that host's leader, over TCP
+(the flat form's frame, unchanged); then inside every host its source (R on R's host, the
+leader elsewhere) broadcasts it in shared memory, the leader with a word on whether R's tensor
+came (`broadcast_source`, `broadcast_targets`).
+
+all_gather: (1) inside the host, the one-host shared-memory all_gather over G; (2) the leaders
+send each other their host's blocks over TCP, with whom they cover; (3) the leader posts the
+blocks of every remote rank (`remote_ranks`, in ascending rank order, a block each) in the
+rounds after step 1's, the members copy those its table says arrived whole.
+
+Each runs only where it pays (`pays`: the op's kind and per-rank bytes, alike everywhere).
 """
 
 from __future__ import annotations
@@ -20,7 +32,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .framing import OpKind
 from .reduction import WIDENED, Reduce
+
+# Per-rank tensor bytes from which each collective runs hierarchically (below: the flat forms).
+# Measured with `elasticpg hier-bench` over 2 namespaces x 2 ranks (README, "Across hosts"):
+# small messages are latency-bound, and three steps in series cost more than the bytes saved.
+MIN_BYTES: dict[OpKind, int] = {
+    OpKind.ALLREDUCE: 64 << 10,
+    OpKind.BROADCAST: 64 << 10,
+    OpKind.ALLGATHER: 64 << 10,
+    OpKind.ALLGATHER_INTO_TENSOR: 64 << 10,
+}
+
+
+def pays(kind: OpKind, nbytes: int) -> bool:
+    """Whether a collective of this kind with `nbytes` per rank (the same at every participant
+    of one call) runs hierarchically by default: kinds without a hierarchical form never do."""
+    least = MIN_BYTES.get(kind)
+    return least is not None and nbytes >= least
 
 
 @dataclass(frozen=True)
@@ -53,6 +83,25 @@ class HierPlan:
             if rank in g:
                 return g
         raise ValueError(f"rank {rank} is not a participant")
+
+
+def broadcast_source(plan: HierPlan, root: int) -> int:
+    """Whom this rank's host gets a broadcast from `root` through: the root on its own host,
+    the host's leader elsewhere (which gets it from the root over TCP)."""
+    return root if root in plan.mine else plan.leader
+
+
+def broadcast_targets(plan: HierPlan, root: int) -> tuple[int, ...]:
+    """The ranks the root sends to over TCP (one per other host: its leader); () elsewhere."""
+    if plan.me != root:
+        return ()
+    return tuple(g[0] for g in plan.groups if root not in g)
+
+
+def remote_ranks(plan: HierPlan) -> tuple[int, ...]:
+    """The participants on other hosts, ascending: the order of their blocks in an
+    all_gather's step-3 stream."""
+    return tuple(sorted(r for g in plan.groups if g != plan.mine for r in g))
 
 
 def host_groups(participants: Sequence[int],
@@ -100,12 +149,13 @@ def windows(nbytes: int, window: int) -> int:
     return max(1, -(-nbytes // window))
 
 
-def result_rounds(nbytes: int, window: int) -> range:
-    """The round numbers of step 3 (the leader's result to its members): right after the
-    one-host all_reduce's rounds 0 .. windows - 1, which step 1 runs unchanged, so the
-    multi-host form is the one-host form plus later rounds (a prefix-compatible superset)."""
+def result_rounds(nbytes: int, window: int, stream: int | None = None) -> range:
+    """The round numbers of step 3 (the leader's `stream` bytes to its members, default
+    `nbytes`): right after the one-host form's rounds 0 .. windows(nbytes) - 1, which step 1
+    runs unchanged, so the multi-host form is the one-host form plus later rounds (a
+    prefix-compatible superset)."""
     n = windows(nbytes, window)
-    return range(n, 2 * n)
+    return range(n, n + windows(nbytes if stream is None else stream, window))
 
 
 def classify(me: int, participants: Sequence[int], table: Mapping[int, int],

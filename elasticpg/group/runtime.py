@@ -175,8 +175,11 @@ class GroupRuntime:
         self._linked_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
         self._newest_inc: dict[int, int] = {}  # the newest process seen in each slot
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}  # see scratch
-        # hierarchical collectives across hosts (see hier_plan); set alike on every rank
-        self.hierarchical = os.environ.get("ELASTICPG_HIERARCHICAL", "1") != "0"
+        # hierarchical collectives across hosts (see hier_plan); set alike on every rank:
+        # "0" never, "always" at every size, else where core.hierarchy.pays says so
+        hier_env = os.environ.get("ELASTICPG_HIERARCHICAL", "1")
+        self.hierarchical = hier_env != "0"
+        self.hier_every_size = hier_env == "always"
         self._hier: tuple[tuple[int, tuple[int, ...]], HierPlan | None] | None = None
         initial = View.initial(self.slots, range(world_size))
         self.views = ViewKeeper(self.control, rank, initial, on_applied=self._view_applied,
@@ -677,12 +680,15 @@ class GroupRuntime:
 
         return posted
 
-    def hier_plan(self, participants: tuple[int, ...]) -> HierPlan | None:
+    def hier_plan(self, participants: tuple[int, ...], kind: OpKind | None = None,
+                  nbytes: int = 0) -> HierPlan | None:
         """The hierarchical plan of a collective over `participants` (core.hierarchy), or
-        None for the flat forms: a function of the view and the published host ids only, so
-        every participant picks alike. Kept for the current view (a slot's host may change
-        with a replacement, and with it the view)."""
-        if not self.hierarchical:
+        None for the flat forms: a function of the view, the published host ids and (with
+        `kind`) the op's kind and per-rank bytes only, so every participant picks alike. Kept
+        for the current view (a slot's host may change with a replacement, and with it the
+        view)."""
+        if not self.hierarchical or (kind is not None and not self.hier_every_size
+                                     and not hierarchy.pays(kind, nbytes)):
             return None
         key = (self.view.epoch, participants)
         if self._hier is None or self._hier[0] != key:

@@ -268,7 +268,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         root = self._root(opts.rootRank, parts)
         spec = OpSpec(OpKind.BROADCAST, dtype_code(t.dtype), t.numel(), root)
         return self._collective(spec, st, [t],
-                                _either(shm_alg.broadcast, alg.broadcast, t, root), parts)
+                                _either(shm_alg.broadcast, hier.broadcast, t, root), parts)
 
     def reduce(self, tensors, opts=None) -> ElasticWork:
         opts = opts if opts is not None else dist.ReduceOptions()
@@ -292,7 +292,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         slot_of = self._slots_for(len(outs), "all_gather", parts)
         spec = OpSpec(OpKind.ALLGATHER, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [outs_dev],
-                                _either(shm_alg.allgather, alg.allgather, outs, t, slot_of), parts)
+                                _either(shm_alg.allgather, hier.allgather, outs, t, slot_of), parts)
 
     def all_gather_single(self, output, input, opts=None) -> ElasticWork:  # noqa: A002
         st = _Staging()
@@ -304,7 +304,7 @@ class ElasticProcessGroup(dist.ProcessGroup):
         outs = list(out.reshape(-1).chunk(k)) if t.numel() else [out.reshape(-1)[:0]] * k
         spec = OpSpec(OpKind.ALLGATHER_INTO_TENSOR, dtype_code(t.dtype), t.numel())
         return self._collective(spec, st, [output],
-                                _either(shm_alg.allgather, alg.allgather, outs, t, slot_of), parts)
+                                _either(shm_alg.allgather, hier.allgather, outs, t, slot_of), parts)
 
     _allgather_base = all_gather_single
 
