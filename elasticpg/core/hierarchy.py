@@ -36,13 +36,17 @@ from .framing import OpKind
 from .reduction import WIDENED, Reduce
 
 # Per-rank tensor bytes from which each collective runs hierarchically (below: the flat forms).
-# Measured with `elasticpg hier-bench` over 2 namespaces x 2 ranks (README, "Across hosts"):
-# small messages are latency-bound, and three steps in series cost more than the bytes saved.
+# Measured with `elasticpg hier-bench` over 2 namespaces x 2 ranks (README, "Across hosts"),
+# two runs: the smallest size from which the hierarchy was ahead of the flat TCP form in both
+# (all_reduce 0.62-0.93x at 256 KiB, 1.07 at 128 KiB; broadcast 0.64-0.76x from 2 MiB, 0.66
+# and 1.08 at 1 MiB; all_gather 0.75-0.91x at 1 MiB, 0.98-1.35 below). Below, the ops are
+# latency-bound: two or three steps in series (and full shared-memory exchanges where the flat
+# broadcast's root only sends) cost more than the bytes they save.
 MIN_BYTES: dict[OpKind, int] = {
-    OpKind.ALLREDUCE: 64 << 10,
-    OpKind.BROADCAST: 64 << 10,
-    OpKind.ALLGATHER: 64 << 10,
-    OpKind.ALLGATHER_INTO_TENSOR: 64 << 10,
+    OpKind.ALLREDUCE: 256 << 10,
+    OpKind.BROADCAST: 2 << 20,
+    OpKind.ALLGATHER: 1 << 20,
+    OpKind.ALLGATHER_INTO_TENSOR: 1 << 20,
 }
 
 

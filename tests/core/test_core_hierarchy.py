@@ -1,5 +1,6 @@
-"""core.hierarchy: the hierarchical plan, its rounds and the coverage rule, in-process:
-every host assignment of up to 6 participants exhaustively, wider groups by hypothesis."""
+"""core.hierarchy: the hierarchical plan, its rounds, the coverage rule, the broadcast and
+all_gather data flows and the size rule, in-process: every host assignment of up to 6
+participants exhaustively, wider groups by hypothesis."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from elasticpg.core.framing import OpKind
 from elasticpg.core.hierarchy import (
     FAILED,
     INCLUDED,
+    MIN_BYTES,
     MISSING,
+    broadcast_source,
+    broadcast_targets,
     classify,
     host_groups,
+    pays,
     plan,
     reduces_hierarchically,
+    remote_ranks,
     result_rounds,
     windows,
 )
@@ -56,11 +63,57 @@ def _check(participants: tuple[int, ...], hosts: dict[int, str]) -> None:
         assert p.leaders == tuple(g[0] for g in groups)
 
 
+def _check_broadcast(participants: tuple[int, ...], hosts: dict[int, str]) -> None:
+    """Every non-root gets the root's tensor along exactly one path: from the root in shared
+    memory on the root's host, elsewhere from its host's leader, which alone gets it from the
+    root over TCP: one TCP message per other host."""
+    plans = {me: plan(me, participants, hosts) for me in participants}
+    if plans[participants[0]] is None:
+        return
+    groups = plans[participants[0]].groups
+    for root in participants:
+        tcp = {me: broadcast_targets(p, root) for me, p in plans.items()}
+        assert all(not t for me, t in tcp.items() if me != root)
+        assert sorted(tcp[root]) == sorted(g[0] for g in groups if root not in g)
+        assert len(tcp[root]) == len(groups) - 1
+        for p in plans.values():
+            src = broadcast_source(p, root)
+            assert src in p.mine  # inside the host: shared memory
+            if root in p.mine:
+                assert src == root
+            else:
+                assert src == p.leader and src in tcp[root]
+
+
+def _check_all_gather(participants: tuple[int, ...], hosts: dict[int, str]) -> None:
+    """The three steps carry every block to every rank exactly once, and the step-3 stream
+    holds each remote block once, in one layout that every rank of a host computes alike."""
+    plans = {me: plan(me, participants, hosts) for me in participants}
+    if plans[participants[0]] is None:
+        return
+    have = {me: set(p.mine) for me, p in plans.items()}  # step 1: the host's blocks
+    for me, p in plans.items():  # step 2: a leader gets the other leaders' host blocks
+        if p.is_leader:
+            for q in p.remote_leaders:
+                have[me] |= set(plans[q].mine)
+    for me, p in plans.items():  # step 3: members copy their leader's remote blocks
+        remote = remote_ranks(p)
+        assert remote == tuple(sorted(set(participants) - set(p.mine)))
+        assert remote == remote_ranks(plans[p.leader])
+        if not p.is_leader:
+            assert set(remote) <= have[p.leader]
+            have[me] |= set(remote)
+    assert all(h == set(participants) for h in have.values())
+
+
 def test_every_host_assignment_of_up_to_6_ranks():
     for n in range(1, 7):
         parts = tuple(range(n))
         for labels in itertools.product(["a", "b", "c", ""], repeat=n):
-            _check(parts, dict(zip(parts, labels, strict=True)))
+            hosts = dict(zip(parts, labels, strict=True))
+            _check(parts, hosts)
+            _check_broadcast(parts, hosts)
+            _check_all_gather(parts, hosts)
 
 
 @given(st.lists(st.tuples(st.integers(0, 1023), st.sampled_from(["", "h0", "h1", "h2", "h3"])),
@@ -68,6 +121,21 @@ def test_every_host_assignment_of_up_to_6_ranks():
 def test_wide_groups(entries):
     parts = tuple(sorted(r for r, _ in entries))
     _check(parts, dict(entries))
+    _check_broadcast(parts, dict(entries))
+    _check_all_gather(parts, dict(entries))
+
+
+def test_size_rule():
+    """Hierarchical from MIN_BYTES of its kind on, never for kinds without the form; a pure
+    function of the kind and per-rank bytes, which every participant of one call shares."""
+    assert set(MIN_BYTES) == {OpKind.ALLREDUCE, OpKind.BROADCAST, OpKind.ALLGATHER,
+                              OpKind.ALLGATHER_INTO_TENSOR}
+    for kind in OpKind:
+        least = MIN_BYTES.get(kind)
+        for n in (0, 4, 1 << 10, 16 << 10, 64 << 10, 1 << 20, 64 << 20, 1 << 34):
+            assert pays(kind, n) == (least is not None and n >= least)
+        if least is not None:
+            assert not pays(kind, least - 1) and pays(kind, least)
 
 
 def test_a_rank_outside_the_participants_is_refused():
@@ -95,6 +163,13 @@ def test_result_rounds_follow_the_one_host_rounds(nbytes, window):
     assert n >= 1 and (n - 1) * window < max(nbytes, 1) <= n * window
     rr = result_rounds(nbytes, window)
     assert rr.start == n and len(rr) == n
+
+
+@given(st.integers(0, 1 << 30), st.integers(1, 1 << 24), st.integers(0, 1 << 32))
+def test_result_rounds_of_another_stream(nbytes, window, stream):
+    """all_gather's step 3 carries the remote blocks (`stream` bytes) after step 1's rounds."""
+    rr = result_rounds(nbytes, window, stream)
+    assert rr.start == windows(nbytes, window) and len(rr) == windows(stream, window)
 
 
 def test_classify_the_coverage_table():

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import elasticpg
 from elasticpg.api import runtime_of
 from elasticpg.collectives import hierarchical
+from elasticpg.core.framing import OpKind
+from elasticpg.core.hierarchy import MIN_BYTES
 
 from .. import test_collectives as single_host
 from ..harness import init_group
@@ -132,6 +134,60 @@ def test_hierarchical_broadcast_and_all_gather_equal_flat(cluster):
     for v in res:
         assert v["bad"] == [], v["bad"][:6]
         assert v["calls"]["_broadcast"] >= 4 * 3 * 4 and v["calls"]["_allgather"] >= 2 * 3 * 4, v
+
+
+def job_default_size_rule(rank: int, world: int, port: int) -> dict:
+    """Without ELASTICPG_HIERARCHICAL=always: each op just below its threshold runs flat, at
+    it hierarchically (core.hierarchy.MIN_BYTES), with the flat form's results."""
+    init_group(rank, world, port)
+    names = {"all_reduce": "_allreduce", "broadcast": "_broadcast", "all_gather": "_allgather"}
+    kinds = {"all_reduce": OpKind.ALLREDUCE, "broadcast": OpKind.BROADCAST,
+             "all_gather": OpKind.ALLGATHER_INTO_TENSOR}
+    calls = dict.fromkeys(names, 0)
+    real = {op: getattr(hierarchical, fn) for op, fn in names.items()}
+
+    def counting(op: str):
+        def fn(*a, **kw):
+            calls[op] += 1
+            return real[op](*a, **kw)
+        return fn
+
+    for op, fn in names.items():
+        setattr(hierarchical, fn, counting(op))
+    seen, bad = {}, []
+    try:
+        for op, kind in kinds.items():
+            for where, n in (("below", MIN_BYTES[kind] // 8 - 1), ("at", MIN_BYTES[kind] // 8)):
+                before = calls[op]
+                mine = torch.arange(n, dtype=torch.int64) * (rank + 1)
+                if op == "all_reduce":
+                    got, want = mine.clone(), mine * 0 + torch.arange(n) * 10
+                    dist.all_reduce(got)
+                elif op == "broadcast":
+                    got, want = mine.clone(), torch.arange(n, dtype=torch.int64) * 2
+                    dist.broadcast(got, src=1)
+                else:
+                    got = torch.zeros(world * n, dtype=torch.int64)
+                    want = torch.cat([torch.arange(n) * (r + 1) for r in range(world)])
+                    dist.all_gather_into_tensor(got, mine)
+                if not torch.equal(got, want):
+                    bad.append(f"{op} x{n}")
+                seen[f"{op} {where}"] = calls[op] > before
+    finally:
+        for op, fn in names.items():
+            setattr(hierarchical, fn, real[op])
+    dist.barrier()
+    return {"bad": bad, "seen": seen}
+
+
+def test_the_default_size_rule(cluster):
+    res = cluster.pool.run(job_default_size_rule, nodes=BOTH_HOSTS, timeout=120)
+    for v in res:
+        assert v["bad"] == [], v
+        # the choice is every rank's alike: below each threshold flat, at it hierarchical
+        assert v["seen"] == {f"{op} {where}": where == "at" for op in
+                             ("all_reduce", "broadcast", "all_gather")
+                             for where in ("below", "at")}, v
 
 
 def _kill_self_before(name: str) -> None:
