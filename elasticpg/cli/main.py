@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "failover": ("elasticpg.cli.failover:main", "failure detection and resume times"),
     "joinbench": ("elasticpg.cli.joinbench:main", "deferred-join timings"),
     "hier-bench": ("elasticpg.cli.hierbench:main",
-                   "all_reduce over hosts x ranks: hierarchical vs flat TCP vs gloo"),
+                   "collectives over hosts x ranks: hierarchical vs flat TCP vs gloo"),
     "scale-sim": ("elasticpg.cli.scale_sim:main", "cost of a membership change at 64..1024 ranks"),
     "demo": ("elasticpg.demo.cli:main", "MoE serving through a SIGKILL and a deferred join"),
     "status": ("elasticpg.cli.status:main",
