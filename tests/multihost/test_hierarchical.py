@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -190,11 +192,13 @@ def test_the_default_size_rule(cluster):
                              for where in ("below", "at")}, v
 
 
-def _kill_self_before(name: str) -> None:
+def _kill_self_before(name: str, first: Callable[[], object] | None = None) -> None:
     """Make this process SIGKILL itself when its next hierarchical collective reaches `name`
     (a real death at an exact point inside the collective): a function of the hierarchical
-    module, or "shm:<name>", a one-host step (shm_algorithms.<name>)."""
+    module, or "shm:<name>", a one-host step (shm_algorithms.<name>). `first` runs before."""
     def die(*a, **kw):
+        if first is not None:
+            first()
         os.kill(os.getpid(), signal.SIGKILL)
 
     if name.startswith("shm:"):
@@ -281,10 +285,25 @@ def job_killed_inside_data_movement(rank: int, world: int, port: int, op: str, v
         return t, dist.all_gather_into_tensor(t, torch.tensor([value]), async_op=True)
 
     run()  # links and mappings up
+    # The victim dies only once every survivor is inside the collective: one that learnt of
+    # the death before it started would run it on the next view (or, the root gone, refuse it)
+    store = dist.distributed_c10d._get_default_store()
+    body = "_broadcast" if op == "broadcast" else "_allgather"
+    real = getattr(hierarchical, body)
     if rank == victim:
-        _kill_self_before(where)
-    t, w = run()
-    w.wait()
+        others = [f"inside{r}" for r in range(world) if r != victim]
+        _kill_self_before(where, lambda: store.wait(others, timedelta(seconds=30)))
+    else:
+        def entering(*a, **kw):
+            store.set(f"inside{rank}", "1")
+            return real(*a, **kw)
+
+        setattr(hierarchical, body, entering)
+    try:
+        t, w = run()
+        w.wait()
+    finally:
+        setattr(hierarchical, body, real)
     out = {"got": t.tolist(), "ok": elasticpg.get_local_success(w),
            "hint": [r for r, b in enumerate(elasticpg.get_failed_ranks_hint(w).tolist()) if b]}
     after = []
