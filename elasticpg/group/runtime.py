@@ -187,6 +187,9 @@ class GroupRuntime:
         secret = self.control.secret()
         self.incarnation = self.control.register(rank)
         self.shm, self.transport = self._open_data_plane(secret)
+        pump = getattr(self.transport, "pump", None)  # scale-sim's in-process plane has none
+        if pump is not None and os.environ.get("ELASTICPG_CALLER_READS", "1") != "0":
+            self.mailbox.attach_pump(pump)
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
@@ -1082,6 +1085,7 @@ class GroupRuntime:
         self.acker.stop()
         self.liveness.stop()
         self.transport.close(goodbye=True)
+        self.mailbox.dispose()
         with self._lock:
             helpers, self._helpers = self._helpers, []
         for t in helpers:  # each is bounded by the group's timeout; most end at once now
