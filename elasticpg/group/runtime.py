@@ -641,6 +641,15 @@ class GroupRuntime:
         raise ConnectionRefusedError(f"rank {peer} refused the connection and published no "
                                      f"newer endpoint within {self.failure_timeout:.1f}s")
 
+    def release_links(self) -> None:
+        """Before a point-to-point operation (and before its wait blocks): links that the
+        caller reads itself during collectives go back to their reader threads, so that the
+        frame or acknowledgement awaited is delivered at once rather than when the caller's
+        lease on the link runs out (`TcpTransport.pump`)."""
+        release = getattr(self.transport, "release", None)
+        if release is not None:
+            release()
+
     def send_frame(self, peer: int, header: Header, payload: memoryview | bytes,
                    deadline: float) -> None:
         if peer == self.rank:

@@ -122,7 +122,7 @@ class _InLink:
     `want`, `caller`, `gone` and `dead` change only under the transport's `_own`."""
 
     __slots__ = ("sock", "fd", "src", "inc", "buf", "view", "start", "end", "wake", "want",
-                 "caller", "gone", "dead")
+                 "caller", "gone", "dead", "reader_until")
 
     def __init__(self, sock: socket.socket, src: int, inc: int) -> None:
         self.sock, self.fd, self.src, self.inc = sock, sock.fileno(), src, inc
@@ -134,6 +134,9 @@ class _InLink:
         self.caller = False  # the caller owns it (the reader is parked)
         self.gone = False  # dropped or replaced: the reader ends quietly
         self.dead: str | None = None  # why it ended, when the caller found out (see pump)
+        # the caller met a frame larger than the buffer: large frames stream through the
+        # reader (straight into their destination) and the caller leaves the link alone until
+        self.reader_until = 0.0
 
 
 def _tune(sock: socket.socket) -> None:
@@ -431,7 +434,7 @@ class TcpTransport:
         me = threading.get_ident()
         with self._own:
             if (link is None or self._closing or link.gone or link.dead is not None
-                    or self._pumping):
+                    or self._pumping or link.reader_until > time.monotonic()):
                 return False
             if not link.caller and not link.want:
                 link.want = True
@@ -460,8 +463,11 @@ class TcpTransport:
                         back.append((x, "connection closed"))
                         continue
                     ended = self._frames(x, caller=True)
-                    if ended is not None:  # a GOODBYE, or a large frame: the reader's
-                        back.append((x, None if ended is _TO_READER else ended))
+                    if ended is _TO_READER:
+                        x.reader_until = time.monotonic() + _LEASE
+                        back.append((x, None))
+                    elif ended is not None:  # a GOODBYE: the reader reports it
+                        back.append((x, ended))
                 except (OSError, FramingError, ConnectionError) as exc:
                     back.append((x, f"{type(exc).__name__}: {exc}"))
                 except Exception as exc:  # noqa: BLE001 - reported by the reader, as its own
