@@ -182,6 +182,7 @@ class TcpTransport:
         # that wakes it when a reader hands a link over
         self._own = threading.Condition(threading.Lock())
         self._owned: set[_InLink] = set()
+        self._asked: set[_InLink] = set()  # links whose `want` is set
         self._owned_version = 0  # changes with _owned: the caller's cached poll set
         self._poll_cache: tuple | None = None
         self._pumping = 0
@@ -398,6 +399,7 @@ class TcpTransport:
         with self._own:
             if link.want:
                 link.want = False
+                self._asked.discard(link)
                 if not (link.gone or self._closing or link.dead is not None):
                     link.caller = True
                     self._owned.add(link)
@@ -438,6 +440,7 @@ class TcpTransport:
                 return False
             if not link.caller and not link.want:
                 link.want = True
+                self._asked.add(link)
                 os.eventfd_write(link.wake, 1)
             self._pumping = me
             self._pump_wake = wake
@@ -492,11 +495,14 @@ class TcpTransport:
     def release(self) -> None:
         """Hand every link the caller owns back to its reader now (the caller is about to
         wait on something else, e.g. a point-to-point receive, whose frames readers deliver)."""
-        if not self._owned:
+        if not self._owned and not self._asked:
             return
         with self._own:
             if self._pumping:
                 return  # another thread reads them right now; its lease ends on its own
+            for x in self._asked:
+                x.want = False
+            self._asked.clear()
             for x in self._owned:
                 x.caller = False
             self._owned.clear()
@@ -514,6 +520,10 @@ class TcpTransport:
         with self._own:
             link.gone = True
             wake, link.wake = link.wake, -1
+            self._asked.discard(link)
+            if link in self._owned:
+                self._owned.discard(link)
+                self._owned_version += 1
         os.close(wake)
         sock.close()
         if current and not closing:
