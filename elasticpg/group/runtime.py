@@ -14,8 +14,12 @@ Threads, and what each may write:
   (settling membership), join_group and the membership calls. It alone applies views (through
   ViewKeeper, under its lock) and advances the sequence number `_seq`.
 * one **reader** per incoming link (transport) hands frames to the mailbox, and reports JOIN,
-  VIEW and ABORT frames and broken links here. It never blocks on I/O of ours except a link-back
-  thread start, and an exception while it handles a frame fails that link, reported.
+  VIEW and ABORT frames and broken links here. During a collective wait over TCP the caller
+  reads the links it waits on itself and hands their frames over the same way (`_on_frame`);
+  the reader then parks, and takes the link back when the caller's lease ends
+  (`TcpTransport.pump`); a broken link is still reported by its reader. A reader never blocks
+  on I/O of ours except a link-back thread start, and an exception while it handles a frame
+  fails that link, reported.
 * the **liveness** thread (`liveness.py`): heartbeats, silence, closed links, one store read per
   tick for decisions no VIEW frame brought.
 * a short-lived **link-back** thread per JOIN: opens our link to the joiner and maps its

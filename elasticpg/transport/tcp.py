@@ -17,6 +17,13 @@ one about the replacement that took its slot. Anything that goes wrong while a r
 a frame (a corrupt header, an exception in a callback) ends that link the same way, reported,
 never as a silently dead thread.
 
+A collective wait may read its links itself instead (`pump`): a small frame then costs one
+wake-up (the caller's) instead of two (the reader's, then the caller's, each a scheduling delay
+on a loaded machine). A link has one owner at a time, switched only between frames, and keeps
+its read buffer across the switch; the caller keeps links for a short lease across back-to-back
+calls, and the reader takes its link back when the lease runs out, so heartbeats and EOF wait
+for nobody longer than that. What ends a link is always reported by its reader.
+
 Every send is bounded by a deadline. A small frame first tries one non-blocking send (the
 socket buffer nearly always has room: one system call, no poll); only what does not fit waits,
 bounded. Large payloads go out in chunks, and each chunk records
