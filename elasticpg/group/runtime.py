@@ -786,7 +786,8 @@ class GroupRuntime:
 
     def lane(self) -> Lane | None:
         """The reusable per-op state of the healthy steady state (see group.lane), or None when
-        the general path must run: membership to settle, poison, join in progress, no shm."""
+        the general path must run: membership to settle, poison, join in progress, a peer's
+        shared memory gone."""
         st = self.state
         if st.phase is not Phase.ACTIVE or st.generation != st.settled_generation:
             return None
@@ -798,9 +799,9 @@ class GroupRuntime:
         if len(view.active) < 2:
             return None
         regions = self.shm.regions_for(view.active, self.timeout)
-        if regions is None or len(regions) < len(view.active) - 1:
-            return None
-        self._lane = Lane(self, view, regions)
+        if regions is not None and len(regions) < len(view.active) - 1:
+            return None  # a peer's region is gone: the general path handles it
+        self._lane = Lane(self, view, regions)  # regions None: over TCP, the context alone
         return self._lane
 
     def run(self, ctx: OpContext, body: Callable[[OpContext], None]) -> OpContext:
