@@ -336,11 +336,10 @@ def _recv(ctx: OpContext, peer: int, step: int, dtype: torch.dtype, numel: int,
     (`flat`), or it already sent us a frame of a later collective. Frames of one link arrive
     in order, so then all it sent us for this one is here, and the frame awaited never comes."""
     mb = ctx.link.mailbox
-    coll = mb._coll  # read-only membership test, as shm_exchange does
-    flat_key = (peer, ctx.seq, FLAT_STEP)
-    later = ctx.seq + 1
+    seq, later = ctx.seq, ctx.seq + 1
     return ctx.recv(peer, step, dtype, numel,
-                    probe=lambda: (flat and flat_key in coll) or mb.has_coll_from(peer, later))
+                    probe=lambda: (flat and mb.has_coll(peer, seq, FLAT_STEP))
+                    or mb.has_coll_from(peer, later))
 
 
 def _answer_flat_peers(ctx: OpContext, plan: HierPlan) -> None:
@@ -348,13 +347,13 @@ def _answer_flat_peers(ctx: OpContext, plan: HierPlan) -> None:
     wait for a frame of ours: the flat form's step-0 frame, or (a leader in its plan that is
     none in ours) our table. Send it an empty one, which it takes as view lag (another epoch,
     another size) instead of waiting until the timeout. We skip it as lag too."""
-    coll = ctx.link.mailbox._coll
+    mb = ctx.link.mailbox
     leaders = plan.remote_leaders if plan.is_leader else ()
     for p in ctx.participants:
         if p in plan.mine:
             continue
         for step in (FLAT_STEP, STEP_META):
-            if (p, ctx.seq, step) in coll and (step == FLAT_STEP or p not in leaders):
+            if mb.has_coll(p, ctx.seq, step) and (step == FLAT_STEP or p not in leaders):
                 ctx.send(p, step)
                 if p not in ctx.failed:
                     ctx.lagged.add(p)

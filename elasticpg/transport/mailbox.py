@@ -247,6 +247,10 @@ class Mailbox:
                 if not pumped:
                     self._cv.wait(wait)
 
+    def has_coll(self, src: int, seq: int, step: int) -> bool:
+        """Whether the frame (src, seq, step) waits here (a dict lookup: no lock needed)."""
+        return (src, seq, step) in self._coll
+
     def has_coll_from(self, src: int, seq: int) -> bool:
         """Whether a frame of collective `seq` or a later one from `src` waits here."""
         if not self._coll:
