@@ -68,6 +68,23 @@ class GlooExchange:
             at += n
         return got, set()
 
+    def alltoall_direct(self, round_code: int, parts: tuple[int, ...], sizes: list[int],
+                        write: Any, bound: float) -> tuple[dict, set[int]]:
+        import numpy as np
+        import torch
+
+        from elasticpg.collectives.shm_algorithms import Peek
+
+        sizes = [0 if p == self.rank else n for p, n in zip(parts, sizes, strict=True)]
+        offsets = list(np.cumsum([0] + sizes[:-1]))
+        stream = torch.empty(sum(sizes), dtype=torch.uint8)
+        write(stream.numpy(), [o if n else -1 for o, n in zip(offsets, sizes, strict=True)])
+        got, failed = self.alltoall(round_code, parts,
+                                    [stream[o:o + n] for o, n in zip(offsets, sizes,
+                                                                     strict=True)],
+                                    None, bound)
+        return {p: Peek(t.numpy()) for p, t in got.items() if p != self.rank}, failed
+
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
     try:

@@ -101,12 +101,11 @@ class Buffer:
         self._recv_sets: dict[tuple, list[tuple]] = {}
         self._recv_turn = 0
         # reused per-call buffers (fresh megabyte tensors cost page faults on every call):
-        # fp8 quantisation, combine's float32 accumulator and chunk, our own rows' answers
+        # fp8 quantisation, combine's float32 accumulator and chunk
         self._quant_key: tuple | None = None
         self._quant: tuple = ()
         self._fold_key: tuple | None = None
         self._fold: tuple = ()
-        self._own_ans = torch.empty(0, 0)
 
     # ---- membership -----------------------------------------------------------------------------
     def update_ep_member(self) -> None:
@@ -455,11 +454,10 @@ class Buffer:
         combined = scratch[0][:t]
         own = None
         if handle.sent_to[self.rank] and active[self.rank] and plan.rank_rows[self.rank]:
-            # our own rows' answers, gathered from the expert outputs in the order we sent them
-            m = plan.rank_rows[self.rank]
-            own = self._own_answers(m, hidden, xs.dtype)
-            torch.cat([flat[at:at + c] for at, _o, c in lay.blocks(
-                layout.counts[self.rank], layout.begin[self.rank], r * n)], out=own)
+            # our own rows' answers, straight from the expert outputs: a block per local
+            # expert, in the order we "sent" them
+            own = [flat[at:at + c] for at, _o, c in lay.blocks(
+                layout.counts[self.rank], layout.begin[self.rank], r * n)]
         while True:  # once, unless a peer's window was rewritten while we read it
             answers = {}
             for d in range(r):  # in rank order: the fold's order of float additions
@@ -497,12 +495,6 @@ class Buffer:
                                       dtype=torch.float32))
             self._fold_key = (n, hidden)
         return self._fold
-
-    def _own_answers(self, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._own_ans
-        if buf.dtype != dtype or buf.shape[1:] != (hidden,) or buf.shape[0] < rows:
-            buf = self._own_ans = torch.empty(max(rows, buf.shape[0]), hidden, dtype=dtype)
-        return buf[:rows]
 
 
 def _combine_filler(flat: torch.Tensor, layout: lay.RecvLayout, stride: int):
