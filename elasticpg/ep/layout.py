@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-try:  # combine's one-pass fold (optional C helper; torch ops compute the same without it)
+try:  # combine's one-pass folds (optional C helper; torch ops compute the same without it)
     from ._fold import fold as _c_fold
+    from ._fold import fold_tokens as _c_fold_tokens
 except ImportError:
-    _c_fold = None
+    _c_fold = _c_fold_tokens = None
 
 FP8_BLOCK = 128  # channels per fp8 scale
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -184,6 +185,21 @@ class SendPlan:
     counts: list[list[int]]  # [R][L]: rows for each local expert of each destination
     rank_rows: list[int]  # [R]: rows per destination (contiguous, in destination order)
     sel_row: torch.Tensor  # int64 [T, k]: each selection's row, -1 if not sent
+
+    _token_rows: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def token_rows(self) -> torch.Tensor:
+        """int64 [T, k]: each token's rows, ascending, -1 for an unsent selection and for the
+        repeat of a row (a token that picked one expert twice has one row): the order in
+        which a token-major fold adds them, which is the rows' order."""
+        if self._token_rows is None:
+            rows = self.sel_row.sort(dim=1).values
+            if rows.shape[1] > 1:
+                tail = rows[:, 1:]
+                tail[tail == rows[:, :-1]] = -1
+            self._token_rows = rows.contiguous()
+        return self._token_rows
 
     @property
     def row_offsets(self) -> list[int]:
@@ -400,6 +416,8 @@ def fold(combined: torch.Tensor, plan: SendPlan,
     fold_chunk_rows(hidden) rows is enough): bit-identical results either way."""
     offs = plan.row_offsets
     hidden = combined.shape[1]
+    if _c_fold_tokens is not None and _fold_by_token(combined, plan, answers, weights):
+        return
     if _c_fold is None and scratch is None:
         scratch = torch.empty(fold_chunk_rows(hidden), hidden, dtype=torch.float32)
     for d, ans in answers.items():
@@ -409,6 +427,41 @@ def fold(combined: torch.Tensor, plan: SendPlan,
             if c:
                 fold_rows(combined, part, plan.row_token[a:a + c], weights[a:a + c], scratch)
             a += c
+
+
+def _fold_by_token(combined: torch.Tensor, plan: SendPlan,
+                   answers: dict[int, torch.Tensor | list[torch.Tensor]],
+                   weights: torch.Tensor) -> bool:
+    """The C helper's token-major fold (each output row stays in L1 while its rows are added;
+    the same additions in the same order as the row-major one), if every answer is a
+    contiguous block of one supported dtype; False (nothing done) otherwise."""
+    parts = [(a, p) for d, ans in answers.items()
+             for a, p in _blocks_at(plan.row_offsets[d], ans)]
+    if not parts:
+        return True
+    dtype = parts[0][1].dtype
+    if dtype not in X_DTYPES or not all(p.dtype == dtype and p.is_contiguous()
+                                        for _a, p in parts):
+        return False
+    hidden = combined.shape[1]
+    addr = np.zeros(weights.shape[0], dtype=np.int64)
+    step = np.arange(max(p.shape[0] for _a, p in parts), dtype=np.int64) * \
+        (hidden * parts[0][1].element_size())
+    for a, p in parts:
+        c = p.shape[0]
+        addr[a:a + c] = step[:c] + p.data_ptr()
+    _c_fold_tokens(combined.numpy(), plan.token_rows.numpy(), addr,
+                   weights.contiguous().numpy(), hidden, parts[0][1].element_size())
+    return True
+
+
+def _blocks_at(a: int, ans: torch.Tensor | list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    out = []
+    for part in ans if isinstance(ans, list) else [ans]:
+        if part.shape[0]:
+            out.append((a, part))
+        a += part.shape[0]
+    return out
 
 
 def fold_rows(combined: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,

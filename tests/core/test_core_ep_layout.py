@@ -148,7 +148,7 @@ def test_size_hint_grows_with_every_argument():
         assert lay.size_hint(*args) > base
 
 
-@pytest.mark.parametrize("helper", ["c", "torch"])
+@pytest.mark.parametrize("helper", ["c-tokens", "c-rows", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fold_adds_in_the_same_order_and_unsent_weights_are_ignored(monkeypatch, helper, dtype):
     """fold (the C helper, or torch ops in chunks of its scratch) must be bit-identical to one
@@ -159,6 +159,8 @@ def test_fold_adds_in_the_same_order_and_unsent_weights_are_ignored(monkeypatch,
         monkeypatch.setattr(lay, "_c_fold", None)
     elif lay._c_fold is None:
         pytest.skip("built without the optional C helper elasticpg.ep._fold")
+    if helper != "c-tokens":
+        monkeypatch.setattr(lay, "_c_fold_tokens", None)
     g = torch.Generator().manual_seed(5)
     t, k, experts, ranks, hidden = 40, 6, 16, 4, 64
     idx = torch.randint(-1, experts, (t, k), generator=g)
@@ -192,6 +194,10 @@ def test_the_c_fold_refuses_tokens_outside_the_output():
     rows = torch.ones(2, 8)
     with pytest.raises(IndexError, match="outside"):
         lay.fold_rows(acc, rows, torch.tensor([0, 3]), torch.ones(2), None)
+    with pytest.raises(IndexError, match="outside"):
+        lay._c_fold_tokens(acc.numpy(), torch.tensor([[0], [2], [-1]]).numpy(),
+                           torch.tensor([rows.data_ptr(), 0]).numpy(),
+                           torch.ones(2).numpy(), 8, 4)
     assert not acc.any()
 
 
