@@ -213,27 +213,36 @@ class SendPlan:
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
                   usable: list[bool]) -> SendPlan:
     """The rows a source sends: one per distinct (token, expert) pair whose expert lives on a
-    `usable` rank, sorted by (expert, token)."""
+    `usable` rank, sorted by (expert, token).
+
+    In numpy: small ops on [T, k], where torch's fixed cost per op dominates (measured
+    46 -> 24 us per call at 32 tokens x top-4, 62 -> 42 us at 128 x top-8)."""
     t, k = topk_idx.shape
     local = num_experts // num_ranks
-    valid = topk_idx >= 0
+    idx = topk_idx.numpy()
+    valid = idx >= 0
     if not all(usable):
-        ok = torch.tensor(usable, dtype=torch.bool)
-        valid &= ok[topk_idx.clamp(min=0) // local]
-    tok = torch.arange(t, dtype=torch.int64).unsqueeze(1)
-    # unsent selections get a key above every real one (sorted last, then dropped): where()
-    # instead of boolean-mask indexing, which costs a nonzero() and a gather per use
+        valid &= np.asarray(usable, dtype=bool)[np.maximum(idx, 0) // local]
+    # unsent selections get a key above every real one (sorted last, then dropped)
     tt = max(t, 1)
-    keys = torch.where(valid, topk_idx * tt + tok, num_experts * tt)
-    ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    if not bool(valid.all()):
+    keys = np.where(valid, idx * tt + np.arange(t, dtype=np.int64)[:, None],
+                    num_experts * tt).reshape(-1)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.empty(ordered.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    ukeys = ordered[first]
+    inverse = np.empty(ordered.size, dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    if ukeys.size and ukeys[-1] == num_experts * tt:
         ukeys = ukeys[:-1]
     row_expert = ukeys // tt
     row_token = ukeys - row_expert * tt
-    per_expert = torch.bincount(row_expert, minlength=num_experts).view(num_ranks, local)
-    sel_row = torch.where(valid, inverse, -1)
-    counts = per_expert.tolist()
-    return SendPlan(row_token, row_expert, counts, [sum(c) for c in counts], sel_row)
+    counts = np.bincount(row_expert, minlength=num_experts).reshape(num_ranks, local).tolist()
+    sel_row = np.where(valid, inverse.reshape(t, k), -1)
+    return SendPlan(torch.from_numpy(row_token), torch.from_numpy(row_expert), counts,
+                    [sum(c) for c in counts], torch.from_numpy(sel_row))
 
 
 def quantize_fp8(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
