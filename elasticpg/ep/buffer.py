@@ -1,17 +1,24 @@
 """`Buffer`: expert-parallel dispatch/combine with the reference's (Mooncake EP / DeepEP
 low-latency) programming model, over elasticpg's own data planes.
 
-Each call is two rounds of the group's all_to_all (see exchange.py): a fixed-size header round
-(the call's shape, checked for agreement on every rank, and how many bytes follow for each
-destination), then the data round, in which each rank's rows go straight to the rank that owns
-their experts. Nothing is gathered on every rank. The routing and layout math is in layout.py.
+Each call is one round of the group's all_to_all (see exchange.py), in its direct form: every
+block starts with a fixed-size header (the call's shape, checked for agreement on every
+rank), then its data, and each rank's rows go straight to the rank that owns their experts.
+Over shared memory there is one copy per direction and no staging buffer: a sender gathers its
+rows (index_select from x, or from its fp8 form) straight into its own posted window, and a
+receiver copies each (source, local expert) block straight from the source's window into
+recv_x; combine's answers go back the same way and are folded straight from the windows
+(shm_algorithms.Peek says how long such a view stays valid, and how a reader confirms that
+nothing it read was rewritten). Nothing is gathered on every rank. The routing and layout
+math is in layout.py.
 
 Failure rules (SPEC section 6): a rank the group's view no longer holds, or whose entry in
 `active_ranks` is 0, or that the Buffer has not admitted (see update_ep_member), is never sent
-to and its experts are skipped. A source whose bytes do not arrive whole by the timeout counts
-as having sent nothing, and its entry is set to 0; entries are never set back to 1. Every
-output row a caller may read was written in this call from bytes that arrived whole; rows
-past recv_count are never read and are not cleared.
+to and its experts are skipped. A source whose bytes do not arrive whole by the timeout (or
+whose window was rewritten while we read it) counts as having sent nothing, and its entry is
+set to 0; entries are never set back to 1. Every output row a caller may read was written in
+this call from bytes that arrived whole; rows past recv_count are never read and are not
+cleared.
 
 Dispatch's outputs (recv_x, its scales, src_info) live in two buffer sets per shape that
 dispatch uses in turn, as DeepEP's low-latency buffers do: they stay valid until the second

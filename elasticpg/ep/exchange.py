@@ -3,9 +3,12 @@
 It is the group's own all_to_all (collectives: shared memory when every participant is on this
 host, TCP frames otherwise), run as one collective of the group, so it shares the group's
 sequence numbers, failure handling and views: each rank's bytes go straight to their
-destination, and nothing is gathered anywhere. What this module adds is the EP timeout rule: a
-peer that has not posted by `deadline` counts as having sent nothing (instead of failing the
-call), and is reported to the group as failed so that every member stops waiting for it.
+destination, and nothing is gathered anywhere. Dispatch and combine use its direct form
+(alltoall_direct): over shared memory a sender writes its blocks straight into its posted
+window and a receiver reads the peers' windows in place. What this module adds is the EP
+timeout rule: a peer that has not posted by `deadline` counts as having sent nothing (instead
+of failing the call), and is reported to the group as failed so that every member stops
+waiting for it.
 """
 
 from __future__ import annotations

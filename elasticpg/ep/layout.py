@@ -79,21 +79,6 @@ def wide_rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return ts
 
 
-def place_rows(dest: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """dest[idx] = src for 2-D tensors of one row size (dest rows contiguous): what
-    dest.index_copy_(0, idx, src) does, through numpy with each row one record, so that each
-    row is one memcpy (measured 0.34 ms against index_copy_'s 0.56 ms, even over int64
-    words, for 1024 rows of 4 KiB)."""
-    if idx.numel():
-        _records(dest)[idx.numpy()] = _records(src)
-
-
-def _records(t: torch.Tensor) -> np.ndarray:
-    """The rows of 2-D `t` as a 1-D numpy array of opaque records (a view: writes land in t)."""
-    rows, nbytes = t.shape[0], t.shape[1] * t.element_size()
-    return t.view(torch.uint8).numpy().view(np.dtype((np.void, nbytes))).reshape(rows)
-
-
 def size_hint(n: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Bytes of exchange buffer one rank needs for the largest step: every one of its N tokens
     may go to every local expert of every rank (dispatch, in float32), and come back (combine),
