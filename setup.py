@@ -1,10 +1,14 @@
-"""Only the optional C helper lives here; everything else is in pyproject.toml.
+"""Only the optional C helpers live here; everything else is in pyproject.toml.
 
-The helper (streaming-store copies for large shared-memory outputs) is optional: without a C
-compiler the install goes on and elasticpg copies with memmove instead.
+The helpers (streaming-store copies for large shared-memory outputs; combine's one-pass fold)
+are optional: without a C compiler the install goes on and elasticpg copies with memmove and
+folds with torch ops instead (the same results, bit for bit).
 """
 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("elasticpg.transport._streamcopy",
-                             ["elasticpg/transport/_streamcopy.c"], optional=True)])
+                             ["elasticpg/transport/_streamcopy.c"], optional=True),
+                   # no fused multiply-adds: the fold must round as the torch fallback does
+                   Extension("elasticpg.ep._fold", ["elasticpg/ep/_fold.c"], optional=True,
+                             extra_compile_args=["-O3", "-ffp-contract=off"])])

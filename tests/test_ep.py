@@ -103,8 +103,11 @@ def layout_problems(rank: int, world: int, step: int, dtype, recv, count, handle
 def job_dense(rank: int, world: int, port: int, transport: str = "shm") -> list:
     from elasticpg.ep import Buffer
 
-    init_group(rank, world, port,
-               env={"ELASTICPG_TRANSPORT": "tcp"} if transport == "tcp" else {})
+    env = {"tcp": {"ELASTICPG_TRANSPORT": "tcp"},
+           # 16 KiB windows: some ranks' blocks fit in one window (read in place), others
+           # span several (copied out window by window), in the same call
+           "shm-16k": {"ELASTICPG_SHM_WINDOW": "16384"}}.get(transport, {})
+    init_group(rank, world, port, env=env)
     buf = Buffer(dist.group.WORLD, Buffer.get_ep_buffer_size_hint(N, HIDDEN, world, EXPERTS))
     results = []
     for step, (dtype, fp8) in enumerate([(torch.float32, False), (torch.bfloat16, False),
@@ -146,7 +149,8 @@ def zero_copy_step(buf, rank: int, world: int) -> tuple:
             combined is out, [])
 
 
-@pytest.mark.parametrize("world, transport", [(2, "shm"), (4, "shm"), (2, "tcp")])
+@pytest.mark.parametrize("world, transport", [(2, "shm"), (4, "shm"), (2, "tcp"),
+                                              (4, "shm-16k")])
 def test_dispatch_combine_equal_the_dense_reference(pool, world, transport):
     if EXPERTS % world:
         pytest.skip("needs num_experts divisible by the ranks")
@@ -198,6 +202,37 @@ def test_a_rank_that_dies_between_dispatch_and_combine(pool):
         v = res[r].value
         assert all(v["ok"]), v
         assert v["active"] == [1, 1, 1, 0], v
+
+
+def job_window_rewritten_while_read(rank: int, world: int, port: int) -> dict:
+    """Rank 0 finds every peer's dispatch window rewritten after it read it (Peek.intact()
+    false: what happens when a peer that counted rank 0 out has moved on): none of those rows
+    count, so rank 0's result is its own experts' only, and the peers, which get no answers
+    from rank 0 for the rows they sent it, count rank 0's experts out."""
+    from elasticpg.collectives.shm_algorithms import Peek
+
+    buf = _buffer(rank, world, port)
+    active = torch.ones(world, dtype=torch.int32)
+    ok = _steps(buf, rank, world, 0, 1, frozenset(), active)
+    intact = Peek.intact
+    if rank == 0:
+        Peek.intact = lambda self: False
+
+    def restore():
+        Peek.intact = intact
+
+    dead = frozenset(range(1, world)) if rank == 0 else frozenset({0})
+    combined, ref, _x, _ = ep_step(buf, rank, world, 1, torch.float32, False, active, dead,
+                                   before_combine=restore)
+    ok.append(_close(combined, ref, TOL[torch.float32]))
+    return {"ok": ok, "active": active.tolist()}
+
+
+def test_a_window_rewritten_while_read_contributes_no_rows(pool):
+    res = pool.run(job_window_rewritten_while_read, world=4, timeout=60)
+    assert all(res[0]["ok"]) and res[0]["active"] == [1, 0, 0, 0], res[0]
+    for r in (1, 2, 3):
+        assert all(res[r]["ok"]) and res[r]["active"] == [0, 1, 1, 1], res[r]
 
 
 def job_dies_inside_a_dispatch(rank: int, world: int, port: int) -> dict:

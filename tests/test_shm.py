@@ -220,3 +220,131 @@ def test_window_size_from_the_environment(monkeypatch):
         monkeypatch.setenv("ELASTICPG_SHM_WINDOW", bad)
         with pytest.raises(ValueError, match="ELASTICPG_SHM_WINDOW"):
             window_bytes()
+
+
+# ---- the direct all_to_all (zero-copy receive) ----------------------------------------------
+def _pattern(src: int, dst: int, nbytes: int) -> bytes:
+    return bytes((src * 37 + dst * 11 + i) % 251 for i in range(nbytes))
+
+
+def job_direct_alltoall_from_a_peer_that_dies(rank: int, world: int, port: int) -> dict:
+    """Rank 1 posts its blocks and exits at once; rank 0 reads rank 1's block (a view of its
+    window) only after the process is gone: the block is whole and intact() says so, since
+    a dead process cannot write. Then the group goes on without it."""
+    import select
+
+    import numpy as np
+
+    from elasticpg.collectives.shm_exchange import ShmOp
+    from elasticpg.ep.exchange import DISPATCH_ROUND, Exchange
+
+    from .test_ep import _client
+
+    init_group(rank, world, port)
+    ex = Exchange(_runtime())
+    sizes = [0 if p == rank else 3000 + 100 * p for p in range(world)]
+    dist.barrier()  # a serving group: the peers' regions are mapped by now
+
+    def write(stream, offsets):
+        for p, o in enumerate(offsets):
+            if o >= 0:
+                stream[o:o + sizes[p]] = np.frombuffer(_pattern(rank, p, sizes[p]), np.uint8)
+
+    if rank == 1:
+        _client(port).set("pid1", str(os.getpid()))
+        post = ShmOp.post
+
+        def post_then_die(self, k, *args, **kw):
+            b = post(self, k, *args, **kw)
+            os._exit(0)  # posted whole: its token is set
+            return b
+
+        ShmOp.post = post_then_die
+    else:
+        pid = int(_client(port).get("pid1"))
+    got, failed = ex.alltoall_direct(DISPATCH_ROUND, tuple(range(world)), sizes, write, 10.0)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        gone = True  # exited and reaped already
+    else:
+        try:
+            gone = bool(select.select([fd], [], [], 10.0)[0])  # readable once it has exited
+        finally:
+            os.close(fd)
+    peek = got.get(1)
+    out = {"gone": gone, "failed": sorted(failed), "intact": peek is not None and peek.intact(),
+           "whole": peek is not None and peek.data.tobytes() == _pattern(1, 0, 3000),
+           "view": peek is not None and peek.data.base is not None and not
+           peek.data.flags.owndata}
+    _got, failed2 = ex.alltoall_direct(DISPATCH_ROUND, tuple(range(world)), sizes, write, 10.0)
+    out["next_failed"] = sorted(failed2)
+    return out
+
+
+def test_a_direct_alltoall_view_of_a_dead_peer_is_whole(pool):
+    res = pool.run_raw(job_direct_alltoall_from_a_peer_that_dies, world=2, timeout=60)
+    assert res[1].status == "dead"
+    v = res[0].value
+    assert res[0].status == "ok", v
+    assert v["gone"] and v["intact"] and v["whole"] and v["view"], v
+    assert v["next_failed"] == [1], v
+
+
+def test_a_view_is_not_intact_once_its_poster_rewrites_the_window():
+    """The seqlock behind Peek.intact: a poster clears its token before it rewrites a buffer,
+    so a reader that sees the token changed after reading drops what it read."""
+    import numpy as np
+
+    from elasticpg.collectives.shm_algorithms import Peek
+    from elasticpg.transport.shm import TOK, Region
+
+    region = Region.create(2, 4096)
+    try:
+        token = (7 << 20) | 1
+        region.raw_bytes(0, 0, 64)[:] = 5
+        region.ctl[TOK] = token
+        peek = Peek(region.raw_bytes(0, 0, 64), region.ctl, TOK, token)
+        assert peek.intact() and peek.data.tolist() == [5] * 64
+        region.ctl[TOK] = 0  # what post() does first when it reuses the buffer
+        region.raw_bytes(0, 0, 64)[:] = 6
+        assert not peek.intact()
+        region.ctl[TOK] = (9 << 20) | 1  # and a newer post is no better
+        assert not peek.intact()
+        assert Peek(np.zeros(3, np.uint8)).intact()  # a private copy is always intact
+    finally:
+        del peek
+        region.close()
+
+
+def job_direct_alltoall_windows(rank: int, world: int, port: int) -> list:
+    """Blocks of very different sizes with a 4 KiB window: some streams fit in one window,
+    others span many, so views turn into copies before window 1 is posted; every block
+    arrives whole either way, over several rounds."""
+    import numpy as np
+
+    from elasticpg.ep.exchange import DISPATCH_ROUND, Exchange
+
+    init_group(rank, world, port, env={"ELASTICPG_SHM_WINDOW": "4096"})
+    ex = Exchange(_runtime())
+    out = []
+    for step, base in enumerate([10, 3000, 9000, 100]):
+        sizes = [0 if p == rank else base * (rank + 1) + p for p in range(world)]
+
+        def write(stream, offsets, sizes=sizes, step=step):
+            for p, o in enumerate(offsets):
+                if o >= 0:
+                    stream[o:o + sizes[p]] = np.frombuffer(
+                        _pattern(rank + step, p, sizes[p]), np.uint8)
+
+        got, failed = ex.alltoall_direct(DISPATCH_ROUND, tuple(range(world)), sizes, write,
+                                         10.0)
+        out.append(not failed and sorted(got) == [p for p in range(world) if p != rank] and
+                   all(got[p].intact() and got[p].data.tobytes() ==
+                       _pattern(p + step, rank, base * (p + 1) + rank) for p in got))
+    return out
+
+
+def test_direct_alltoall_in_one_window_and_in_many(pool):
+    for rank, v in enumerate(pool.run(job_direct_alltoall_windows, world=3, timeout=60)):
+        assert all(v), (rank, v)

@@ -22,6 +22,7 @@ import torch
 from ..core.reduction import Reduce, reduce_into
 from ..core.schedules import even_splits
 from ..transport.memcopy import copy_bytes, streams
+from ..transport.shm import TOK
 from .shm_exchange import ShmOp, byte_view
 
 SMALL_NUMPY = 64 << 10  # bytes: below, all_reduce runs in numpy (lower fixed cost per call)
@@ -375,6 +376,102 @@ def alltoall(sx: ShmOp, outs: Sequence[np.ndarray] | Callable[[int, int], np.nda
             if x < y:
                 copy_bytes(dest[x - at:y - at], region.np_raw(b, y - lo)[x - lo:], streaming)
         k += 1
+
+
+class Peek:
+    """One source's bytes from a direct all_to_all (alltoall_direct): `data`, a numpy byte
+    array that is either a view of the source's posted window (zero-copy) or a private copy.
+
+    A view stays valid until this rank posts again in the group (its next collective): the
+    source overwrites that buffer only after it has seen our post of a later round. A source
+    that has counted us out does not wait for that, so a reader confirms with `intact()` after
+    it has read what it needs: the source clears its token before it rewrites a buffer, and
+    on x86 loads are not reordered with older loads, so an unchanged token means that nothing
+    read was overwritten. A source that died cannot write: what it posted whole stays whole."""
+
+    __slots__ = ("data", "_ctl", "_at", "_token")
+
+    def __init__(self, data: np.ndarray, ctl=None, at: int = 0, token: int = 0) -> None:
+        self.data, self._ctl, self._at, self._token = data, ctl, at, token
+
+    def intact(self) -> bool:
+        return self._ctl is None or self._ctl[self._at] == self._token
+
+    def __len__(self) -> int:
+        return self.data.size
+
+
+def alltoall_direct(sx: ShmOp, sizes: Sequence[int],
+                    write: Callable[[np.ndarray, list[int]], None],
+                    alloc: Callable[[int, int], np.ndarray]) -> dict[int, Peek]:
+    """A sized all_to_all without staging copies: {participant index: Peek} for every peer
+    heard from whole.
+
+    `sizes[i]`: bytes for participant i (our own entry is ignored: nothing is sent to
+    ourselves). `write(stream, offsets)` writes the block for participant i at
+    stream[offsets[i]:offsets[i] + sizes[i]]; when the stream fits in one window, `stream` is
+    that window itself (the sender gathers straight into shared memory), else a private array
+    that is posted window by window. A peer's block that lies in a single-round exchange is
+    handed out as a view of its window (see Peek); otherwise it is copied out (into
+    `alloc(i, nbytes)`) as the rounds go, as alltoall does."""
+    ctx, me = sx.ctx, sx.ctx.me
+    parts = ctx.participants
+    table = [0] * (2 * sx.me.slots)
+    offsets, off = [-1] * len(parts), 0
+    for i, r in enumerate(parts):
+        if r != me:
+            table[2 * r], table[2 * r + 1] = off, sizes[i]
+            offsets[i] = off
+            off += sizes[i]
+    segs: list[tuple[int, np.ndarray]] | None = None
+    if off > sx.window:
+        stream = np.empty(off, dtype=np.uint8)
+        write(stream, offsets)
+        segs = [(0, stream)]
+    out: dict[int, Peek] = {}
+    views: dict[int, Peek] = {}  # blocks in window 0, while the exchange is one round
+    want: dict[int, tuple[int, np.ndarray]] = {}  # peer -> (stream offset, destination)
+    k, total = 0, _rounds(sx, off)
+    while k < total:
+        lo, hi = k * sx.window, (k + 1) * sx.window
+        if segs is None:
+            sx.post(k, [], off, table, writer=(lambda raw: write(raw, offsets)) if k == 0
+                    else None)
+        else:
+            sx.post(k, segs, off, table)
+        for i, p in enumerate(parts):
+            if p == me:
+                continue
+            region = sx.wait_post(p, k)
+            if region is None:
+                continue
+            b = sx.bufs[p]
+            if k == 0:
+                at, got = region.table(b)[2 * me:2 * me + 2].tolist()
+                total = max(total, _rounds(sx, sx.stream_len(p)))
+                if at + got <= sx.window:
+                    views[i] = Peek(region.raw_bytes(b, at, at + got), region.ctl,
+                                    TOK + 8 * b, sx.token(0))
+                    continue
+                want[p] = (at, alloc(i, got))
+                out[i] = Peek(want[p][1])
+            if p in want:
+                at, dest = want[p]
+                x, y = max(at, lo), min(at + dest.size, hi)
+                if x < y:
+                    copy_bytes(dest[x - at:y - at], region.np_raw(sx.bufs[p], y - lo)[x - lo:])
+        if total > 1 and views:  # window 0 is rewritten once we post window 1: copy out now
+            for i, v in views.items():
+                mine = alloc(i, v.data.size)
+                mine[:] = v.data
+                if v.intact():
+                    out[i] = Peek(mine)
+                else:  # it counted us out and moved on: what we copied may be torn
+                    ctx.failed.add(parts[i])
+            views = {}
+        k += 1
+    out.update(views)
+    return out
 
 
 def barrier(sx: ShmOp) -> None:

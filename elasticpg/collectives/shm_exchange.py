@@ -16,6 +16,7 @@ skipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -79,8 +80,13 @@ class ShmOp:
     def post(self, k: int,
              segments: list[tuple[int, torch.Tensor]] | list[tuple[int, np.ndarray]] | np.ndarray,
              stream_len: int,
-             table: list[int] | None = None) -> int:
-        """Copy the part of our stream inside window k into the next buffer, then publish it."""
+             table: list[int] | None = None,
+             writer: Callable[[np.ndarray], None] | None = None) -> int:
+        """Copy the part of our stream inside window k into the next buffer, then publish it.
+
+        `writer` (only for a stream that fits in one window, k == 0): called with the buffer's
+        first `stream_len` bytes to write the stream there itself, instead of `segments` being
+        copied in (a sender that gathers its rows straight into the window saves a copy)."""
         host, me, ctx = self.host, self.me, self.ctx
         b = 1 - host.last_buffer
         host.last_buffer = b
@@ -89,7 +95,9 @@ class ShmOp:
         ctl[RED + 8 * b] = 0
         lo = k * self.window
         hi = lo + self.window
-        if isinstance(segments, np.ndarray):  # one small numpy segment, for the fast path
+        if writer is not None:
+            writer(me.raw_bytes(b, 0, stream_len))
+        elif isinstance(segments, np.ndarray):  # one small numpy segment, for the fast path
             me.np_raw(b, segments.size)[:] = segments
         elif segments:  # (stream offset, byte tensor or numpy byte array) pieces
             raw = me.np_raw(b, self.window) if isinstance(segments[0][1], np.ndarray) \

@@ -1,17 +1,24 @@
 """`Buffer`: expert-parallel dispatch/combine with the reference's (Mooncake EP / DeepEP
 low-latency) programming model, over elasticpg's own data planes.
 
-Each call is two rounds of the group's all_to_all (see exchange.py): a fixed-size header round
-(the call's shape, checked for agreement on every rank, and how many bytes follow for each
-destination), then the data round, in which each rank's rows go straight to the rank that owns
-their experts. Nothing is gathered on every rank. The routing and layout math is in layout.py.
+Each call is one round of the group's all_to_all (see exchange.py), in its direct form: every
+block starts with a fixed-size header (the call's shape, checked for agreement on every
+rank), then its data, and each rank's rows go straight to the rank that owns their experts.
+Over shared memory there is one copy per direction and no staging buffer: a sender gathers its
+rows (index_select from x, or from its fp8 form) straight into its own posted window, and a
+receiver copies each (source, local expert) block straight from the source's window into
+recv_x; combine's answers go back the same way and are folded straight from the windows
+(shm_algorithms.Peek says how long such a view stays valid, and how a reader confirms that
+nothing it read was rewritten). Nothing is gathered on every rank. The routing and layout
+math is in layout.py.
 
 Failure rules (SPEC section 6): a rank the group's view no longer holds, or whose entry in
 `active_ranks` is 0, or that the Buffer has not admitted (see update_ep_member), is never sent
-to and its experts are skipped. A source whose bytes do not arrive whole by the timeout counts
-as having sent nothing, and its entry is set to 0; entries are never set back to 1. Every
-output row a caller may read was written in this call from bytes that arrived whole; rows
-past recv_count are never read and are not cleared.
+to and its experts are skipped. A source whose bytes do not arrive whole by the timeout (or
+whose window was rewritten while we read it) counts as having sent nothing, and its entry is
+set to 0; entries are never set back to 1. Every output row a caller may read was written in
+this call from bytes that arrived whole; rows past recv_count are never read and are not
+cleared.
 
 Dispatch's outputs (recv_x, its scales, src_info) live in two buffer sets per shape that
 dispatch uses in turn, as DeepEP's low-latency buffers do: they stay valid until the second
@@ -20,12 +27,11 @@ dispatch after the one that returned them (clone them to keep them longer).
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import torch
 
 from ..api import runtime_of
+from ..collectives.shm_algorithms import Peek
 from . import layout as lay
 from .exchange import COMBINE_ROUND, DISPATCH_ROUND, MEMBER_ROUND, Exchange, ExchangeLike
 
@@ -101,7 +107,12 @@ class Buffer:
         # it in on every call cost more than placing the rows (measured ~2 ms of a 32 MB one)
         self._recv_sets: dict[tuple, list[tuple]] = {}
         self._recv_turn = 0
-        self._fold_scratch = torch.empty(0, dtype=torch.float32)  # combine's float32 rows
+        # reused per-call buffers (fresh megabyte tensors cost page faults on every call):
+        # fp8 quantisation, combine's float32 accumulator and chunk
+        self._quant_key: tuple | None = None
+        self._quant: tuple = ()
+        self._fold_key: tuple | None = None
+        self._fold: tuple = ()
 
     # ---- membership -----------------------------------------------------------------------------
     def update_ep_member(self) -> None:
@@ -138,51 +149,55 @@ class Buffer:
         inview = set(parts) & self.members
         return [bool(active[r]) and r in inview for r in range(self.group_size)]
 
-    def _round(self, data_code: int, parts: tuple[int, ...], call: tuple[int, ...],
-               sends: dict[int, torch.Tensor], bound: float,
-               problem: Exception | None) -> tuple[dict[int, torch.Tensor], set[int]]:
-        """One round: every blob carries our header (HB reserved bytes at its front) and its
-        data; returns each heard peer's data (its blob past the header) and the ranks whose
-        bytes did not arrive whole (failed, timed out, or outside the view).
+    def _exchange_blocks(self, data_code: int, parts: tuple[int, ...], call: tuple[int, ...],
+                         sizes: dict[int, int], fill, bound: float,
+                         problem: Exception | None) -> tuple[dict[int, Peek], set[int]]:
+        """One round: every block carries our header (HB bytes at its front), then `sizes[p]`
+        bytes that `fill(p, block)` writes (straight into our shared-memory window where the
+        transport allows); returns each heard peer's block (a Peek: see
+        shm_algorithms.Peek) and the ranks whose bytes did not arrive whole (failed, timed
+        out, or outside the view).
 
         `call`: (kind, N, hidden, num_experts, dtype code, tokens), our header's first words
         (built inside the caller's argument checks, so a bad call never skips the round).
-        `problem`: this rank's own
-        arguments were bad; it still takes part (with a rejected header and no data, so that
-        the others raise instead of waiting), then raises it. A peer whose call differs
-        (EPMismatchError) or that rejected its arguments makes every rank raise once the round
-        is complete, so the group stays in step and usable."""
-        def header(nbytes: int) -> list[int]:
-            return lay.header_words(*call, nbytes)
+        `problem`: this rank's own arguments were bad; it still takes part (with a rejected
+        header and no data, so that the others raise instead of waiting), then raises it. A
+        peer whose call differs (EPMismatchError) or that rejected its arguments makes every
+        rank raise once the round is complete, so the group stays in step and usable."""
+        me = self.rank
+        nbytes = [0 if p == me else HB + (sizes.get(p, 0) if problem is None else 0)
+                  for p in parts]
 
-        blobs = []
-        for p in parts:
-            blob = sends.get(p) if problem is None else None
-            if blob is None:
-                blob = torch.empty(HB, dtype=torch.uint8)
-            words = lay.rejected_header() if problem is not None else header(blob.numel() - HB)
-            blob[:HB].numpy().view(np.int64)[:] = words  # numpy: cheaper than torch.tensor
-            blobs.append(blob)
-        got, failed = self._exchange.alltoall(data_code, parts, blobs, _scratch, bound)
+        def write(stream: np.ndarray, offsets: list[int]) -> None:
+            for i, p in enumerate(parts):
+                o = offsets[i]
+                if o < 0:
+                    continue
+                stream[o:o + HB].view(np.int64)[:] = lay.rejected_header() \
+                    if problem is not None else lay.header_words(*call, nbytes[i] - HB)
+                if problem is None and nbytes[i] > HB:
+                    fill(p, stream[o + HB:o + nbytes[i]])
+
+        got, failed = self._exchange.alltoall_direct(data_code, parts, nbytes, write, bound)
         if problem is not None:
             raise problem
-        mine = header(0)
+        mine = lay.header_words(*call, 0)
         problems, rejected = [], False
-        out = {}
-        for p, blob in got.items():
-            # (a copy: a transport may hand back views at any byte offset)
-            theirs = list(struct.unpack(f"={lay.HEADER_WORDS}q", blob[:HB].numpy().tobytes())) \
-                if blob.numel() >= HB else None
-            why = lay.header_mismatch(mine, theirs, p, self.rank) if theirs else \
-                f"rank {p} sent {blob.numel()} bytes, not even a header"
-            if why:
+        for p, peek in list(got.items()):
+            blob = peek.data
+            theirs = blob[:HB].view(np.int64).tolist() if blob.size >= HB else None
+            why = lay.header_mismatch(mine, theirs, p, me) if theirs else \
+                f"rank {p} sent {blob.size} bytes, not even a header"
+            if why and not peek.intact():  # rewritten under us: it sent nothing we can use
+                del got[p]
+                failed.add(p)
+            elif why:
                 problems.append(why)
                 rejected |= bool(theirs) and theirs[0] >> 8 == lay.REJECTED
-            out[p] = blob[HB:]
         if problems:
             cls = lay.EPConfigError if rejected else lay.EPMismatchError
             raise cls("expert-parallel call refused: " + "; ".join(problems))
-        return out, failed | (set(range(self.group_size)) - set(parts))
+        return got, failed | (set(range(self.group_size)) - set(parts))
 
     # ---- dispatch -------------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, active_ranks: torch.Tensor,
@@ -192,6 +207,8 @@ class Buffer:
         n, r = num_max_dispatch_tokens_per_rank, self.group_size
         parts = self._exchange.participants()
         problem, bound = None, self._exchange.timeout
+        sizes: dict[int, int] = {}
+        fill = None
         try:
             if not isinstance(x, torch.Tensor):
                 raise lay.EPConfigError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -207,30 +224,48 @@ class Buffer:
             local = num_experts // r
             usable = self._usable(active_ranks.tolist(), parts)
             plan = lay.plan_dispatch(idx, num_experts, r, usable)
-            sends, own = self._pack_dispatch(xc, plan, use_fp8, local)
-            code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
+            own = self._own_rows(xc, use_fp8, n)
             esize = xc.element_size()
+            for d, c in enumerate(plan.rank_rows):
+                if c and d != self.rank:
+                    sizes[d] = lay.dispatch_blob_bytes(local, c, hidden, use_fp8, esize)
+            fill = self._dispatch_filler(plan, own, local, hidden)
+            code = lay.FP8_CODE if use_fp8 else lay.DTYPE_CODES[xc.dtype]
             rb = lay.row_bytes(hidden, use_fp8, esize)
             call = (DISPATCH_KIND, n, hidden, num_experts, code, t)
         except BAD_CALL as exc:  # raised once the round is complete, on every rank
-            problem, sends, call, own = exc, {}, (), None
+            problem, call = exc, ()
 
-        got, failed = self._round(DISPATCH_ROUND, parts, call, sends, bound, problem)
-        counts: list[list[int] | None] = [None] * r
-        for s, blob in got.items():
-            if usable[s] and blob.numel():
-                c = blob[:4 * local].view(torch.int32).tolist()
-                if lay.dispatch_blob_bytes(local, sum(c), hidden, use_fp8, esize) != \
-                        blob.numel():
-                    raise lay.EPMismatchError(f"rank {s} sent {blob.numel()} bytes for "
-                                              f"{sum(c)} rows of {rb} bytes")
-                counts[s] = c
-        me = self.rank
-        if usable[me] and plan.rank_rows[me]:
-            counts[me] = plan.counts[me]  # our own rows never left: see _pack_dispatch
-        layout = lay.recv_layout(counts, local)
-        recv_x, scales, src_info = self._unpack_dispatch(got, counts, layout, local, n, hidden,
-                                                         xc.dtype, use_fp8, plan, own)
+        got, failed = self._exchange_blocks(DISPATCH_ROUND, parts, call, sizes, fill, bound,
+                                            problem)
+        stride = r * n
+        recv_x, scales, src_info = self._recv_set(local, stride, hidden, xc.dtype, use_fp8)
+        while True:  # once, unless a source's window was rewritten while we read it
+            counts: list[list[int] | None] = [None] * r
+            for s, peek in got.items():
+                blob = peek.data
+                if usable[s] and blob.size > HB:
+                    c = blob[HB:HB + 4 * local].view(np.int32).tolist()
+                    rows = sum(c)
+                    if not lay.check_counts(c, local, n) or HB + lay.dispatch_blob_bytes(
+                            local, rows, hidden, use_fp8, esize) != blob.size:
+                        if not peek.intact():
+                            continue  # rewritten under us: dropped below
+                        raise lay.EPMismatchError(f"rank {s} sent {blob.size} bytes for "
+                                                  f"{rows} rows of {rb} bytes")
+                    counts[s] = c
+            me = self.rank
+            if usable[me] and plan.rank_rows[me]:
+                counts[me] = plan.counts[me]  # our own rows never leave: see _own_rows
+            layout = lay.recv_layout(counts, local)
+            self._place_dispatch(got, counts, layout, local, stride, hidden, use_fp8, plan,
+                                 own, recv_x, scales, src_info)
+            torn = [s for s, peek in got.items() if not peek.intact()]
+            if not torn:
+                break
+            for s in torn:  # it counted us out and moved on: its rows may be torn; none count
+                del got[s]
+                failed.add(s)
         self._mark_inactive(active_ranks, usable, failed)
         handle = DispatchHandle((src_info, layout.layout_range(), n, hidden, num_experts),
                                 plan, usable, layout)
@@ -241,42 +276,47 @@ class Buffer:
         out_x = (recv_x, scales) if use_fp8 else recv_x
         return out_x, recv_count, handle, EventOverlap(), _done
 
-    def _pack_dispatch(self, x: torch.Tensor, plan: lay.SendPlan, fp8: bool,
-                       local: int) -> tuple[dict[int, torch.Tensor], tuple]:
-        """One blob per other destination: room for the header, counts per local expert
-        (int32 [L]), the rows' token indices (int32), the rows' data, then (fp8) their scales.
-        Rows for our own experts are not packed (the round carries only our header to
-        ourselves): _unpack_dispatch places them straight from the returned (rows, scales),
-        which saves a pack and a copy of up to 1/R of the data."""
-        if fp8:
-            data, sc = lay.quantize_fp8(x)
-            data = data.view(torch.uint8)
-        else:
-            data, sc = x, None
-        hidden = x.shape[1]
-        sends = {}
-        for d, c in enumerate(plan.rank_rows):
-            if not c or d == self.rank:
-                continue
-            a = plan.row_offsets[d]
+    def _own_rows(self, x: torch.Tensor, fp8: bool, n: int) -> tuple:
+        """(data, scales or None) of this call's tokens as they travel: x itself, or its fp8
+        form in reused buffers (quantised once per token, whatever number of experts it
+        goes to). Our own experts' rows are placed from here (they never enter the
+        exchange), the others are gathered from here straight into the outgoing window."""
+        if not fp8:
+            return x, None
+        t, hidden = x.shape
+        key = (n, hidden)
+        if self._quant_key != key:
+            self._quant = (torch.empty(n, hidden, dtype=torch.float8_e4m3fn),
+                           torch.empty(n, hidden // lay.FP8_BLOCK, dtype=torch.float32),
+                           torch.empty(n * hidden, dtype=torch.float32))
+            self._quant_key = key
+        data, sc, work = self._quant
+        data, sc = lay.quantize_fp8(x, (data[:t], sc[:t]), work)
+        return data.view(torch.uint8), sc
+
+    @staticmethod
+    def _dispatch_filler(plan: lay.SendPlan, own: tuple, local: int, hidden: int):
+        """fill(destination, block): the destination's dispatch block past the header:
+        counts per local expert (int32 [L]), the rows' token indices (int32), the rows' data
+        gathered from `own` (as 8-byte words where the row allows), then (fp8) their scales."""
+        data, sc = own
+        offsets = plan.row_offsets
+
+        def fill(d: int, blob: np.ndarray) -> None:
+            c, a = plan.rank_rows[d], offsets[d]
             rows = plan.row_token[a:a + c]
-            dbytes = c * hidden * data.element_size()
+            blob[:4 * local].view(np.int32)[:] = plan.counts[d]
+            blob[4 * local:4 * (local + c)].view(np.int32)[:] = rows.numpy()
             o = lay.data_offset(local, c)
-            blob = torch.empty(HB + lay.dispatch_blob_bytes(local, c, hidden, fp8,
-                                                            x.element_size()),
-                               dtype=torch.uint8)
-            sends[d] = blob
-            blob = blob[HB:]
-            blob[:4 * local].view(torch.int32).copy_(torch.tensor(plan.counts[d],
-                                                                  dtype=torch.int32))
-            blob[4 * local:4 * (local + c)].view(torch.int32).copy_(rows)
-            src, dst = lay.wide_rows(data, blob[o:o + dbytes].view(data.dtype).view(c, hidden))
+            dbytes = c * hidden * data.element_size()
+            dst = torch.from_numpy(blob[o:o + dbytes]).view(data.dtype).view(c, hidden)
+            src, dst = lay.wide_rows(data, dst)
             torch.index_select(src, 0, rows, out=dst)
             if sc is not None:
                 sb = c * sc.shape[1] * 4
-                torch.index_select(sc, 0, rows, out=blob[o + dbytes:o + dbytes + sb]
-                                   .view(torch.float32).view(c, -1))
-        return sends, (data, sc)
+                torch.index_select(sc, 0, rows, out=torch.from_numpy(
+                    blob[o + dbytes:o + dbytes + sb]).view(torch.float32).view(c, -1))
+        return fill
 
     def _recv_set(self, local: int, stride: int, hidden: int, dtype: torch.dtype,
                   fp8: bool) -> tuple:
@@ -301,43 +341,55 @@ class Buffer:
                                  dtype=torch.float32).transpose(1, 2)
         return recv_x, scales, torch.empty(local, stride, dtype=torch.int32)
 
-    def _unpack_dispatch(self, got: dict[int, torch.Tensor], counts: list[list[int] | None],
-                         layout: lay.RecvLayout, local: int, n: int, hidden: int,
-                         dtype: torch.dtype, fp8: bool, plan: lay.SendPlan, own: tuple):
-        r = self.group_size
-        stride = r * n
-        recv_x, scales, src_info = self._recv_set(local, stride, hidden, dtype, fp8)
-        src_info.fill_(-1)
+    def _place_dispatch(self, got: dict[int, Peek], counts: list[list[int] | None],
+                        layout: lay.RecvLayout, local: int, stride: int, hidden: int,
+                        fp8: bool, plan: lay.SendPlan, own: tuple, recv_x: torch.Tensor,
+                        scales: torch.Tensor | None, src_info: torch.Tensor) -> None:
+        """Every row that arrived, straight from the source's window into recv_x: one copy
+        per (source, local expert) block, as 8-byte words where the row allows; our own
+        rows gathered from x (or its fp8 form) into their blocks."""
         flat_x = recv_x.view(local * stride, hidden)
         flat_x = flat_x.view(torch.uint8) if fp8 else flat_x
-        esize = 1 if fp8 else recv_x.element_size()
-        for s in range(r):
+        wide_x = lay.wide_rows(flat_x)[0]
+        np_x = _np_rows(wide_x)
+        words = wide_x.shape[1]
+        np_src = src_info.view(-1).numpy()
+        src_info.fill_(-1)
+        np_sc = scales.transpose(1, 2).numpy() if fp8 else None  # [L, hidden/128, R*N]
+        nb = hidden // lay.FP8_BLOCK
+        rb = hidden * flat_x.element_size()
+        for s in range(self.group_size):
             c = counts[s]
-            if c is None or not sum(c):
+            if c is None:
                 continue
             rows = sum(c)
-            idx = layout.flat_rows(s, stride)
-            if s == self.rank:  # our own rows, straight from x (or its fp8 form)
+            if not rows:
+                continue
+            blocks = lay.blocks(c, layout.begin[s], stride)
+            if s == self.rank:  # our own rows, from x (or its fp8 form)
+                data, sc = own
+                wide, into = lay.wide_rows(data, flat_x)
                 a = plan.row_offsets[s]
                 tok = plan.row_token[a:a + rows]
-                src_info.view(-1).index_copy_(0, idx, tok.to(torch.int32))
-                data, sc = own
-                lay.place_rows(flat_x, idx, lay.wide_rows(data)[0].index_select(0, tok))
-                if fp8:
-                    scales.index_put_((idx // stride, idx % stride), sc.index_select(0, tok))
+                for at, o, m in blocks:
+                    torch.index_select(wide, 0, tok[o:o + m], out=into[at:at + m])
+                    np_src[at:at + m] = tok[o:o + m].numpy()
+                    if sc is not None:
+                        e, b = divmod(at, stride)
+                        np_sc[e, :, b:b + m] = sc.index_select(0, tok[o:o + m]).numpy().T
                 continue
-            blob = got[s]
-            src_info.view(-1).index_copy_(0, idx, blob[4 * local:4 * (local + rows)]
-                                          .view(torch.int32))
-            o = lay.data_offset(local, rows)
-            nb = rows * hidden * esize
-            data = blob[o:o + nb].view(torch.uint8 if fp8 else recv_x.dtype).view(rows, hidden)
-            lay.place_rows(flat_x, idx, data)
-            if fp8:
-                sc = blob[o + nb:o + nb + rows * hidden // lay.FP8_BLOCK * 4] \
-                    .view(torch.float32).view(rows, -1)
-                scales.index_put_((idx // stride, idx % stride), sc)
-        return recv_x, scales, src_info
+            blob = got[s].data[HB:]
+            tokens = blob[4 * local:4 * (local + rows)].view(np.int32)
+            o0 = lay.data_offset(local, rows)
+            rowdata = blob[o0:o0 + rows * rb].view(np_x.dtype).reshape(rows, words)
+            sdata = blob[o0 + rows * rb:o0 + rows * rb + rows * nb * 4].view(
+                np.float32).reshape(rows, nb) if fp8 else None
+            for at, o, m in blocks:
+                np_x[at:at + m] = rowdata[o:o + m]
+                np_src[at:at + m] = tokens[o:o + m]
+                if sdata is not None:
+                    e, b = divmod(at, stride)
+                    np_sc[e, :, b:b + m] = sdata[o:o + m].T
 
     def _mark_inactive(self, active_ranks: torch.Tensor, usable: list[bool],
                        failed: set[int]) -> None:
@@ -363,6 +415,8 @@ class Buffer:
         r = self.group_size
         parts = self._exchange.participants()
         problem, bound = None, self._exchange.timeout
+        sizes: dict[int, int] = {}
+        fill = None
         try:
             if not isinstance(handle, DispatchHandle):
                 raise lay.EPConfigError("combine needs the handle that this Buffer's dispatch "
@@ -389,45 +443,85 @@ class Buffer:
             bound = self._bound(timeout_us)
             stride = r * n
             flat = xs.view(local * stride, hidden)
-            sends = {}
+            row_b = hidden * xs.element_size()
             for s in range(r):
                 rows = sum(layout.counts[s])
                 if rows and s != self.rank:  # our own answers never leave (see below)
-                    blob = torch.empty(HB + rows * hidden * xs.element_size(), dtype=torch.uint8)
-                    src, dst = lay.wide_rows(flat, blob[HB:].view(xs.dtype).view(rows, hidden))
-                    torch.index_select(src, 0, layout.flat_rows(s, stride), out=dst)
-                    sends[s] = blob
-            row_b = hidden * xs.element_size()
+                    sizes[s] = rows * row_b
+            fill = _combine_filler(flat, layout, stride)
             call = (COMBINE_KIND, n, hidden, num_experts, lay.DTYPE_CODES[xs.dtype], t)
         except BAD_CALL as exc:  # raised once the round is complete, on every rank
-            problem, sends, call = exc, {}, ()
+            problem, call = exc, ()
 
-        got, failed = self._round(COMBINE_ROUND, parts, call, sends, bound, problem)
+        got, failed = self._exchange_blocks(COMBINE_ROUND, parts, call, sizes, fill, bound,
+                                            problem)
         active = active_ranks.tolist()
-        answers = {}
-        for d in range(r):  # in rank order: the fold's order of float additions
-            if not handle.sent_to[d] or not active[d] or not plan.rank_rows[d]:
-                continue
-            if d == self.rank:  # our own rows' answers, straight from the expert outputs
-                answers[d] = flat.index_select(0, layout.flat_rows(d, r * n))
-            elif d in got and got[d].numel() == plan.rank_rows[d] * row_b:
-                answers[d] = got[d].view(xs.dtype).view(plan.rank_rows[d], hidden)
-            else:
-                failed.add(d)  # it did not answer (whole): its experts count as inactive
         weights = lay.row_weights(plan, w, sum(plan.rank_rows))
-        combined = torch.zeros(t, hidden, dtype=torch.float32)
-        if self._fold_scratch.shape[1:] != (hidden,):
-            self._fold_scratch = torch.empty(lay.fold_chunk_rows(hidden), hidden,
-                                             dtype=torch.float32)
-        lay.fold(combined, plan, answers, weights, self._fold_scratch)
+        scratch = self._fold_buffers(n, hidden)
+        combined = scratch[0][:t]
+        own = None
+        if handle.sent_to[self.rank] and active[self.rank] and plan.rank_rows[self.rank]:
+            # our own rows' answers, straight from the expert outputs: a block per local
+            # expert, in the order we "sent" them
+            own = [flat[at:at + c] for at, _o, c in lay.blocks(
+                layout.counts[self.rank], layout.begin[self.rank], r * n)]
+        while True:  # once, unless a peer's window was rewritten while we read it
+            answers = {}
+            for d in range(r):  # in rank order: the fold's order of float additions
+                if not handle.sent_to[d] or not active[d] or not plan.rank_rows[d] or \
+                        d in failed:
+                    continue
+                if d == self.rank:
+                    answers[d] = own
+                elif d in got and got[d].data.size == HB + plan.rank_rows[d] * row_b:
+                    answers[d] = torch.from_numpy(got[d].data[HB:]).view(xs.dtype).view(
+                        plan.rank_rows[d], hidden)
+                else:
+                    failed.add(d)  # it did not answer (whole): its experts count as inactive
+            combined.zero_()
+            lay.fold(combined, plan, answers, weights, scratch[1])
+            torn = [d for d in answers if d != self.rank and not got[d].intact()]
+            if not torn:
+                break
+            failed.update(torn)  # rewritten under us (it counted us out): fold without it
         self._mark_inactive(active_ranks, [True] * r, failed)
-        result = combined.to(xs.dtype)
         if out is not None:
-            out.copy_(result)
+            out.copy_(combined)
             result = out
-        elif device.type != "cpu":
-            result = result.to(device)
+        else:
+            result = combined.to(xs.dtype, copy=True)  # (combined is a reused buffer)
+            if device.type != "cpu":
+                result = result.to(device)
         return result, EventOverlap(), _done
+
+    def _fold_buffers(self, n: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 [N, hidden] accumulator, float32 chunk rows), reused across calls."""
+        if self._fold_key != (n, hidden):
+            self._fold = (torch.empty(n, hidden, dtype=torch.float32),
+                          torch.empty(lay.fold_chunk_rows(hidden), hidden,
+                                      dtype=torch.float32))
+            self._fold_key = (n, hidden)
+        return self._fold
+
+
+def _combine_filler(flat: torch.Tensor, layout: lay.RecvLayout, stride: int):
+    """fill(source, block): the expert outputs of the source's rows, in the order it sent
+    them (local expert, then token), one copy per (source, local expert) block."""
+    wide = lay.wide_rows(flat)[0]
+    np_y = _np_rows(wide)
+
+    def fill(s: int, blob: np.ndarray) -> None:
+        dst = blob.view(np_y.dtype).reshape(-1, np_y.shape[1])
+        for at, o, m in lay.blocks(layout.counts[s], layout.begin[s], stride):
+            dst[o:o + m] = np_y[at:at + m]
+    return fill
+
+
+def _np_rows(t: torch.Tensor) -> np.ndarray:
+    """A 2-D integer (or float32) tensor's rows as a numpy array (a view: writes land in t)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

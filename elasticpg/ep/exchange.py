@@ -3,9 +3,12 @@
 It is the group's own all_to_all (collectives: shared memory when every participant is on this
 host, TCP frames otherwise), run as one collective of the group, so it shares the group's
 sequence numbers, failure handling and views: each rank's bytes go straight to their
-destination, and nothing is gathered anywhere. What this module adds is the EP timeout rule: a
-peer that has not posted by `deadline` counts as having sent nothing (instead of failing the
-call), and is reported to the group as failed so that every member stops waiting for it.
+destination, and nothing is gathered anywhere. Dispatch and combine use its direct form
+(alltoall_direct): over shared memory a sender writes its blocks straight into its posted
+window and a receiver reads the peers' windows in place. What this module adds is the EP
+timeout rule: a peer that has not posted by `deadline` counts as having sent nothing (instead
+of failing the call), and is reported to the group as failed so that every member stops
+waiting for it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..collectives import shm_algorithms
 from ..collectives.context import OpContext, OpSpec
+from ..collectives.shm_algorithms import Peek
 from ..core.dtypes import dtype_code
 from ..core.framing import OpKind
 from ..group.runtime import GroupRuntime
@@ -32,6 +37,7 @@ _UINT8 = dtype_code(torch.uint8)
 
 
 Alloc = Callable[[int, int], torch.Tensor]  # (source rank, nbytes) -> uint8 tensor to fill
+Writer = Callable[[np.ndarray, list[int]], None]  # (stream bytes, offset of each block)
 
 
 class ExchangeLike(Protocol):
@@ -45,6 +51,9 @@ class ExchangeLike(Protocol):
 
     def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list[torch.Tensor],
                  alloc: Alloc, bound: float) -> tuple[dict[int, torch.Tensor], set[int]]: ...
+
+    def alltoall_direct(self, round_code: int, parts: tuple[int, ...], sizes: list[int],
+                        write: Writer, bound: float) -> tuple[dict[int, Peek], set[int]]: ...
 
 
 class Exchange:
@@ -60,13 +69,7 @@ class Exchange:
         """Settle membership at this operation boundary; who the next round runs over."""
         return self.rt.prepare()
 
-    def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list[torch.Tensor],
-                 alloc: Alloc, bound: float) -> tuple[dict[int, torch.Tensor], set[int]]:
-        """sends[i] goes to participant parts[i]; returns {source: the bytes it sent us} for
-        every source whose bytes arrived whole, and the peers whose did not (failed, excluded,
-        or silent for `bound` seconds from the start of this round). No size is agreed
-        beforehand: each receive is allocated (`alloc`) at the size its sender posted, so one
-        round carries both the header and the data of a call."""
+    def _context(self, round_code: int, parts: tuple[int, ...], bound: float) -> OpContext:
         rt = self.rt
         spec = OpSpec(OpKind.ALLTOALL_SINGLE, _UINT8, 0, round_code)
         lane = rt.lane()
@@ -75,6 +78,73 @@ class Exchange:
         ctx.deadline = time.monotonic() + bound
         ctx.give_up_on_timeout = True
         ctx.timed_out.clear()
+        return ctx
+
+    def _run(self, ctx: OpContext, body: Callable[[OpContext], None]) -> set[int]:
+        """Run one round's body under the EP timeout rule; the peers that failed it."""
+        rt = self.rt
+
+        def guarded(c: OpContext) -> None:
+            body(c)
+            for p in sorted(c.timed_out - c.lagged):
+                # the group learns it here, so the view (mode a) leaves it out from now on
+                rt.fail_peer(p, f"rank {p} did not answer rank {rt.rank}'s expert-parallel "
+                                f"exchange within its timeout", how="ep_timeout")
+
+        try:
+            rt.run(ctx, guarded)
+        finally:
+            ctx.give_up_on_timeout = False  # the lane's context is reused by other collectives
+        if ctx.timed_out:
+            log.warning("rank %d: expert-parallel exchange gave up on ranks %s (timeout)",
+                        rt.rank, sorted(ctx.timed_out))
+        return set(ctx.failed)
+
+    def alltoall_direct(self, round_code: int, parts: tuple[int, ...], sizes: list[int],
+                        write: Writer, bound: float) -> tuple[dict[int, Peek], set[int]]:
+        """The same round as alltoall, without staging copies: `write(stream, offsets)` lays
+        our blocks (sizes[i] bytes for participant parts[i]; nothing to ourselves) out in the
+        outgoing stream, which over shared memory is our window itself; each heard source's
+        block comes back as a Peek, over shared memory a view of its window (valid until our
+        next collective in this group; confirm with Peek.intact() once read). Over TCP the
+        blocks are framed and received as alltoall does."""
+        ctx = self._context(round_code, parts, bound)
+        got: dict[int, Peek] = {}
+
+        def body(c: OpContext) -> None:
+            if c.shm is not None:
+                heard = shm_algorithms.alltoall_direct(
+                    c.shm, sizes, write, lambda i, nb: np.empty(nb, dtype=np.uint8))
+                got.update((parts[i], v) for i, v in heard.items())
+                return
+            offsets, off = [], 0
+            for i, p in enumerate(parts):
+                n = 0 if p == self.rank else sizes[i]
+                offsets.append(off if n else -1)
+                off += n
+            stream = torch.empty(off, dtype=torch.uint8)
+            write(stream.numpy(), offsets)
+            sends = [stream[o:o + sizes[i]] if o >= 0 else stream[:0]
+                     for i, o in enumerate(offsets)]
+
+            def take(i: int, nbytes: int) -> torch.Tensor:
+                t = torch.empty(nbytes, dtype=torch.uint8)
+                if parts[i] != self.rank:
+                    got[parts[i]] = Peek(t.numpy())
+                return t
+            _tcp_alltoall(c, parts, sends, take)
+
+        failed = self._run(ctx, body)
+        return {p: v for p, v in got.items() if p not in failed}, failed
+
+    def alltoall(self, round_code: int, parts: tuple[int, ...], sends: list[torch.Tensor],
+                 alloc: Alloc, bound: float) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """sends[i] goes to participant parts[i]; returns {source: the bytes it sent us} for
+        every source whose bytes arrived whole, and the peers whose did not (failed, excluded,
+        or silent for `bound` seconds from the start of this round). No size is agreed
+        beforehand: each receive is allocated (`alloc`) at the size its sender posted, so one
+        round carries both the header and the data of a call."""
+        ctx = self._context(round_code, parts, bound)
         got: dict[int, torch.Tensor] = {}
 
         def take(i: int, nbytes: int) -> torch.Tensor:
@@ -87,19 +157,8 @@ class Exchange:
                                         [s.numpy() for s in sends])
             else:
                 _tcp_alltoall(c, parts, sends, take)
-            for p in sorted(c.timed_out - c.lagged):
-                # the group learns it here, so the view (mode a) leaves it out from now on
-                rt.fail_peer(p, f"rank {p} did not answer rank {rt.rank}'s expert-parallel "
-                                f"exchange within its timeout", how="ep_timeout")
 
-        try:
-            rt.run(ctx, body)
-        finally:
-            ctx.give_up_on_timeout = False  # the lane's context is reused by other collectives
-        failed = set(ctx.failed)
-        if ctx.timed_out:
-            log.warning("rank %d: expert-parallel exchange gave up on ranks %s (timeout)",
-                        rt.rank, sorted(ctx.timed_out))
+        failed = self._run(ctx, body)
         return {p: t for p, t in got.items() if p not in failed}, failed
 
 

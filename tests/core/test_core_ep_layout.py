@@ -148,10 +148,19 @@ def test_size_hint_grows_with_every_argument():
         assert lay.size_hint(*args) > base
 
 
-def test_chunked_fold_adds_in_the_same_order_and_unsent_weights_are_ignored():
-    """fold works in chunks of its scratch; the sum must be bit-identical to one index_add_ per
-    destination (the order of float additions per token is the rows' order). A NaN weight on
-    a -1 (unsent) selection must not reach any row."""
+@pytest.mark.parametrize("helper", ["c-tokens", "c-rows", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fold_adds_in_the_same_order_and_unsent_weights_are_ignored(monkeypatch, helper, dtype):
+    """fold (the C helper, or torch ops in chunks of its scratch) must be bit-identical to one
+    index_add_ per destination (the order of float additions per token is the rows' order),
+    also when a destination's answers come as blocks. A NaN weight on a -1 (unsent)
+    selection must not reach any row."""
+    if helper == "torch":
+        monkeypatch.setattr(lay, "_c_fold", None)
+    elif lay._c_fold is None:
+        pytest.skip("built without the optional C helper elasticpg.ep._fold")
+    if helper != "c-tokens":
+        monkeypatch.setattr(lay, "_c_fold_tokens", None)
     g = torch.Generator().manual_seed(5)
     t, k, experts, ranks, hidden = 40, 6, 16, 4, 64
     idx = torch.randint(-1, experts, (t, k), generator=g)
@@ -161,7 +170,7 @@ def test_chunked_fold_adds_in_the_same_order_and_unsent_weights_are_ignored():
     rows = sum(plan.rank_rows)
     weights = lay.row_weights(plan, w, rows)
     assert not weights.isnan().any()
-    answers = {d: torch.randn(c, hidden, generator=g).to(torch.bfloat16)
+    answers = {d: torch.randn(c, hidden, generator=g).to(dtype)
                for d, c in enumerate(plan.rank_rows) if c}
     whole = torch.zeros(t, hidden)
     offs = plan.row_offsets
@@ -172,6 +181,52 @@ def test_chunked_fold_adds_in_the_same_order_and_unsent_weights_are_ignored():
         got = torch.zeros(t, hidden)
         lay.fold(got, plan, answers, weights, torch.empty(scratch_rows, hidden))
         assert torch.equal(got, whole)
+    blocks = {d: [a[:2], a[2:5], a[5:]] for d, a in answers.items()}
+    got = torch.zeros(t, hidden)
+    lay.fold(got, plan, blocks, weights, torch.empty(7, hidden))
+    assert torch.equal(got, whole)
+
+
+def test_the_c_fold_refuses_tokens_outside_the_output():
+    if lay._c_fold is None:
+        pytest.skip("built without the optional C helper elasticpg.ep._fold")
+    acc = torch.zeros(3, 8)
+    rows = torch.ones(2, 8)
+    with pytest.raises(IndexError, match="outside"):
+        lay.fold_rows(acc, rows, torch.tensor([0, 3]), torch.ones(2), None)
+    with pytest.raises(IndexError, match="outside"):
+        lay._c_fold_tokens(acc.numpy(), torch.tensor([[0], [2], [-1]]).numpy(),
+                           torch.tensor([rows.data_ptr(), 0]).numpy(),
+                           torch.ones(2).numpy(), 8, 4)
+    assert not acc.any()
+
+
+def test_fp8_quantisation_into_reused_buffers_equals_the_fresh_one():
+    x = torch.randn(9, 256).to(torch.bfloat16)
+    x[2, :128] = 0  # an all-zero block: the scale floor
+    d1, s1 = lay.quantize_fp8(x)
+    d2 = torch.empty(16, 256, dtype=torch.float8_e4m3fn)[:9]
+    s2 = torch.empty(9, 2)
+    lay.quantize_fp8(x, (d2, s2), torch.empty(16 * 256))
+    assert torch.equal(d1.view(torch.uint8), d2.view(torch.uint8)) and torch.equal(s1, s2)
+    xf = x.float()
+    before = xf.clone()
+    lay.quantize_fp8(xf)
+    assert torch.equal(xf, before)  # the input is never scaled in place
+
+
+def test_blocks_cover_a_sources_rows_once_in_order():
+    lo = lay.recv_layout([[2, 0, 1], [1, 3, 0]], 3)
+    stride = 10
+    for s in (0, 1):
+        flat = lo.flat_rows(s, stride).tolist()
+        got = []
+        for at, o, m in lay.blocks(lo.counts[s], lo.begin[s], stride):
+            assert o == len(got)
+            got += range(at, at + m)
+        assert got == flat
+    assert lay.check_counts([0, 5], 2, 5) and not lay.check_counts([6, 0], 2, 5)
+    assert not lay.check_counts([1], 2, 5) and not lay.check_counts([-1, 0], 2, 5)
 
 
 def test_wide_rows_views_share_one_element_type():
