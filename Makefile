@@ -10,7 +10,8 @@ TORCH := torch==2.13.0
 
 .PHONY: setup demo test bench lint clean system-packages
 
-$(BIN)/.installed: pyproject.toml
+# setup.py and the C sources too: a changed optional C helper must be rebuilt, not skipped
+$(BIN)/.installed: pyproject.toml setup.py $(wildcard elasticpg/*/*.c)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" -e ".[test]"
