@@ -133,6 +133,8 @@ class ShmOp:
             raise CollectiveMismatchError(next(iter(mb._aborted.values())))
         if peer in mb._failed:
             raise _PeerGoneError
+        if self.ctx.link.excluded_after(peer, self.ctx.epoch):
+            raise _PeerGoneError  # a newer decided view excludes it: it will not post this op
         if mb._closed is not None:
             raise OperationTimeoutError(f"group closed: {mb._closed}")
         if min(int(region.ctl[TOK]), int(region.ctl[TOK + 8])) > token:

@@ -168,6 +168,8 @@ class GroupRuntime:
         self._lock = threading.Lock()  # guards self.state (see the theory of operation)
         self._news = threading.Condition(self._lock)  # a joiner became ready, a peer failed
         self._reported: set[int] = set()  # peers P2P operations completed without
+        # members the newest noted (not yet applied) view excludes: see note_decision
+        self.noted_out: frozenset[int] = frozenset()
         self.state = GroupState(rank, Phase.ISOLATED if options.is_extension else Phase.ACTIVE,
                                 self.auto_deactivate, self.auto_sync)
         self._seq = 0
@@ -387,13 +389,23 @@ class GroupRuntime:
         with self._lock:
             if not self.state.note_decision(epoch):
                 return
-        me_out = self.rank not in active
-        # (set difference: a view of 1024 slots, heard by each of 1023 members)
-        for r in sorted(set(self.view.active).difference(() if me_out else active)):
+            me_out = self.rank not in active
+            # (set difference: a view of 1024 slots, heard by each of 1023 members)
+            out = frozenset(set(self.view.active).difference(() if me_out else active))
+            # Kept apart from the mailbox's failure marks: an in-place rejoiner's JOIN, right
+            # behind its leave's VIEW frame, revives it there (_link_back) before a waiter on
+            # it may have looked, and a shared-memory wait would then wait out its timeout.
+            self.noted_out = out
+        for r in sorted(out):
             if r != self.rank:
                 self.mailbox.fail_peer(r, f"rank {self.rank} was excluded in epoch {epoch}"
                                        if me_out else f"excluded in epoch {epoch}")
         self.shm.wake_all()  # shared-memory waits re-check who failed
+
+    def excluded_after(self, peer: int, epoch: int) -> bool:
+        """Does a view decided after `epoch` (noted here, maybe not applied) exclude `peer`?
+        Then it takes no part in an operation of `epoch` that has not heard from it yet."""
+        return self.state.noted_epoch > epoch and peer in self.noted_out
 
     def poll_decisions(self) -> None:
         """Liveness thread: one store read per tick for decisions no VIEW frame brought."""

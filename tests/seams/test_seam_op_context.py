@@ -45,6 +45,9 @@ class FakeLink:
             return None
         return lambda: self.probes[peer]
 
+    def excluded_after(self, peer, epoch):
+        return False
+
 
 def _ctx(link: FakeLink, numel: int = 3, epoch: int = 2) -> OpContext:
     spec = OpSpec(OpKind.ALLREDUCE, dtype_code(torch.float32), numel, -1, int(Reduce.SUM))

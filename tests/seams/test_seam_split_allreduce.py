@@ -81,6 +81,9 @@ class LoopLink:
     def shm_probe(self, peer, seq, epoch):
         return None
 
+    def excluded_after(self, peer, epoch):
+        return False
+
     def scratch(self, peer, seq, nbytes):
         key = (peer, seq & 1)
         if key not in self._scratch or self._scratch[key].numel() != nbytes:
