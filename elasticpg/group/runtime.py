@@ -652,7 +652,8 @@ class GroupRuntime:
         """An endpoint of `peer` other than `stale`, within failure_timeout (and `deadline`);
         raises ConnectionRefusedError if none appears."""
         until = min(deadline, time.monotonic() + self.failure_timeout)
-        while time.monotonic() < until:
+        # (a destroyed group stops at once: destroy() joins its connect thread only briefly)
+        while time.monotonic() < until and self.state.phase is not Phase.DESTROYED:
             current = self.control.endpoint(peer, timeout=max(until - time.monotonic(), 0.001))
             if current != stale:
                 return current
