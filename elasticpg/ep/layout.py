@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-try:  # combine's one-pass folds (optional C helper; torch ops compute the same without it)
+try:  # combine's one-pass folds and dispatch's fp8 quantisation (optional C helper; torch ops
+    # compute the same, bit for bit, without it)
     from ._fold import fold as _c_fold
     from ._fold import fold_tokens as _c_fold_tokens
+    from ._fold import quantize_fp8 as _c_quantize_fp8
 except ImportError:
-    _c_fold = _c_fold_tokens = None
+    _c_fold = _c_fold_tokens = _c_quantize_fp8 = None
 
 FP8_BLOCK = 128  # channels per fp8 scale
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -241,6 +243,14 @@ def quantize_fp8(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None 
     same either way (amax as the larger of max and -min: the same number as abs().amax())."""
     t, hidden = x.shape
     nb = hidden // FP8_BLOCK
+    if out is not None and _c_quantize_fp8 is not None and x.is_contiguous() and \
+            x.dtype in X_DTYPES and out[0].is_contiguous() and out[1].is_contiguous():
+        # one pass in C instead of ~11 torch ops (measured ~60 -> ~8 us at 32 x 256); a
+        # non-finite x is left to the torch ops below, whose NaN rules are the reference
+        raw = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+        if _c_quantize_fp8(raw.numpy(), out[0].view(torch.uint8).numpy(), out[1].numpy(),
+                           hidden, x.element_size()):
+            return out
     if work is None:
         blocks = x.view(t, nb, FP8_BLOCK).to(torch.float32, copy=True)  # scaled in place
     else:

@@ -236,3 +236,35 @@ def test_wide_rows_views_share_one_element_type():
     assert lay.wide_rows(a)[0].dtype == torch.int64
     assert {v.dtype for v in lay.wide_rows(a, b)} == {torch.int32}
     assert {v.dtype for v in lay.wide_rows(a, b, c)} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_c_fp8_quantisation_is_bit_identical_to_the_torch_ops(dtype, monkeypatch):
+    if lay._c_quantize_fp8 is None:
+        pytest.skip("the C helper is not built")
+    g = torch.Generator().manual_seed(11)
+    for trial in range(120):
+        t, hidden = 1 + trial % 17, 128 * (1 + trial % 4)
+        scale = 10.0 ** (trial % 25 - 12)  # tiny (the 1e-4 floor, denormal fp8) to huge
+        x = torch.randn(t, hidden, generator=g) * scale
+        x[torch.rand(t, hidden, generator=g) < 0.2] = 0
+        x[0, :128] = 0  # an all-zero block
+        x = x.to(dtype)
+        outs = []
+        for c in (lay._c_quantize_fp8, None):
+            monkeypatch.setattr(lay, "_c_quantize_fp8", c)
+            d = torch.empty(t, hidden, dtype=torch.float8_e4m3fn)
+            s = torch.empty(t, hidden // 128)
+            lay.quantize_fp8(x, (d, s), torch.empty(t * hidden))
+            outs.append((d.view(torch.uint8), s.view(torch.int32)))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_the_c_fp8_quantisation_leaves_non_finite_rows_to_torch():
+    x = torch.zeros(2, 128)
+    x[1, 3] = float("nan")
+    d, s = torch.empty(2, 128, dtype=torch.float8_e4m3fn), torch.empty(2, 1)
+    lay.quantize_fp8(x, (d, s), torch.empty(256))
+    d0, s0 = lay.quantize_fp8(x)
+    assert torch.equal(d.view(torch.uint8), d0.view(torch.uint8))
+    assert torch.equal(s.isnan(), s0.isnan())
