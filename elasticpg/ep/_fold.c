@@ -313,6 +313,60 @@ static PyObject *py_quantize_fp8(PyObject *self, PyObject *const *args, Py_ssize
     return PyBool_FromLong(ok);
 }
 
+/* copy_rows(dst, dst_rows, src, src_rows, row_bytes): dst row dst_rows[i] = src row
+ * src_rows[i] (int64 indices, checked), rows of row_bytes bytes; one call in place of a torch
+ * index_select per (local expert) block, which cost more in fixed overhead than the copy at
+ * small shapes. A plain memcpy: the same bytes as the torch fallback. */
+static PyObject *py_copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "copy_rows(dst, dst_rows, src, src_rows, row_bytes) takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t rb = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (rb <= 0) {
+        PyErr_SetString(PyExc_ValueError, "copy_rows: row_bytes must be > 0");
+        return NULL;
+    }
+    Py_buffer b[4];
+    int flags[4] = {PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS,
+                    PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS};
+    int got = 0;
+    for (; got < 4; got++)
+        if (PyObject_GetBuffer(args[got], &b[got], flags[got]) < 0)
+            break;
+    if (got == 4) {
+        Py_ssize_t n = b[1].len / 8, nd = b[0].len / rb, ns = b[2].len / rb;
+        if (b[1].len != n * 8 || b[3].len != n * 8) {
+            PyErr_SetString(PyExc_ValueError, "copy_rows: index arrays do not agree");
+        } else {
+            const int64_t *di = b[1].buf, *si = b[3].buf;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                if (di[i] < 0 || di[i] >= nd || si[i] < 0 || si[i] >= ns) {
+                    PyErr_Format(PyExc_IndexError, "copy_rows: row %zd (%lld <- %lld) outside "
+                                 "the buffers", i, (long long)di[i], (long long)si[i]);
+                    break;
+                }
+            }
+            if (!PyErr_Occurred()) {
+                char *d = b[0].buf;
+                const char *sp = b[2].buf;
+                for (Py_ssize_t i = 0; i < n; i++)
+                    memcpy(d + di[i] * rb, sp + si[i] * rb, (size_t)rb);
+            }
+        }
+    }
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&b[i]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fold", (PyCFunction)(void (*)(void))py_fold, METH_FASTCALL,
      "fold(acc, rows, tokens, weights, hidden, itemsize): acc[tokens[i]] += weights[i] * "
@@ -323,6 +377,8 @@ static PyMethodDef methods[] = {
     {"quantize_fp8", (PyCFunction)(void (*)(void))py_quantize_fp8, METH_FASTCALL,
      "quantize_fp8(x, data, scales, hidden, itemsize): per-128-channel float8_e4m3fn, as "
      "layout.quantize_fp8's torch ops compute it; False if x is not all finite."},
+    {"copy_rows", (PyCFunction)(void (*)(void))py_copy_rows, METH_FASTCALL,
+     "copy_rows(dst, dst_rows, src, src_rows, row_bytes): dst[dst_rows[i]] = src[src_rows[i]]."},
     {NULL, NULL, 0, NULL},
 };
 

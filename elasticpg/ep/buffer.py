@@ -366,17 +366,15 @@ class Buffer:
             if not rows:
                 continue
             blocks = lay.blocks(c, layout.begin[s], stride)
-            if s == self.rank:  # our own rows, from x (or its fp8 form)
+            dst = lay.block_rows(blocks)  # every row's place, for the whole-source copies
+            if s == self.rank:  # our own rows, from x (or its fp8 form): one copy in all
                 data, sc = own
-                wide, into = lay.wide_rows(data, flat_x)
                 a = plan.row_offsets[s]
-                tok = plan.row_token[a:a + rows]
-                for at, o, m in blocks:
-                    torch.index_select(wide, 0, tok[o:o + m], out=into[at:at + m])
-                    np_src[at:at + m] = tok[o:o + m].numpy()
-                    if sc is not None:
-                        e, b = divmod(at, stride)
-                        np_sc[e, :, b:b + m] = sc.index_select(0, tok[o:o + m]).numpy().T
+                tok = plan.row_token[a:a + rows].numpy()
+                lay.copy_rows(flat_x, dst, data, tok)
+                np_src[dst] = tok
+                if sc is not None:  # np_sc[e, :, b] for each row's (e, b) = divmod(dst)
+                    np_sc[dst // stride, :, dst % stride] = sc.numpy()[tok]
                 continue
             blob = got[s].data[HB:]
             tokens = blob[4 * local:4 * (local + rows)].view(np.int32)
@@ -386,10 +384,9 @@ class Buffer:
                 np.float32).reshape(rows, nb) if fp8 else None
             for at, o, m in blocks:
                 np_x[at:at + m] = rowdata[o:o + m]
-                np_src[at:at + m] = tokens[o:o + m]
-                if sdata is not None:
-                    e, b = divmod(at, stride)
-                    np_sc[e, :, b:b + m] = sdata[o:o + m].T
+            np_src[dst] = tokens
+            if sdata is not None:
+                np_sc[dst // stride, :, dst % stride] = sdata
 
     def _mark_inactive(self, active_ranks: torch.Tensor, usable: list[bool],
                        failed: set[int]) -> None:

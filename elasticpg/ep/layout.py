@@ -23,11 +23,12 @@ import torch
 
 try:  # combine's one-pass folds and dispatch's fp8 quantisation (optional C helper; torch ops
     # compute the same, bit for bit, without it)
+    from ._fold import copy_rows as _c_copy_rows
     from ._fold import fold as _c_fold
     from ._fold import fold_tokens as _c_fold_tokens
     from ._fold import quantize_fp8 as _c_quantize_fp8
 except ImportError:
-    _c_fold = _c_fold_tokens = _c_quantize_fp8 = None
+    _c_fold = _c_fold_tokens = _c_quantize_fp8 = _c_copy_rows = None
 
 FP8_BLOCK = 128  # channels per fp8 scale
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -79,6 +80,29 @@ def wide_rows(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 all(not t.storage_offset() * esize % size for t in ts):
             return tuple(t.view(dt) for t in ts)
     return ts
+
+
+def copy_rows(dst: torch.Tensor, dst_rows: np.ndarray, src: torch.Tensor,
+              src_rows: np.ndarray) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] for 2-D tensors with rows of the same bytes (int64
+    numpy indices): one C call (a memcpy per row), or without the helper an index_select and
+    an index_copy_ of wide_rows views; the same bytes either way."""
+    if _c_copy_rows is not None and dst.is_contiguous() and src.is_contiguous():
+        _c_copy_rows(dst.view(torch.uint8).numpy(), dst_rows, src.view(torch.uint8).numpy(),
+                     src_rows, dst.shape[1] * dst.element_size())
+        return
+    wide, into = wide_rows(src, dst)
+    into.index_copy_(0, torch.from_numpy(dst_rows),
+                     wide.index_select(0, torch.from_numpy(src_rows)))
+
+
+def block_rows(blocks: list[tuple[int, int, int]]) -> np.ndarray:
+    """int64 [rows]: the recv_x rows (of recv_x.view(L * stride, ...)) that `blocks` (see
+    blocks()) cover, in the source's order."""
+    if len(blocks) == 1:
+        at, _o, m = blocks[0]
+        return np.arange(at, at + m, dtype=np.int64)
+    return np.concatenate([np.arange(at, at + m, dtype=np.int64) for at, _o, m in blocks])
 
 
 def size_hint(n: int, hidden: int, num_ranks: int, num_experts: int) -> int:
