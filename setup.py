@@ -1,8 +1,9 @@
 """Only the optional C helpers live here; everything else is in pyproject.toml.
 
-The helpers (streaming-store copies for large shared-memory outputs; combine's one-pass fold)
-are optional: without a C compiler the install goes on and elasticpg copies with memmove and
-folds with torch ops instead (the same results, bit for bit).
+The helpers (streaming-store copies for large shared-memory outputs; combine's one-pass fold
+and dispatch's one-pass fp8 quantisation) are optional: without a C compiler the install goes on
+and elasticpg copies with memmove, folds and quantises with torch ops instead (the same results,
+bit for bit).
 """
 
 from setuptools import Extension, setup

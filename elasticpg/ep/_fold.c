@@ -196,6 +196,177 @@ static PyObject *py_fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
+/* dispatch's fp8 quantisation in one pass, bit-identical to elasticpg.ep.layout.quantize_fp8's
+ * torch ops (~11 of them, each a few microseconds of dispatch, on a few KB at small shapes):
+ * per 128 channels amax = max |v| floored at 1e-4f, every value times (1/amax) * 448 rounded
+ * to float32 as torch's reciprocal and multiply do, converted to float8_e4m3fn the way c10
+ * does (round to nearest even; 0x7f past the largest finite), scale = amax / 448. A row
+ * holding a NaN or an infinity is left to torch (returns False), whose propagation rules are
+ * the reference here. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+/* AVX2 where the CPU has it, chosen at load time (the same IEEE operations either way) */
+__attribute__((target_clones("avx2", "default")))
+#endif
+static int quant_rows(const void *x, uint8_t *restrict data, float *restrict scales,
+                      Py_ssize_t t, Py_ssize_t hidden, int bf16)
+{
+    /* branch-free per value (selects, not jumps), so the compiler vectorises each loop */
+    uint32_t v[128];
+    const Py_ssize_t nb = hidden / 128;
+    const uint32_t denorm = UINT32_C(141) << 23;
+    float denorm_f;
+    memcpy(&denorm_f, &denorm, sizeof denorm_f);
+    for (Py_ssize_t i = 0; i < t; i++) {
+        for (Py_ssize_t b = 0; b < nb; b++) {
+            const Py_ssize_t at = i * hidden + b * 128;
+            if (bf16) {
+                const uint16_t *restrict src = (const uint16_t *)x + at;
+                for (int h = 0; h < 128; h++)
+                    v[h] = (uint32_t)src[h] << 16;
+            } else {
+                memcpy(v, (const float *)x + at, sizeof v);
+            }
+            /* |v| as bits: for non-negative floats the integer order is the float order */
+            uint32_t top = 0;
+            for (int h = 0; h < 128; h++) {
+                uint32_t a = v[h] & UINT32_C(0x7fffffff);
+                top = a > top ? a : top;
+            }
+            if (top >= UINT32_C(0x7f800000)) /* a NaN or an infinity */
+                return 0;
+            float amax;
+            memcpy(&amax, &top, sizeof amax);
+            const float floor_ = (float)1e-4;
+            amax = amax < floor_ ? floor_ : amax;
+            const float recip = 1.0f / amax;
+            const float factor = recip * 448.0f;
+            uint8_t *restrict out = data + at;
+            for (int h = 0; h < 128; h++) {
+                float f;
+                memcpy(&f, &v[h], sizeof f);
+                f = f * factor;
+                uint32_t bits;
+                memcpy(&bits, &f, sizeof bits);
+                const uint32_t sign = bits & UINT32_C(0x80000000);
+                bits ^= sign;
+                /* c10's float -> float8_e4m3fn: a denormal by a float add, a normal by
+                 * round-to-nearest-even on the bits, 0x7f (NaN) from 480.0f up */
+                float mag, dsum;
+                memcpy(&mag, &bits, sizeof mag);
+                dsum = mag + denorm_f;
+                uint32_t dbits;
+                memcpy(&dbits, &dsum, sizeof dbits);
+                const uint32_t den = dbits - denorm;
+                const uint32_t nor = (bits + ((uint32_t)(7 - 127) << 23) + UINT32_C(0x7FFFF) +
+                                      ((bits >> 20) & 1)) >> 20;
+                /* selects as masks (bits < 2^31 here, so signed compares are right) */
+                const uint32_t small = -(uint32_t)((int32_t)bits < (int32_t)(121 << 23));
+                const uint32_t big = -(uint32_t)((int32_t)bits >= (int32_t)(1087 << 20));
+                uint32_t r = (den & small) | (nor & ~small);
+                r = (UINT32_C(0x7f) & big) | (r & ~big);
+                out[h] = (uint8_t)((r & 0xff) | (sign >> 24));
+            }
+            scales[i * nb + b] = amax / 448.0f;
+        }
+    }
+    return 1;
+}
+
+/* quantize_fp8(x, data, scales, hidden, itemsize): x [T, hidden] of bfloat16 (itemsize 2,
+ * as int16) or float32 (4); data uint8 [T, hidden] and scales float32 [T, hidden/128] are
+ * written. True when done; False (outputs unspecified) when x holds a NaN or an infinity. */
+static PyObject *py_quantize_fp8(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "quantize_fp8(x, data, scales, hidden, itemsize) takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t hidden = PyLong_AsSsize_t(args[3]), itemsize = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (hidden <= 0 || hidden % 128 || (itemsize != 2 && itemsize != 4)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "quantize_fp8: hidden must be a positive multiple of 128, itemsize 2 or 4");
+        return NULL;
+    }
+    Py_buffer b[3];
+    int flags[3] = {PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS,
+                    PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS};
+    int got = 0, ok = 0;
+    for (; got < 3; got++)
+        if (PyObject_GetBuffer(args[got], &b[got], flags[got]) < 0)
+            break;
+    if (got == 3) {
+        Py_ssize_t t = b[0].len / (hidden * itemsize);
+        if (b[0].len != t * hidden * itemsize || b[1].len != t * hidden ||
+            b[2].len != t * (hidden / 128) * 4)
+            PyErr_SetString(PyExc_ValueError, "quantize_fp8: buffer sizes do not agree");
+        else
+            ok = quant_rows(b[0].buf, b[1].buf, b[2].buf, t, hidden, itemsize == 2);
+    }
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&b[i]);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(ok);
+}
+
+/* copy_rows(dst, dst_rows, src, src_rows, row_bytes): dst row dst_rows[i] = src row
+ * src_rows[i] (int64 indices, checked), rows of row_bytes bytes; one call in place of a torch
+ * index_select per (local expert) block, which cost more in fixed overhead than the copy at
+ * small shapes. A plain memcpy: the same bytes as the torch fallback. */
+static PyObject *py_copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "copy_rows(dst, dst_rows, src, src_rows, row_bytes) takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t rb = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (rb <= 0) {
+        PyErr_SetString(PyExc_ValueError, "copy_rows: row_bytes must be > 0");
+        return NULL;
+    }
+    Py_buffer b[4];
+    int flags[4] = {PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS,
+                    PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS};
+    int got = 0;
+    for (; got < 4; got++)
+        if (PyObject_GetBuffer(args[got], &b[got], flags[got]) < 0)
+            break;
+    if (got == 4) {
+        Py_ssize_t n = b[1].len / 8, nd = b[0].len / rb, ns = b[2].len / rb;
+        if (b[1].len != n * 8 || b[3].len != n * 8) {
+            PyErr_SetString(PyExc_ValueError, "copy_rows: index arrays do not agree");
+        } else {
+            const int64_t *di = b[1].buf, *si = b[3].buf;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                if (di[i] < 0 || di[i] >= nd || si[i] < 0 || si[i] >= ns) {
+                    PyErr_Format(PyExc_IndexError, "copy_rows: row %zd (%lld <- %lld) outside "
+                                 "the buffers", i, (long long)di[i], (long long)si[i]);
+                    break;
+                }
+            }
+            if (!PyErr_Occurred()) {
+                char *d = b[0].buf;
+                const char *sp = b[2].buf;
+                for (Py_ssize_t i = 0; i < n; i++)
+                    memcpy(d + di[i] * rb, sp + si[i] * rb, (size_t)rb);
+            }
+        }
+    }
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&b[i]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fold", (PyCFunction)(void (*)(void))py_fold, METH_FASTCALL,
      "fold(acc, rows, tokens, weights, hidden, itemsize): acc[tokens[i]] += weights[i] * "
@@ -203,11 +374,17 @@ static PyMethodDef methods[] = {
     {"fold_tokens", (PyCFunction)(void (*)(void))py_fold_tokens, METH_FASTCALL,
      "fold_tokens(acc, sel, addr, weights, hidden, itemsize): per token, its rows' weighted "
      "answers added in ascending row order."},
+    {"quantize_fp8", (PyCFunction)(void (*)(void))py_quantize_fp8, METH_FASTCALL,
+     "quantize_fp8(x, data, scales, hidden, itemsize): per-128-channel float8_e4m3fn, as "
+     "layout.quantize_fp8's torch ops compute it; False if x is not all finite."},
+    {"copy_rows", (PyCFunction)(void (*)(void))py_copy_rows, METH_FASTCALL,
+     "copy_rows(dst, dst_rows, src, src_rows, row_bytes): dst[dst_rows[i]] = src[src_rows[i]]."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fold", "combine's one-pass fold (see the C file for why).", -1,
+    PyModuleDef_HEAD_INIT, "_fold",
+    "combine's one-pass fold and dispatch's fp8 quantisation (see the C file for why).", -1,
     methods,
 };
 

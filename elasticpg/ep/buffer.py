@@ -298,8 +298,10 @@ class Buffer:
     def _dispatch_filler(plan: lay.SendPlan, own: tuple, local: int, hidden: int):
         """fill(destination, block): the destination's dispatch block past the header:
         counts per local expert (int32 [L]), the rows' token indices (int32), the rows' data
-        gathered from `own` (as 8-byte words where the row allows), then (fp8) their scales."""
+        gathered from `own` (lay.copy_rows: byte rows), then (fp8) their scales."""
         data, sc = own
+        raw = data.view(torch.uint8)
+        raw_sc = sc.view(torch.uint8) if sc is not None else None
         offsets = plan.row_offsets
 
         def fill(d: int, blob: np.ndarray) -> None:
@@ -309,13 +311,14 @@ class Buffer:
             blob[4 * local:4 * (local + c)].view(np.int32)[:] = rows.numpy()
             o = lay.data_offset(local, c)
             dbytes = c * hidden * data.element_size()
-            dst = torch.from_numpy(blob[o:o + dbytes]).view(data.dtype).view(c, hidden)
-            src, dst = lay.wide_rows(data, dst)
-            torch.index_select(src, 0, rows, out=dst)
+            seq = np.arange(c, dtype=np.int64)
+            tok = rows.numpy()
+            # byte rows both sides (one C call each; see lay.copy_rows)
+            lay.copy_rows(torch.from_numpy(blob[o:o + dbytes]).view(c, -1), seq, raw, tok)
             if sc is not None:
                 sb = c * sc.shape[1] * 4
-                torch.index_select(sc, 0, rows, out=torch.from_numpy(
-                    blob[o + dbytes:o + dbytes + sb]).view(torch.float32).view(c, -1))
+                lay.copy_rows(torch.from_numpy(blob[o + dbytes:o + dbytes + sb]).view(c, -1),
+                              seq, raw_sc, tok)
         return fill
 
     def _recv_set(self, local: int, stride: int, hidden: int, dtype: torch.dtype,
@@ -366,17 +369,15 @@ class Buffer:
             if not rows:
                 continue
             blocks = lay.blocks(c, layout.begin[s], stride)
-            if s == self.rank:  # our own rows, from x (or its fp8 form)
+            dst = lay.block_rows(blocks)  # every row's place, for the whole-source copies
+            if s == self.rank:  # our own rows, from x (or its fp8 form): one copy in all
                 data, sc = own
-                wide, into = lay.wide_rows(data, flat_x)
                 a = plan.row_offsets[s]
-                tok = plan.row_token[a:a + rows]
-                for at, o, m in blocks:
-                    torch.index_select(wide, 0, tok[o:o + m], out=into[at:at + m])
-                    np_src[at:at + m] = tok[o:o + m].numpy()
-                    if sc is not None:
-                        e, b = divmod(at, stride)
-                        np_sc[e, :, b:b + m] = sc.index_select(0, tok[o:o + m]).numpy().T
+                tok = plan.row_token[a:a + rows].numpy()
+                lay.copy_rows(flat_x, dst, data, tok)
+                np_src[dst] = tok
+                if sc is not None:  # np_sc[e, :, b] for each row's (e, b) = divmod(dst)
+                    np_sc[dst // stride, :, dst % stride] = sc.numpy()[tok]
                 continue
             blob = got[s].data[HB:]
             tokens = blob[4 * local:4 * (local + rows)].view(np.int32)
@@ -386,10 +387,9 @@ class Buffer:
                 np.float32).reshape(rows, nb) if fp8 else None
             for at, o, m in blocks:
                 np_x[at:at + m] = rowdata[o:o + m]
-                np_src[at:at + m] = tokens[o:o + m]
-                if sdata is not None:
-                    e, b = divmod(at, stride)
-                    np_sc[e, :, b:b + m] = sdata[o:o + m].T
+            np_src[dst] = tokens
+            if sdata is not None:
+                np_sc[dst // stride, :, dst % stride] = sdata
 
     def _mark_inactive(self, active_ranks: torch.Tensor, usable: list[bool],
                        failed: set[int]) -> None:

@@ -3,6 +3,7 @@ dense reference, with the exchange simulated by handing each destination its row
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -236,3 +237,68 @@ def test_wide_rows_views_share_one_element_type():
     assert lay.wide_rows(a)[0].dtype == torch.int64
     assert {v.dtype for v in lay.wide_rows(a, b)} == {torch.int32}
     assert {v.dtype for v in lay.wide_rows(a, b, c)} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_c_fp8_quantisation_is_bit_identical_to_the_torch_ops(dtype, monkeypatch):
+    if lay._c_quantize_fp8 is None:
+        pytest.skip("the C helper is not built")
+    g = torch.Generator().manual_seed(11)
+    for trial in range(120):
+        t, hidden = 1 + trial % 17, 128 * (1 + trial % 4)
+        scale = 10.0 ** (trial % 25 - 12)  # tiny (the 1e-4 floor, denormal fp8) to huge
+        x = torch.randn(t, hidden, generator=g) * scale
+        x[torch.rand(t, hidden, generator=g) < 0.2] = 0
+        x[0, :128] = 0  # an all-zero block
+        x = x.to(dtype)
+        outs = []
+        for c in (lay._c_quantize_fp8, None):
+            monkeypatch.setattr(lay, "_c_quantize_fp8", c)
+            d = torch.empty(t, hidden, dtype=torch.float8_e4m3fn)
+            s = torch.empty(t, hidden // 128)
+            lay.quantize_fp8(x, (d, s), torch.empty(t * hidden))
+            outs.append((d.view(torch.uint8), s.view(torch.int32)))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_the_c_fp8_quantisation_leaves_non_finite_rows_to_torch():
+    x = torch.zeros(2, 128)
+    x[1, 3] = float("nan")
+    d, s = torch.empty(2, 128, dtype=torch.float8_e4m3fn), torch.empty(2, 1)
+    lay.quantize_fp8(x, (d, s), torch.empty(256))
+    d0, s0 = lay.quantize_fp8(x)
+    assert torch.equal(d.view(torch.uint8), d0.view(torch.uint8))
+    assert torch.equal(s.isnan(), s0.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
+def test_copy_rows_c_and_torch_write_the_same_bytes(dtype, monkeypatch):
+    src = torch.randn(20, 256).to(dtype) if dtype != torch.uint8 else \
+        torch.randint(0, 255, (20, 384), dtype=torch.uint8)
+    dst_rows = np.array([7, 3, 30, 0, 12], dtype=np.int64)
+    src_rows = np.array([19, 0, 4, 4, 11], dtype=np.int64)
+    outs = []
+    for c in (lay._c_copy_rows, None):
+        monkeypatch.setattr(lay, "_c_copy_rows", c)
+        dst = torch.zeros(32, src.shape[1], dtype=dtype)
+        lay.copy_rows(dst, dst_rows, src, src_rows)
+        outs.append(dst.view(torch.uint8))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[1].view(dtype)[dst_rows], src[src_rows])
+
+
+def test_the_c_copy_rows_refuses_rows_outside_the_buffers():
+    if lay._c_copy_rows is None:
+        pytest.skip("the C helper is not built")
+    dst = np.zeros((4, 8), dtype=np.uint8)
+    with pytest.raises(IndexError):
+        lay._c_copy_rows(dst, np.array([4], dtype=np.int64), np.zeros((2, 8), np.uint8),
+                         np.array([0], dtype=np.int64), 8)
+    assert not dst.any()
+
+
+def test_block_rows_lists_the_blocks_rows_in_order():
+    lo = lay.recv_layout([[2, 0, 1], [1, 3, 0]], 3)
+    for s in (0, 1):
+        got = lay.block_rows(lay.blocks(lo.counts[s], lo.begin[s], 10)).tolist()
+        assert got == lo.flat_rows(s, 10).tolist()
