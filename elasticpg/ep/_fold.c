@@ -17,6 +17,46 @@
 
 #define RELEASE_GIL_FROM (256 * 1024) /* row bytes: smaller folds are over before a switch pays */
 
+/* The entry points' shared argument handling. Each takes `nbuf` buffers then `nint` integers
+ * (METH_FASTCALL): `args_in` checks the count, reads the integers into `ints` and acquires the
+ * buffers with their `flags` (releasing them again on failure); `args_out` releases them and
+ * returns `result`, or NULL if a Python error was set meanwhile. */
+#define MAX_ARGS 4
+#define BUF_W (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+#define BUF_R PyBUF_C_CONTIGUOUS
+
+static int args_in(PyObject *const *args, Py_ssize_t nargs, const char *usage, int nbuf,
+                   const int *flags, Py_buffer *b, int nint, Py_ssize_t *ints)
+{
+    if (nargs != nbuf + nint) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, nbuf + nint);
+        return -1;
+    }
+    for (int i = 0; i < nint; i++)
+        ints[i] = PyLong_AsSsize_t(args[nbuf + i]);
+    if (PyErr_Occurred())
+        return -1;
+    for (int i = 0; i < nbuf; i++) {
+        if (PyObject_GetBuffer(args[i], &b[i], flags[i]) < 0) {
+            while (i--)
+                PyBuffer_Release(&b[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *args_out(Py_buffer *b, int nbuf, PyObject *result)
+{
+    for (int i = 0; i < nbuf; i++)
+        PyBuffer_Release(&b[i]);
+    if (PyErr_Occurred()) {
+        Py_XDECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
 static void fold_bf16(float *restrict acc, const uint16_t *restrict rows,
                       const int64_t *restrict tok, const float *restrict w, Py_ssize_t n,
                       Py_ssize_t hidden)
@@ -87,55 +127,38 @@ static void fold_tokens_impl(float *restrict acc, const int64_t *restrict sel, P
 static PyObject *py_fold_tokens(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "fold_tokens(acc, sel, addr, weights, hidden, itemsize) takes 6 arguments");
+    Py_buffer b[MAX_ARGS];
+    Py_ssize_t in[2];
+    const int flags[4] = {BUF_W, BUF_R, BUF_R, BUF_R};
+    if (args_in(args, nargs, "fold_tokens(acc, sel, addr, weights, hidden, itemsize)", 4, flags,
+                b, 2, in) < 0)
         return NULL;
-    }
-    Py_ssize_t hidden = PyLong_AsSsize_t(args[4]), itemsize = PyLong_AsSsize_t(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
+    const Py_ssize_t hidden = in[0], itemsize = in[1];
     if (hidden <= 0 || (itemsize != 2 && itemsize != 4)) {
         PyErr_SetString(PyExc_ValueError, "fold_tokens: hidden must be > 0, itemsize 2 or 4");
-        return NULL;
+        return args_out(b, 4, NULL);
     }
-    Py_buffer b[4];
-    int flags[4] = {PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS,
-                    PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS};
-    int got = 0;
-    for (; got < 4; got++)
-        if (PyObject_GetBuffer(args[got], &b[got], flags[got]) < 0)
-            break;
-    if (got == 4) {
-        Py_ssize_t t = b[0].len / (4 * hidden), rows = b[2].len / 8;
-        Py_ssize_t k = t ? b[1].len / 8 / t : 0;
-        if (b[0].len != t * 4 * hidden || b[1].len != t * k * 8 || b[2].len != rows * 8 ||
-            b[3].len != rows * 4) {
-            PyErr_SetString(PyExc_ValueError, "fold_tokens: buffer sizes do not agree");
-        } else {
-            const int64_t *sel = b[1].buf;
-            for (Py_ssize_t i = 0; i < t * k; i++) {
-                if (sel[i] < -1 || sel[i] >= rows) {
-                    PyErr_Format(PyExc_IndexError, "fold_tokens: row %lld outside -1..%zd",
-                                 (long long)sel[i], rows - 1);
-                    break;
-                }
-            }
-            if (!PyErr_Occurred()) {
-                int release = rows * hidden * itemsize >= RELEASE_GIL_FROM;
-                PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
-                fold_tokens_impl(b[0].buf, sel, t, k, b[2].buf, b[3].buf, hidden,
-                                 itemsize == 2);
-                if (release)
-                    PyEval_RestoreThread(ts);
-            }
+    Py_ssize_t t = b[0].len / (4 * hidden), rows = b[2].len / 8;
+    Py_ssize_t k = t ? b[1].len / 8 / t : 0;
+    if (b[0].len != t * 4 * hidden || b[1].len != t * k * 8 || b[2].len != rows * 8 ||
+        b[3].len != rows * 4) {
+        PyErr_SetString(PyExc_ValueError, "fold_tokens: buffer sizes do not agree");
+        return args_out(b, 4, NULL);
+    }
+    const int64_t *sel = b[1].buf;
+    for (Py_ssize_t i = 0; i < t * k; i++) {
+        if (sel[i] < -1 || sel[i] >= rows) {
+            PyErr_Format(PyExc_IndexError, "fold_tokens: row %lld outside -1..%zd",
+                         (long long)sel[i], rows - 1);
+            return args_out(b, 4, NULL);
         }
     }
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&b[i]);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
+    int release = rows * hidden * itemsize >= RELEASE_GIL_FROM;
+    PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
+    fold_tokens_impl(b[0].buf, sel, t, k, b[2].buf, b[3].buf, hidden, itemsize == 2);
+    if (release)
+        PyEval_RestoreThread(ts);
+    return args_out(b, 4, Py_NewRef(Py_None));
 }
 
 /* fold(acc, rows, tokens, weights, hidden, itemsize): acc float32 [T, hidden], rows
@@ -144,56 +167,40 @@ static PyObject *py_fold_tokens(PyObject *self, PyObject *const *args, Py_ssize_
 static PyObject *py_fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "fold(acc, rows, tokens, weights, hidden, itemsize) takes 6 arguments");
+    Py_buffer b[MAX_ARGS];
+    Py_ssize_t in[2];
+    const int flags[4] = {BUF_W, BUF_R, BUF_R, BUF_R};
+    if (args_in(args, nargs, "fold(acc, rows, tokens, weights, hidden, itemsize)", 4, flags, b,
+                2, in) < 0)
         return NULL;
-    }
-    Py_ssize_t hidden = PyLong_AsSsize_t(args[4]), itemsize = PyLong_AsSsize_t(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
+    const Py_ssize_t hidden = in[0], itemsize = in[1];
     if (hidden <= 0 || (itemsize != 2 && itemsize != 4)) {
         PyErr_SetString(PyExc_ValueError, "fold: hidden must be > 0, itemsize 2 or 4");
-        return NULL;
+        return args_out(b, 4, NULL);
     }
-    Py_buffer b[4];
-    int flags[4] = {PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS,
-                    PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS};
-    int got = 0;
-    for (; got < 4; got++)
-        if (PyObject_GetBuffer(args[got], &b[got], flags[got]) < 0)
-            break;
-    if (got == 4) {
-        Py_ssize_t t = b[0].len / (4 * hidden), n = b[2].len / 8;
-        if (b[0].len != t * 4 * hidden || b[1].len != n * hidden * itemsize ||
-            b[2].len != n * 8 || b[3].len != n * 4) {
-            PyErr_SetString(PyExc_ValueError, "fold: buffer sizes do not agree");
-        } else {
-            const int64_t *tok = b[2].buf;
-            for (Py_ssize_t i = 0; i < n; i++) {
-                if (tok[i] < 0 || tok[i] >= t) {
-                    PyErr_Format(PyExc_IndexError, "fold: token %lld outside 0..%zd",
-                                 (long long)tok[i], t - 1);
-                    break;
-                }
-            }
-            if (!PyErr_Occurred()) {
-                int release = b[1].len >= RELEASE_GIL_FROM;
-                PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
-                if (itemsize == 2)
-                    fold_bf16(b[0].buf, b[1].buf, tok, b[3].buf, n, hidden);
-                else
-                    fold_f32(b[0].buf, b[1].buf, tok, b[3].buf, n, hidden);
-                if (release)
-                    PyEval_RestoreThread(ts);
-            }
+    Py_ssize_t t = b[0].len / (4 * hidden), n = b[2].len / 8;
+    if (b[0].len != t * 4 * hidden || b[1].len != n * hidden * itemsize ||
+        b[2].len != n * 8 || b[3].len != n * 4) {
+        PyErr_SetString(PyExc_ValueError, "fold: buffer sizes do not agree");
+        return args_out(b, 4, NULL);
+    }
+    const int64_t *tok = b[2].buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (tok[i] < 0 || tok[i] >= t) {
+            PyErr_Format(PyExc_IndexError, "fold: token %lld outside 0..%zd",
+                         (long long)tok[i], t - 1);
+            return args_out(b, 4, NULL);
         }
     }
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&b[i]);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
+    int release = b[1].len >= RELEASE_GIL_FROM;
+    PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
+    if (itemsize == 2)
+        fold_bf16(b[0].buf, b[1].buf, tok, b[3].buf, n, hidden);
+    else
+        fold_f32(b[0].buf, b[1].buf, tok, b[3].buf, n, hidden);
+    if (release)
+        PyEval_RestoreThread(ts);
+    return args_out(b, 4, Py_NewRef(Py_None));
 }
 
 /* dispatch's fp8 quantisation in one pass, bit-identical to elasticpg.ep.layout.quantize_fp8's
@@ -278,39 +285,26 @@ static int quant_rows(const void *x, uint8_t *restrict data, float *restrict sca
 static PyObject *py_quantize_fp8(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "quantize_fp8(x, data, scales, hidden, itemsize) takes 5 arguments");
+    Py_buffer b[MAX_ARGS];
+    Py_ssize_t in[2];
+    const int flags[3] = {BUF_R, BUF_W, BUF_W};
+    if (args_in(args, nargs, "quantize_fp8(x, data, scales, hidden, itemsize)", 3, flags, b, 2,
+                in) < 0)
         return NULL;
-    }
-    Py_ssize_t hidden = PyLong_AsSsize_t(args[3]), itemsize = PyLong_AsSsize_t(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
+    const Py_ssize_t hidden = in[0], itemsize = in[1];
     if (hidden <= 0 || hidden % 128 || (itemsize != 2 && itemsize != 4)) {
         PyErr_SetString(PyExc_ValueError,
                         "quantize_fp8: hidden must be a positive multiple of 128, itemsize 2 or 4");
-        return NULL;
+        return args_out(b, 3, NULL);
     }
-    Py_buffer b[3];
-    int flags[3] = {PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS,
-                    PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS};
-    int got = 0, ok = 0;
-    for (; got < 3; got++)
-        if (PyObject_GetBuffer(args[got], &b[got], flags[got]) < 0)
-            break;
-    if (got == 3) {
-        Py_ssize_t t = b[0].len / (hidden * itemsize);
-        if (b[0].len != t * hidden * itemsize || b[1].len != t * hidden ||
-            b[2].len != t * (hidden / 128) * 4)
-            PyErr_SetString(PyExc_ValueError, "quantize_fp8: buffer sizes do not agree");
-        else
-            ok = quant_rows(b[0].buf, b[1].buf, b[2].buf, t, hidden, itemsize == 2);
+    Py_ssize_t t = b[0].len / (hidden * itemsize);
+    if (b[0].len != t * hidden * itemsize || b[1].len != t * hidden ||
+        b[2].len != t * (hidden / 128) * 4) {
+        PyErr_SetString(PyExc_ValueError, "quantize_fp8: buffer sizes do not agree");
+        return args_out(b, 3, NULL);
     }
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&b[i]);
-    if (PyErr_Occurred())
-        return NULL;
-    return PyBool_FromLong(ok);
+    int ok = quant_rows(b[0].buf, b[1].buf, b[2].buf, t, hidden, itemsize == 2);
+    return args_out(b, 3, PyBool_FromLong(ok));
 }
 
 /* copy_rows(dst, dst_rows, src, src_rows, row_bytes): dst row dst_rows[i] = src row
@@ -320,51 +314,34 @@ static PyObject *py_quantize_fp8(PyObject *self, PyObject *const *args, Py_ssize
 static PyObject *py_copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "copy_rows(dst, dst_rows, src, src_rows, row_bytes) takes 5 arguments");
-        return NULL;
-    }
-    Py_ssize_t rb = PyLong_AsSsize_t(args[4]);
-    if (PyErr_Occurred())
+    Py_buffer b[MAX_ARGS];
+    Py_ssize_t rb;
+    const int flags[4] = {BUF_W, BUF_R, BUF_R, BUF_R};
+    if (args_in(args, nargs, "copy_rows(dst, dst_rows, src, src_rows, row_bytes)", 4, flags, b,
+                1, &rb) < 0)
         return NULL;
     if (rb <= 0) {
         PyErr_SetString(PyExc_ValueError, "copy_rows: row_bytes must be > 0");
-        return NULL;
+        return args_out(b, 4, NULL);
     }
-    Py_buffer b[4];
-    int flags[4] = {PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS,
-                    PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS};
-    int got = 0;
-    for (; got < 4; got++)
-        if (PyObject_GetBuffer(args[got], &b[got], flags[got]) < 0)
-            break;
-    if (got == 4) {
-        Py_ssize_t n = b[1].len / 8, nd = b[0].len / rb, ns = b[2].len / rb;
-        if (b[1].len != n * 8 || b[3].len != n * 8) {
-            PyErr_SetString(PyExc_ValueError, "copy_rows: index arrays do not agree");
-        } else {
-            const int64_t *di = b[1].buf, *si = b[3].buf;
-            for (Py_ssize_t i = 0; i < n; i++) {
-                if (di[i] < 0 || di[i] >= nd || si[i] < 0 || si[i] >= ns) {
-                    PyErr_Format(PyExc_IndexError, "copy_rows: row %zd (%lld <- %lld) outside "
-                                 "the buffers", i, (long long)di[i], (long long)si[i]);
-                    break;
-                }
-            }
-            if (!PyErr_Occurred()) {
-                char *d = b[0].buf;
-                const char *sp = b[2].buf;
-                for (Py_ssize_t i = 0; i < n; i++)
-                    memcpy(d + di[i] * rb, sp + si[i] * rb, (size_t)rb);
-            }
+    Py_ssize_t n = b[1].len / 8, nd = b[0].len / rb, ns = b[2].len / rb;
+    if (b[1].len != n * 8 || b[3].len != n * 8) {
+        PyErr_SetString(PyExc_ValueError, "copy_rows: index arrays do not agree");
+        return args_out(b, 4, NULL);
+    }
+    const int64_t *di = b[1].buf, *si = b[3].buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (di[i] < 0 || di[i] >= nd || si[i] < 0 || si[i] >= ns) {
+            PyErr_Format(PyExc_IndexError, "copy_rows: row %zd (%lld <- %lld) outside "
+                         "the buffers", i, (long long)di[i], (long long)si[i]);
+            return args_out(b, 4, NULL);
         }
     }
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&b[i]);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
+    char *d = b[0].buf;
+    const char *sp = b[2].buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        memcpy(d + di[i] * rb, sp + si[i] * rb, (size_t)rb);
+    return args_out(b, 4, Py_NewRef(Py_None));
 }
 
 static PyMethodDef methods[] = {
