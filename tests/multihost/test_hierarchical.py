@@ -319,6 +319,10 @@ def job_killed_inside_data_movement(rank: int, world: int, port: int, op: str, v
     w = dist.broadcast(b, src=src, async_op=True)
     w.wait()
     out["bcast_after"] = (b.item(), elasticpg.get_local_success(w), float(1 << src))
+    # A broadcast's root never waits: without this, it could leave the group (its job done)
+    # before a slower survivor called the broadcast, which then refused an inactive root
+    store.set(f"done{rank}", "1")
+    store.wait([f"done{r}" for r in range(world) if r != victim], timedelta(seconds=30))
     return out
 
 
