@@ -146,7 +146,7 @@ class OpContext:
             header, payload = self.link.mailbox.take_coll(
                 peer, self.seq, step, self.deadline, vet=self._vet,
                 probe=probe if probe is not None else
-                self.link.shm_probe(peer, self.seq, self.epoch))
+                self.link.shm_probe(peer, self.seq, self.epoch), epoch=self.epoch)
         except PeerFailedError:
             self.failed.add(peer)
             return None

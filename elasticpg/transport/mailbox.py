@@ -42,6 +42,23 @@ class PostedRecv:
     order: int = field(default=0)
 
 
+def _moved_on(h: Header, seq: int, epoch: int) -> str:
+    """Why a frame `h` from the rank we wait for, in collective `seq` under view `epoch`,
+    proves that the awaited frame will never come ("" if it does not).
+
+    A rank runs each collective under one view, and its frames to us travel in order over one
+    link. A frame of this collective under another view means it runs another layout of the
+    operation (a view change it applied first: another algorithm, other steps); a frame of a
+    later collective means it finished this one without that step for us. Either way the
+    wait would end only at the timeout, while the sender is healthy: view lag."""
+    if h.seq > seq:
+        return f"rank {h.src} moved on to collective #{h.seq} while we wait in #{seq}"
+    if h.seq == seq and h.epoch != epoch:
+        return (f"rank {h.src} runs collective #{seq} under view {h.epoch}, this rank under "
+                f"view {epoch}")
+    return ""
+
+
 class Mailbox:
     def __init__(self) -> None:
         self._cv = threading.Condition()
@@ -165,14 +182,17 @@ class Mailbox:
 
     def take_coll(self, src: int, seq: int, step: int, deadline: float,
                   vet: Callable[[Header], str] | None = None,
-                  probe: Callable[[], bool] | None = None) -> Frame:
+                  probe: Callable[[], bool] | None = None,
+                  epoch: int | None = None) -> Frame:
         """Wait for the frame (src, seq, step); raise if src fails, seq aborts or time runs out.
 
         While waiting, `vet` sees every other frame of the same collective: a frame from a rank
         we do not expect to hear from can still prove the ranks made different calls (e.g. two
         roots), which turns a would-be timeout into a mismatch error. `probe` (polled every
         `PROBE_SLICE` s) says src runs this collective over another transport, so its frame
-        will never come: ViewLagError.
+        will never come: ViewLagError. So does (with `epoch`, the view we run it under) a
+        frame from src that shows it runs this collective under another view, or has moved
+        on past it (see `_moved_on`).
         """
         key = (src, seq, step)
         with self._cv:
@@ -180,9 +200,13 @@ class Mailbox:
                 frame = self._coll.pop(key, None)
                 if frame is not None:
                     return frame
-                if vet is not None:
-                    for (_s, q, _t), (h, _p) in self._coll.items():
-                        problem = vet(h) if q == seq else ""
+                if vet is not None or epoch is not None:
+                    for (s, q, _t), (h, _p) in self._coll.items():
+                        if epoch is not None and s == src:
+                            lag = _moved_on(h, seq, epoch)
+                            if lag:
+                                raise ViewLagError(lag)
+                        problem = vet(h) if vet is not None and q == seq else ""
                         if problem:
                             raise CollectiveMismatchError(problem)
                 if self._aborted:  # a mismatch poisons the group: every collective wait ends

@@ -10,7 +10,7 @@ import torch
 
 from elasticpg.core.framing import Header, MsgType, OpKind
 from elasticpg.errors import CollectiveMismatchError, OperationTimeoutError, PeerFailedError
-from elasticpg.transport.mailbox import Mailbox
+from elasticpg.transport.mailbox import Mailbox, ViewLagError
 
 
 def coll(src: int, seq: int, step: int = 0, value: int = 0) -> tuple[Header, torch.Tensor]:
@@ -179,3 +179,44 @@ def test_a_posted_destination_takes_only_its_own_frame_of_its_size():
     assert mb.buffer_for(Header(MsgType.COLL, 1, 8, OpKind.ALLGATHER, seq=6)) is None
     mb.expect(1, 3, 0, dest)  # an ended collective: nothing is posted
     assert mb.buffer_for(Header(MsgType.COLL, 1, 8, OpKind.ALLGATHER, seq=3)) is None
+
+
+def coll_under(src: int, seq: int, step: int, epoch: int) -> tuple[Header, torch.Tensor]:
+    return (Header(MsgType.COLL, src, 1, OpKind.ALLREDUCE, epoch=epoch, seq=seq, step=step),
+            torch.tensor([0], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("frame,why", [
+    (coll_under(1, 5, 0, epoch=2), "under view 2"),  # another view: another layout, no step 2
+    (coll_under(1, 6, 0, epoch=1), "moved on to collective #6"),  # finished #5 without us
+])
+def test_a_frame_proving_the_awaited_one_never_comes_ends_the_wait_as_view_lag(frame, why):
+    """Waiting in #5 (view 1) for rank 1's step 2: its frame of #5 under view 2, or of #6,
+    wakes the wait at once, whether it came before the wait or during it."""
+    for early in (True, False):
+        mb = Mailbox()
+        t = None
+        if early:
+            mb.deliver_coll(*frame)
+        else:
+            t = later(lambda box=mb: box.deliver_coll(*frame))
+        t0 = time.monotonic()
+        with pytest.raises(ViewLagError, match=why):
+            mb.take_coll(1, 5, 2, time.monotonic() + 30, epoch=1)
+        assert time.monotonic() - t0 < 10  # woken, not timed out
+        if t is not None:
+            t.join()
+
+
+def test_frames_that_prove_nothing_about_the_awaited_one_leave_the_wait_alone():
+    """Another step of the same collective under the same view (sent first), another rank's
+    frame under another view, an older collective's straggler: the wait goes on, and takes
+    its frame when it comes."""
+    mb = Mailbox()
+    for h, payload in (coll_under(1, 5, 3, epoch=1), coll_under(2, 5, 0, epoch=2),
+                       coll_under(2, 6, 0, epoch=1), coll_under(1, 4, 0, epoch=0)):
+        mb.deliver_coll(h, payload)
+    t = later(lambda: mb.deliver_coll(*coll_under(1, 5, 2, epoch=1)))
+    h, _ = mb.take_coll(1, 5, 2, time.monotonic() + 30, epoch=1)
+    assert (h.src, h.seq, h.step) == (1, 5, 2)
+    t.join()

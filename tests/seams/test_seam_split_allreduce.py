@@ -92,8 +92,10 @@ class LoopLink:
 
 
 def _run(inputs: list[torch.Tensor], op: Reduce | None, dying: int | None = None,
-         die_after: int | None = None, seq: int = 5, root: int | None = None):
-    """all_reduce (op) or broadcast from `root` (op None), one thread per rank."""
+         die_after: int | None = None, seq: int = 5, root: int | None = None,
+         views: dict[int, tuple[tuple[int, ...], int]] | None = None):
+    """all_reduce (op) or broadcast from `root` (op None), one thread per rank; `views`:
+    the (participants, epoch) a rank runs it under, if not all of them under epoch 1."""
     links: dict[int, LoopLink] = {}
     for r in range(len(inputs)):
         links[r] = LoopLink(r, links, die_after if r == dying else None)
@@ -103,8 +105,12 @@ def _run(inputs: list[torch.Tensor], op: Reduce | None, dying: int | None = None
     else:
         spec = OpSpec(OpKind.ALLREDUCE, dtype_code(inputs[0].dtype), inputs[0].numel(), -1,
                       int(op))
-    ctxs = {r: OpContext(links[r], r, tuple(range(len(inputs))), seq=seq, epoch=1, spec=spec,
-                         deadline=time.monotonic() + 10) for r in links}
+    everyone = (tuple(range(len(inputs))), 1)
+    ctxs = {}
+    for r in links:
+        parts, epoch = (views or {}).get(r, everyone)
+        ctxs[r] = OpContext(links[r], r, parts, seq=seq, epoch=epoch, spec=spec,
+                            deadline=time.monotonic() + 10)
     outs = [t.clone() for t in inputs]
     errors: list[BaseException] = []
 
@@ -168,7 +174,7 @@ def test_a_rank_dying_after_any_number_of_frames(chunking):
     rank 2 over its whole schedule (raw chunks, reduced chunks or its "incomplete" mark,
     status, raw tensors)."""
     n = _numel(torch.float64)
-    inputs = [torch.full((n,), float(2 ** r)) for r in range(N)]
+    inputs = [torch.full((n,), float(2 ** r), dtype=torch.float64) for r in range(N)]
     every = float(2 ** N - 1)
     survivors_only = every - 4
     total = len(_run(inputs, Reduce.SUM)[2][2].steps)
@@ -184,6 +190,21 @@ def test_a_rank_dying_after_any_number_of_frames(chunking):
                 assert ctxs[r].failed_peers == {2}, (k, r)  # excluded only if seen to fail
             seen.add(v)
     assert seen == {every, survivors_only}
+
+
+def test_a_peer_that_runs_it_under_a_newer_view_is_skipped_not_waited_for():
+    """The chaos run's hang: rank 2 of three died; rank 1 applied the view without it first and
+    runs the next large all_reduce as the direct exchange of two (view 2), while rank 0, still
+    under view 1, runs the split form over three and waits for rank 1's raw slice, a step
+    rank 1 never sends. Each sees the other's frames of this collective under another view
+    (view lag): both finish at once without the other, instead of at their timeout."""
+    n = _numel(torch.float64)
+    inputs = [torch.full((n,), float(2 ** r), dtype=torch.float64) for r in range(3)]
+    views = {0: ((0, 1, 2), 1), 1: ((0, 1), 2), 2: ((0, 1, 2), 1)}
+    outs, ctxs, _ = _run(inputs, Reduce.SUM, dying=2, die_after=0, views=views)
+    assert torch.equal(outs[0], inputs[0]) and torch.equal(outs[1], inputs[1])
+    assert ctxs[0].lagged == {1} and ctxs[0].failed_peers == {2}
+    assert ctxs[1].lagged == {0} and not ctxs[1].failed_peers
 
 
 # ---------------------------------------------------------------- broadcast as scatter + gather
