@@ -233,8 +233,11 @@ def test_an_etcd_store_carries_a_run_through_a_sigkill_and_the_etcd_leaders_deat
     the survivors must keep serving, not within the TCPStore tests' stall bound."""
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     url = etcd.url(prefix)
+    # the replacement warms up for 2.5 s: longer than an election's store stall, so the
+    # survivors' serving shows inside its window however the kill and the election line up
+    # (with 0.3 s, a stall could cover the whole window: 0 steps, failed 1 full run in ~10)
     run = launches("--nproc-per-node", 3, "--store", url, "--restart-delay", 0.2, EXAMPLE,
-                   "--seconds", 2, "--warmup", 0.3, "--kill-rank", 1, "--kill-after", 1,
+                   "--seconds", 2, "--warmup", 2.5, "--kill-rank", 1, "--kill-after", 1,
                    "--report", tmp_path)
     killed = []
     try:
