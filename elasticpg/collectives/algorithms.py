@@ -251,6 +251,8 @@ def reduce(ctx: OpContext, t: torch.Tensor, root: int, op: Reduce) -> None:
         return
     parts = {ctx.me: t}
     for p in ctx.peers:
+        ctx.expect(p, 0, ctx.scratch(p, t))
+    for p in ctx.peers:
         x = ctx.recv(p, 0, t.dtype, t.numel())
         if x is not None:
             parts[p] = x
@@ -279,11 +281,14 @@ def gather(ctx: OpContext, outs: Sequence[torch.Tensor], t: torch.Tensor, root: 
         ctx.send(root, 0, t)
         return
     idx = {r: slot_of[i] for i, r in enumerate(ctx.participants)}
+    for p in ctx.peers:
+        if outs[idx[p]].is_contiguous():
+            ctx.expect(p, 0, outs[idx[p]])
     outs[idx[ctx.me]].reshape(-1).copy_(t.reshape(-1))
     for p in ctx.peers:
         x = ctx.recv(p, 0, t.dtype, t.numel())
         if x is not None:
-            outs[idx[p]].reshape(-1).copy_(x)
+            _into(outs[idx[p]], x)
 
 
 def scatter(ctx: OpContext, out: torch.Tensor, ins: Sequence[torch.Tensor], root: int,
@@ -294,9 +299,11 @@ def scatter(ctx: OpContext, out: torch.Tensor, ins: Sequence[torch.Tensor], root
             ctx.send(p, 0, ins[idx[p]])
         out.reshape(-1).copy_(ins[idx[ctx.me]].reshape(-1))
         return
+    if out.is_contiguous():
+        ctx.expect(root, 0, out)
     x = ctx.recv(root, 0, out.dtype, out.numel())
     if x is not None:
-        out.reshape(-1).copy_(x)
+        _into(out, x)
 
 
 def reduce_scatter(ctx: OpContext, out: torch.Tensor, ins: Sequence[torch.Tensor], op: Reduce,
