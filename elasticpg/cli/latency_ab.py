@@ -6,9 +6,10 @@
 Each round runs one short job per tree (order alternating from round to round): a fresh pair of
 processes imports elasticpg from that tree (PYTHONPATH), runs warm-up calls, then --iters timed
 all_reduce calls of --bytes bytes (float32, SUM) in batches, and reports the median batch's mean
-per-call time (the max across ranks per batch) and the best batch's. A burst of machine noise
-so hits both trees alike; the table lists every round, then the median and best over rounds and
-the ratios new / old (on a shared, loaded machine the best values are the stable ones).
+per-call time (the max across ranks per batch) and the best batch's, and the CPU time (user +
+system, all threads) rank 0's process spent per timed call. A burst of machine noise so hits both
+trees alike; the table lists every round, then the median and best over rounds and the ratios
+new / old (on a shared, loaded machine the best values are the stable ones).
 
 This file is run as a script, not imported from the package, so that the old tree needs no copy
 of it: the job imports only `elasticpg` and torch.
@@ -42,6 +43,9 @@ def _rank(rank: int, world: int, port: int, iters: int, nbytes: int, out: dict) 
     t = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
     for _ in range(1000):
         dist.all_reduce(t)
+    import resource
+
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     means = []
     for _ in range(max(1, iters // BATCH)):
         t0 = time.perf_counter()
@@ -50,8 +54,12 @@ def _rank(rank: int, world: int, port: int, iters: int, nbytes: int, out: dict) 
         took = torch.tensor([(time.perf_counter() - t0) / BATCH])
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
         means.append(took.item())
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     if rank == 0:
         import elasticpg as e
+
+        calls = max(1, iters // BATCH) * BATCH
+        out["cpu"] = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / calls * 1e6
 
         out["us"] = statistics.median(means) * 1e6
         out["best"] = min(means) * 1e6
@@ -102,9 +110,10 @@ def main() -> int:
             p.error(f"--{name} {path} has no elasticpg package")
     got: dict[str, list[float]] = {"old": [], "new": []}
     best: dict[str, list[float]] = {"old": [], "new": []}
+    cpu: dict[str, list[float]] = {"old": [], "new": []}
     print(f"{a.ranks} ranks, all_reduce {a.bytes} B, {a.iters} timed calls per job; us per call "
-          f"(median batch of {BATCH} calls / best batch)")
-    print("round | first | old us        | new us")
+          f"(median batch of {BATCH} calls / best batch / rank 0's CPU per call)")
+    print("round | first | old us                | new us")
     for k in range(a.rounds):
         order = ("old", "new") if k % 2 == 0 else ("new", "old")
         row = {}
@@ -125,14 +134,19 @@ def main() -> int:
             row[name] = data
             got[name].append(data["us"])
             best[name].append(data["best"])
-        print(f"{k:5d} | {order[0]:>5} | {row['old']['us']:6.1f} / {row['old']['best']:5.1f} | "
-              f"{row['new']['us']:6.1f} / {row['new']['best']:5.1f}", flush=True)
+            cpu[name].append(data.get("cpu", float("nan")))
+        print(f"{k:5d} | {order[0]:>5} | {row['old']['us']:6.1f} / {row['old']['best']:5.1f} / "
+              f"{row['old']['cpu']:5.1f} | {row['new']['us']:6.1f} / {row['new']['best']:5.1f} / "
+              f"{row['new']['cpu']:5.1f}", flush=True)
     for what, vals in (("median of rounds", statistics.median),
                        ("best round", min)):
         mo, mn = vals(got["old"]), vals(got["new"])
         print(f"{what}: old {mo:.1f} us, new {mn:.1f} us, new/old {mn / mo:.3f}")
     mo, mn = min(best["old"]), min(best["new"])
     print(f"best batch: old {mo:.1f} us, new {mn:.1f} us, new/old {mn / mo:.3f}")
+    mo, mn = statistics.median(cpu["old"]), statistics.median(cpu["new"])
+    print(f"CPU per call (rank 0, median of rounds): old {mo:.1f} us, new {mn:.1f} us, "
+          f"new/old {mn / mo:.3f}")
     return 0
 
 

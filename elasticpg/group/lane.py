@@ -1,11 +1,14 @@
-"""The steady-state fast path: one OpContext and one ShmOp, built once and reused by every
-collective while membership stays the same and every participant shares this host.
+"""The steady-state fast path: one OpContext (and one ShmOp when every participant shares this
+host) built once and reused by every collective while membership stays the same.
 
 A small collective costs a few microseconds of data movement over shared memory, so building
 the per-operation objects (participants, peer order, mapped regions, context, shared-memory
 state) dominated its latency. The lane keeps them and only resets what differs between calls.
-It changes no protocol: the algorithms run exactly as on the general path, and anything
-unusual inside an operation (a peer late, failed, or disagreeing) is handled by the same code.
+Over TCP (no participant, or not all, on this host) the context alone is kept: there a small
+collective's own cost is a round trip, and building the context is CPU time that two
+oversubscribed cores take from that round trip. It changes no protocol: the algorithms run
+exactly as on the general path, and anything unusual inside an operation (a peer late, failed,
+or disagreeing) is handled by the same code.
 The lane is used only while the view it was built for is current and nothing is pending (no
 failure to settle, no poison, normal mode); otherwise the caller takes the general path.
 """
@@ -25,12 +28,14 @@ if TYPE_CHECKING:
 
 
 class Lane:
-    def __init__(self, runtime: GroupRuntime, view: View, regions: dict) -> None:
+    def __init__(self, runtime: GroupRuntime, view: View, regions: dict | None) -> None:
+        """`regions`: every peer's mapped shared memory, or None when the op does not run
+        over shared memory (exactly when the general path's new_op sets no ShmOp)."""
         self.view = view
         self.runtime = runtime
         self.ctx = OpContext(runtime, runtime.rank, view.active, 0, view.epoch,
                              OpSpec(OpKind.BARRIER), 0.0)
-        self.sx = ShmOp(self.ctx, runtime.shm, regions)
+        self.sx = None if regions is None else ShmOp(self.ctx, runtime.shm, regions)
         self.ctx.shm = self.sx
 
     def begin(self, spec: OpSpec) -> OpContext:
@@ -45,5 +50,6 @@ class Lane:
             ctx.failed.clear()
             ctx.lagged.clear()
         ctx.heard_ready.clear()
-        sx.expect = expect_words(spec)
+        if sx is not None:
+            sx.expect = expect_words(spec)
         return ctx

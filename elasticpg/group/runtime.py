@@ -14,8 +14,12 @@ Threads, and what each may write:
   (settling membership), join_group and the membership calls. It alone applies views (through
   ViewKeeper, under its lock) and advances the sequence number `_seq`.
 * one **reader** per incoming link (transport) hands frames to the mailbox, and reports JOIN,
-  VIEW and ABORT frames and broken links here. It never blocks on I/O of ours except a link-back
-  thread start, and an exception while it handles a frame fails that link, reported.
+  VIEW and ABORT frames and broken links here. During a collective wait over TCP the caller
+  reads the links it waits on itself and hands their frames over the same way (`_on_frame`);
+  the reader then parks, and takes the link back when the caller's lease ends
+  (`TcpTransport.pump`); a broken link is still reported by its reader. A reader never blocks
+  on I/O of ours except a link-back thread start, and an exception while it handles a frame
+  fails that link, reported.
 * the **liveness** thread (`liveness.py`): heartbeats, silence, closed links, one store read per
   tick for decisions no VIEW frame brought.
 * a short-lived **link-back** thread per JOIN: opens our link to the joiner and maps its
@@ -192,6 +196,9 @@ class GroupRuntime:
         secret = self.control.secret()
         self.incarnation = self.control.register(rank)
         self.shm, self.transport = self._open_data_plane(secret)
+        pump = getattr(self.transport, "pump", None)  # scale-sim's in-process plane has none
+        if pump is not None and os.environ.get("ELASTICPG_CALLER_READS", "1") != "0":
+            self.mailbox.attach_pump(pump)
         host, port = self.transport.endpoint
         self.control.publish_endpoint(rank, host, port, self.incarnation)
         if not options.is_extension:
@@ -654,6 +661,15 @@ class GroupRuntime:
         raise ConnectionRefusedError(f"rank {peer} refused the connection and published no "
                                      f"newer endpoint within {self.failure_timeout:.1f}s")
 
+    def release_links(self) -> None:
+        """Before a point-to-point operation (and before its wait blocks): links that the
+        caller reads itself during collectives go back to their reader threads, so that the
+        frame or acknowledgement awaited is delivered at once rather than when the caller's
+        lease on the link runs out (`TcpTransport.pump`)."""
+        release = getattr(self.transport, "release", None)
+        if release is not None:
+            release()
+
     def send_frame(self, peer: int, header: Header, payload: memoryview | bytes,
                    deadline: float) -> None:
         if peer == self.rank:
@@ -789,7 +805,8 @@ class GroupRuntime:
 
     def lane(self) -> Lane | None:
         """The reusable per-op state of the healthy steady state (see group.lane), or None when
-        the general path must run: membership to settle, poison, join in progress, no shm."""
+        the general path must run: membership to settle, poison, join in progress, a peer's
+        shared memory gone."""
         st = self.state
         if st.phase is not Phase.ACTIVE or st.generation != st.settled_generation:
             return None
@@ -801,9 +818,9 @@ class GroupRuntime:
         if len(view.active) < 2:
             return None
         regions = self.shm.regions_for(view.active, self.timeout)
-        if regions is None or len(regions) < len(view.active) - 1:
-            return None
-        self._lane = Lane(self, view, regions)
+        if regions is not None and len(regions) < len(view.active) - 1:
+            return None  # a peer's region is gone: the general path handles it
+        self._lane = Lane(self, view, regions)  # regions None: over TCP, the context alone
         return self._lane
 
     def run(self, ctx: OpContext, body: Callable[[OpContext], None]) -> OpContext:
@@ -1101,6 +1118,7 @@ class GroupRuntime:
         self.acker.stop()
         self.liveness.stop()
         self.transport.close(goodbye=True)
+        self.mailbox.dispose()
         with self._lock:
             helpers, self._helpers = self._helpers, []
         for t in helpers:  # each is bounded by the group's timeout; most end at once now

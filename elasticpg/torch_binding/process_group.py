@@ -490,6 +490,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         work = ElasticWork([t], rt.timeout,
                            on_timeout=partial(rt.mailbox.cancel_ack, dstRank, seq))
         work.group_slots = rt.slots
+        work.before_block = rt.release_links
+        rt.release_links()  # its acknowledgement comes through a reader: see release_links
         acked = dstRank == self.rank()  # to itself: delivered in send_frame, nothing to await
         if not acked:
             rt.mailbox.expect_ack(dstRank, seq, partial(self._acked, work))
@@ -526,6 +528,8 @@ class ElasticProcessGroup(dist.ProcessGroup):
         work = ElasticWork([_one(tensors, "recv")], self.runtime.timeout,
                            on_timeout=lambda: mailbox.cancel_p2p(on_done))
         work.group_slots = self.runtime.slots
+        work.before_block = self.runtime.release_links
+        self.runtime.release_links()  # its frame comes through a reader: see release_links
         work.add_finalizer(st.finish)
         metrics, started = self.runtime.metrics, time.perf_counter()
 

@@ -72,6 +72,9 @@ class ElasticWork(dist._Work):
     _peer_failure: PeerFailedError | None = None
     _future: torch.futures.Future | None = None
     _finalizers: tuple = ()
+    # called before wait() blocks: hands the links the caller reads itself back to their
+    # readers, which deliver what this work waits for (transport.tcp.TcpTransport.release)
+    before_block: Callable[[], None] | None = None
     local_success = True
     failed_ranks: Sequence[int] = ()
     group_slots = 0  # length of the failed-ranks hint mask
@@ -153,6 +156,8 @@ class ElasticWork(dist._Work):
                 raise self._error
             return True
         bound = timeout.total_seconds() if timeout else self._timeout
+        if self.before_block is not None:
+            self.before_block()
         if not self._done.wait(bound) and not self._done.is_set():
             if self._on_timeout is None or self._on_timeout():
                 self.finish(OperationTimeoutError(f"operation did not complete in {bound:.1f}s"))

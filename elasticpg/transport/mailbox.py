@@ -13,6 +13,7 @@ aborts wake every waiter they concern, so no wait outlives its cause.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -80,6 +81,36 @@ class Mailbox:
         self._closed: str | None = None
         self._floor = 0  # collectives below this sequence number have ended (see forget_seq)
         self._dest: dict[tuple[int, int, int], torch.Tensor] = {}  # see expect
+        # a collective wait may read the links itself (see attach_pump); while it does, it
+        # sleeps in poll, not on _cv, and `_wake` (an eventfd) is how the others wake it
+        self._pump: Callable[[int, int, float], bool] | None = None
+        self._wake = -1
+        self._poller = 0  # the thread ident of the wait now in the pump, 0: none
+        self._wake_leftover = -1  # see dispose
+
+    def attach_pump(self, pump: Callable[[int, int, float], bool]) -> None:
+        """Let collective waits read their links themselves: `pump(src, wake_fd, timeout)`
+        waits up to `timeout` s for frames (delivered through the usual callbacks) or `wake_fd`,
+        False if it cannot (then the wait sleeps on the condition as before)."""
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pump = pump
+
+    def dispose(self) -> None:
+        """Release the wake-up eventfd (after close and once the transport is closed)."""
+        with self._cv:
+            self._pump = None
+            wake, self._wake = self._wake, -1
+            busy = self._poller != 0
+        if wake >= 0 and not busy:
+            os.close(wake)
+        elif wake >= 0:
+            self._wake_leftover = wake  # closed by the wait now in the pump, on its way out
+
+    def _notify(self) -> None:
+        """Under _cv: wake every waiter, also one polling its links in another thread."""
+        self._cv.notify_all()
+        if self._poller and self._poller != threading.get_ident() and self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
 
     # ---- producers (reader threads) -------------------------------------------------------
     def deliver_coll(self, header: Header, payload: torch.Tensor) -> None:
@@ -87,7 +118,7 @@ class Mailbox:
             if header.seq < self._floor:
                 return  # its collective ended here: nobody will ever take it
             self._coll[(header.src, header.seq, header.step)] = (header, payload)
-            self._cv.notify_all()
+            self._notify()
 
     def expect(self, src: int, seq: int, step: int, dest: torch.Tensor) -> None:
         """Receive the frame (src, seq, step) straight into `dest` (a byte tensor) if it has
@@ -141,7 +172,7 @@ class Mailbox:
             hit = [p for p in self._posted if p.src == rank]
             self._posted = [p for p in self._posted if p.src != rank]
             sends = [self._acks.pop(k) for k in [k for k in self._acks if k[0] == rank]]
-            self._cv.notify_all()
+            self._notify()
         for p in hit:
             p.on_done(None, PeerFailedError([rank], reason))
         for on_ack in sends:
@@ -155,14 +186,14 @@ class Mailbox:
     def abort(self, seq: int, reason: str) -> None:
         with self._cv:
             self._aborted.setdefault(seq, reason)
-            self._cv.notify_all()
+            self._notify()
 
     def close(self, reason: str) -> None:
         with self._cv:
             self._closed = reason
             posted, self._posted = self._posted, []
             sends, self._acks = list(self._acks.values()), {}
-            self._cv.notify_all()
+            self._notify()
         for p in posted:
             p.on_done(None, OperationTimeoutError(f"receive cancelled: {reason}"))
         for on_ack in sends:
@@ -243,7 +274,24 @@ class Mailbox:
                 if left <= 0:
                     raise OperationTimeoutError(
                         f"timed out waiting for rank {src} in collective #{seq} (step {step})")
-                self._cv.wait(left if probe is None else min(left, PROBE_SLICE))
+                wait = left if probe is None else min(left, PROBE_SLICE)
+                if self._pump is None or self._poller:
+                    self._cv.wait(wait)
+                    continue
+                # read src's link here: the frame then needs one wake-up (ours), not the
+                # reader's and then ours; the state checks above run again after each read
+                self._poller = threading.get_ident()
+                self._cv.release()
+                try:
+                    pumped = self._pump(src, self._wake, wait)
+                finally:
+                    self._cv.acquire()
+                    self._poller = 0
+                    if self._wake_leftover >= 0:
+                        os.close(self._wake_leftover)
+                        self._wake_leftover = -1
+                if not pumped:
+                    self._cv.wait(wait)
 
     def has_coll(self, src: int, seq: int, step: int) -> bool:
         """Whether the frame (src, seq, step) waits here (a dict lookup: no lock needed)."""

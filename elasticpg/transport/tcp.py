@@ -17,6 +17,13 @@ one about the replacement that took its slot. Anything that goes wrong while a r
 a frame (a corrupt header, an exception in a callback) ends that link the same way, reported,
 never as a silently dead thread.
 
+A collective wait may read its links itself instead (`pump`): a small frame then costs one
+wake-up (the caller's) instead of two (the reader's, then the caller's, each a scheduling delay
+on a loaded machine). A link has one owner at a time, switched only between frames, and keeps
+its read buffer across the switch; the caller keeps links for a short lease across back-to-back
+calls, and the reader takes its link back when the lease runs out, so heartbeats and EOF wait
+for nobody longer than that. What ends a link is always reported by its reader.
+
 Every send is bounded by a deadline. A small frame first tries one non-blocking send (the
 socket buffer nearly always has room: one system call, no poll); only what does not fit waits,
 bounded. Large payloads go out in chunks, and each chunk records
@@ -29,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import select
 import socket
@@ -50,6 +58,10 @@ _SMALL = 1 << 16  # below this, header and payload go out in one buffer
 _CHUNK = 1 << 20  # large payloads are sent in chunks of this size, recording progress
 MAX_HANDSHAKES = 64  # connections in their handshake at once, per listener
 _RBUF = 1 << 16  # a reader's buffer: frames up to this size arrive in one system call
+# how long the caller keeps the links it read after a call ends: back-to-back calls keep them
+# without a hand-off each; after it, frames (and an EOF) wait for no one (see pump)
+_LEASE = 0.02
+_TO_READER = "to the reader"  # _frames: the caller leaves a frame larger than the buffer
 
 log = logging.getLogger("elasticpg.transport")
 
@@ -103,6 +115,37 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+def _drain(fd: int) -> None:
+    """Reset a non-blocking eventfd (nothing to read is fine: another reader reset it)."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+class _InLink:
+    """One incoming link and its read buffer (`buf[start:end]` is received and not yet handed
+    over): the state that moves with the link's ownership between its reader and the caller.
+    `want`, `caller`, `gone` and `dead` change only under the transport's `_own`."""
+
+    __slots__ = ("sock", "fd", "src", "inc", "buf", "view", "start", "end", "wake", "want",
+                 "caller", "gone", "dead", "reader_until")
+
+    def __init__(self, sock: socket.socket, src: int, inc: int) -> None:
+        self.sock, self.fd, self.src, self.inc = sock, sock.fileno(), src, inc
+        self.buf = bytearray(_RBUF)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the caller wants it
+        self.want = False  # the caller asked for the link
+        self.caller = False  # the caller owns it (the reader is parked)
+        self.gone = False  # dropped or replaced: the reader ends quietly
+        self.dead: str | None = None  # why it ended, when the caller found out (see pump)
+        # the caller met a frame larger than the buffer: large frames stream through the
+        # reader (straight into their destination) and the caller leaves the link alone until
+        self.reader_until = 0.0
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
@@ -140,6 +183,18 @@ class TcpTransport:
         self._out_locks: dict[int, threading.Lock] = {}
         self._out_inc: dict[int, int] = {}  # incarnation each outgoing link was opened to
         self._in: dict[int, socket.socket] = {}
+        self._links: dict[int, _InLink] = {}  # the same links, with their read state
+        # who reads which incoming link (see pump): the links the caller owns, whether (and
+        # which thread) a caller reads them now, until when its lease lasts, and the eventfd
+        # that wakes it when a reader hands a link over
+        self._own = threading.Condition(threading.Lock())
+        self._owned: set[_InLink] = set()
+        self._asked: set[_InLink] = set()  # links whose `want` is set
+        self._owned_version = 0  # changes with _owned: the caller's cached poll set
+        self._poll_cache: tuple | None = None
+        self._pumping = 0
+        self._lease_end = 0.0
+        self._pump_wake = -1
         self._last_heard: dict[int, float] = {}  # per incoming link: when a frame last arrived
         self._last_sent: dict[int, float] = {}  # per outgoing link: when we last wrote to it
         self._progress: dict[int, float] = {}  # per outgoing link: last progress of a send
@@ -210,88 +265,277 @@ class TcpTransport:
             return
         finally:
             self._handshake_over()
+        link = _InLink(sock, src, inc)
         with self._lock:
             if self._closing:
                 sock.close()
+                os.close(link.wake)
                 return
-            old = self._in.pop(src, None)
+            old = self._links.pop(src, None)
+            self._links[src] = link
             self._in[src] = sock
             self._last_heard[src] = time.monotonic()
         if old is not None:
-            old.close()
+            self._end_reading(old)
         if self._on_connected is not None:
             self._on_connected(src, inc)
-        self._read_loop(sock, src, inc)
+        self._read_loop(link)
 
-    def _read_loop(self, sock: socket.socket, src: int, inc: int) -> None:
-        """Read frames until the link ends. Reads go into one buffer, as much as the socket
-        holds: a small frame (header and payload) costs one system call, and frames that
-        arrived together cost one between them. Only a payload larger than what is buffered
-        is read on, straight into its destination."""
-        buf = bytearray(_RBUF)
-        view = memoryview(buf)
-        start = end = 0  # buffered, not yet consumed: buf[start:end]
+    def _read_loop(self, link: _InLink) -> None:
+        """The reader thread of one incoming link: read and hand over frames while it owns the
+        link, park while the caller does (see `pump`), and report how the link ended."""
         reason = "connection closed"
         try:
+            poller = select.poll()
+            poller.register(link.fd, select.POLLIN)
+            poller.register(link.wake, select.POLLIN)
             while True:
-                if end - start < HEADER_SIZE:
-                    if start:  # keep the partial header at the front
-                        view[:end - start] = view[start:end]
-                        start, end = 0, end - start
-                    while end < HEADER_SIZE:
-                        k = sock.recv_into(view[end:], _RBUF - end)
-                        if k == 0:
-                            if end:
-                                raise ConnectionError(
-                                    f"connection closed mid-frame ({end}/{HEADER_SIZE} bytes)")
-                            return self._link_ended(sock, src, inc, reason)
-                        end += k
-                    self._last_heard[src] = time.monotonic()
-                header = Header.unpack(view[start:start + HEADER_SIZE])
-                start += HEADER_SIZE
-                if header.src != src:
-                    raise FramingError(f"link from rank {src} carried a frame from {header.src}")
-                if header.type == MsgType.HEARTBEAT:
+                if link.want or link.caller:
+                    self._park(link)
+                    if link.dead is not None:
+                        reason = link.dead
+                        break
+                    if self._closing or link.gone:
+                        break
+                    self._frames(link, caller=False)  # what the caller left buffered
+                sock_ready = False
+                for fd, _ev in poller.poll():
+                    if fd == link.wake:
+                        _drain(link.wake)
+                    else:
+                        sock_ready = True
+                if not sock_ready:
                     continue
-                n = header.nbytes
-                payload = None
-                if self._buffer_for is not None and header.type == MsgType.COLL:
-                    payload = self._buffer_for(header)
-                if payload is None:
-                    payload = torch.empty(n, dtype=torch.uint8)
-                if n:
-                    dest = memoryview(payload.numpy())
-                    have = min(n, end - start)
-                    if have:
-                        dest[:have] = view[start:start + have]
-                        start += have
-                    if have < n and not recv_exact(sock, dest[have:]):
-                        raise ConnectionError("connection closed mid-frame")
-                    if start == end:
-                        start = end = 0
-                    self._last_heard[src] = time.monotonic()
-                if header.type == MsgType.GOODBYE:
-                    reason = "peer left the group"
+                if not self._fill(link):
+                    break  # clean EOF between frames
+                ended = self._frames(link, caller=False)
+                if ended is not None:
+                    reason = ended
                     break
-                self._on_frame(header, payload)
         except (OSError, FramingError, ConnectionError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - a reader must never die unreported
             log.exception("rank %d: handling a frame from rank %d failed; dropping the link",
-                          self.rank, src)
+                          self.rank, link.src)
             reason = f"reader error: {type(exc).__name__}: {exc}"
-        self._link_ended(sock, src, inc, reason)
+        self._link_ended(link, reason)
 
-    def _link_ended(self, sock: socket.socket, src: int, inc: int, reason: str) -> None:
+    def _fill(self, link: _InLink, flags: int = 0) -> bool:
+        """Read what the socket holds into the link's buffer; False on a clean EOF between
+        frames (mid-frame EOF raises). The buffer always has room: whatever is left in it is
+        less than one frame that fits it (see `_frames`)."""
+        end = link.end
+        if link.start and _RBUF - end < _RBUF // 4:
+            self._compact(link)
+            end = link.end
+        try:
+            k = link.sock.recv_into(link.view[end:], _RBUF - end, flags)
+        except BlockingIOError:
+            return True  # nothing after all (a stale readiness): poll again
+        if k == 0:
+            if end > link.start:
+                raise ConnectionError(f"connection closed mid-frame ({end - link.start} bytes "
+                                      f"of a frame buffered)")
+            return False
+        link.end = end + k
+        self._last_heard[link.src] = time.monotonic()
+        return True
+
+    @staticmethod
+    def _compact(link: _InLink) -> None:
+        n = link.end - link.start
+        link.view[:n] = link.view[link.start:link.end]
+        link.start, link.end = 0, n
+
+    def _frames(self, link: _InLink, caller: bool) -> str | None:
+        """Hand every frame buffered whole to `on_frame`. The reader also finishes a frame whose
+        payload is only partly buffered (reading the rest straight into its destination); the
+        caller never blocks: it leaves a partial frame that fits the buffer for its next read,
+        and one larger than the buffer to the reader (`_TO_READER`). Returns why the link
+        ended (a GOODBYE), else None."""
+        view = link.view
+        while link.end - link.start >= HEADER_SIZE:
+            start = link.start
+            header = Header.unpack(view[start:start + HEADER_SIZE])
+            if header.src != link.src:
+                raise FramingError(f"link from rank {link.src} carried a frame from "
+                                   f"{header.src}")
+            n = header.nbytes
+            have = link.end - start - HEADER_SIZE
+            if have < n and caller:
+                if HEADER_SIZE + n > _RBUF:
+                    return _TO_READER
+                if start + HEADER_SIZE + n > _RBUF:
+                    self._compact(link)
+                return None  # the rest comes in a later read
+            start += HEADER_SIZE
+            if header.type == MsgType.HEARTBEAT:
+                link.start = start
+                continue
+            payload = None
+            if self._buffer_for is not None and header.type == MsgType.COLL:
+                payload = self._buffer_for(header)
+            if payload is None:
+                payload = torch.empty(n, dtype=torch.uint8)
+            if n:
+                dest = memoryview(payload.numpy())
+                take = min(n, have)
+                if take:
+                    dest[:take] = view[start:start + take]
+                    start += take
+                link.start = start
+                if take < n:  # reader only: read the rest straight into its destination
+                    if not recv_exact(link.sock, dest[take:]):
+                        raise ConnectionError("connection closed mid-frame")
+                    self._last_heard[link.src] = time.monotonic()
+            else:
+                link.start = start
+            if link.start == link.end:
+                link.start = link.end = 0
+            if header.type == MsgType.GOODBYE:
+                return "peer left the group"
+            self._on_frame(header, payload)
+        if link.start and link.end == _RBUF:
+            self._compact(link)
+        return None
+
+    def _park(self, link: _InLink) -> None:
+        """Reader thread: hand the link to the caller if it asked, and wait while the caller
+        owns it: until the caller hands it back, its lease runs out while no call is reading,
+        the link is dropped, or the transport closes."""
+        with self._own:
+            if link.want:
+                link.want = False
+                self._asked.discard(link)
+                if not (link.gone or self._closing or link.dead is not None):
+                    link.caller = True
+                    self._owned.add(link)
+                    self._owned_version += 1
+                    if self._pump_wake >= 0:
+                        os.eventfd_write(self._pump_wake, 1)  # the caller waits for it
+            while link.caller:
+                if link.gone or self._closing or link.dead is not None:
+                    break
+                now = time.monotonic()
+                if not self._pumping and now >= self._lease_end:
+                    break  # the lease ran out: frames must not wait longer for a reader
+                self._own.wait(_LEASE if self._pumping else self._lease_end - now)
+            if link.caller:
+                link.caller = False
+                self._owned.discard(link)
+                self._owned_version += 1
+
+    # ---- the caller reading its own links ---------------------------------------------------
+    def pump(self, src: int, wake: int, timeout: float) -> bool:
+        """Caller: wait up to `timeout` s for frames by reading the links it owns itself,
+        dispatching them to `on_frame` as the reader would (one wake-up per frame instead of
+        the reader's and then the caller's). Asks for `src`'s link if it does not own it yet;
+        returns early when anything arrives, the link is handed over, or `wake` (the mailbox's
+        eventfd: another frame delivered, a failure, an abort) fires. False (nothing done)
+        when it cannot: no link from `src`, another thread pumps, or the transport closes.
+
+        Ownership: a link is read by exactly one thread at a time, switching only between
+        frames, under `_own`; its buffer travels with it, so a frame is never split. A link's
+        socket is closed only by its reader, never while the caller may poll it. An error the
+        caller meets (EOF, a corrupt frame) is handed to the reader, which reports it as it
+        would its own; a frame larger than the buffer goes back to the reader too."""
+        link = self._links.get(src)
+        me = threading.get_ident()
+        with self._own:
+            if (link is None or self._closing or link.gone or link.dead is not None
+                    or self._pumping or link.reader_until > time.monotonic()):
+                return False
+            if not link.caller and not link.want:
+                link.want = True
+                self._asked.add(link)
+                os.eventfd_write(link.wake, 1)
+            self._pumping = me
+            self._pump_wake = wake
+            cache = self._poll_cache
+            if cache is None or cache[0] != self._owned_version:
+                poller = select.poll()
+                poller.register(wake, select.POLLIN)
+                fds = {}
+                for x in self._owned:
+                    poller.register(x.fd, select.POLLIN)
+                    fds[x.fd] = x
+                cache = self._poll_cache = (self._owned_version, poller, fds)
+        back: list[tuple[_InLink, str | None]] = []
+        try:
+            _, poller, fds = cache
+            for fd, _ev in poller.poll(math.ceil(max(timeout, 0.0) * 1000)):
+                x = fds.get(fd)
+                if x is None:
+                    _drain(wake)
+                    continue
+                try:
+                    if not self._fill(x, socket.MSG_DONTWAIT):
+                        back.append((x, "connection closed"))
+                        continue
+                    ended = self._frames(x, caller=True)
+                    if ended is _TO_READER:
+                        x.reader_until = time.monotonic() + _LEASE
+                        back.append((x, None))
+                    elif ended is not None:  # a GOODBYE: the reader reports it
+                        back.append((x, ended))
+                except (OSError, FramingError, ConnectionError) as exc:
+                    back.append((x, f"{type(exc).__name__}: {exc}"))
+                except Exception as exc:  # noqa: BLE001 - reported by the reader, as its own
+                    log.exception("rank %d: handling a frame from rank %d failed; dropping "
+                                  "the link", self.rank, x.src)
+                    back.append((x, f"reader error: {type(exc).__name__}: {exc}"))
+        finally:
+            with self._own:
+                self._pumping = 0
+                self._pump_wake = -1
+                self._lease_end = time.monotonic() + _LEASE
+                for x, why in back:
+                    if why is not None and x.dead is None:
+                        x.dead = why
+                    x.caller = False
+                    self._owned.discard(x)
+                    self._owned_version += 1
+                if back:
+                    self._own.notify_all()
+        return True
+
+    def release(self) -> None:
+        """Hand every link the caller owns back to its reader now (the caller is about to
+        wait on something else, e.g. a point-to-point receive, whose frames readers deliver)."""
+        if not self._owned and not self._asked:
+            return
+        with self._own:
+            if self._pumping:
+                return  # another thread reads them right now; its lease ends on its own
+            for x in self._asked:
+                x.want = False
+            self._asked.clear()
+            for x in self._owned:
+                x.caller = False
+            self._owned.clear()
+            self._owned_version += 1
+            self._own.notify_all()
+
+    def _link_ended(self, link: _InLink, reason: str) -> None:
+        sock, src = link.sock, link.src
         with self._lock:
-            current = self._in.get(src) is sock
+            current = self._links.get(src) is link
             if current:
-                del self._in[src]
+                del self._links[src]
+                self._in.pop(src, None)
             closing = self._closing
+        with self._own:
+            link.gone = True
+            wake, link.wake = link.wake, -1
+            self._asked.discard(link)
+            if link in self._owned:
+                self._owned.discard(link)
+                self._owned_version += 1
+        os.close(wake)
         sock.close()
         if current and not closing:
             try:
-                self._on_lost(src, reason, inc)
+                self._on_lost(src, reason, link.inc)
             except Exception:  # noqa: BLE001 - the link is gone either way; say what broke
                 log.exception("rank %d: reporting the lost link from rank %d failed",
                               self.rank, src)
@@ -486,12 +730,21 @@ class TcpTransport:
     def drop_incoming(self, peer: int) -> None:
         """Stop listening to `peer` (declared failed): its reader thread ends quietly."""
         with self._lock:
-            sock = self._in.pop(peer, None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._in.pop(peer, None)
+            link = self._links.pop(peer, None)
+        if link is not None:
+            self._end_reading(link)
+
+    def _end_reading(self, link: _InLink) -> None:
+        """Make `link`'s reader end (quietly: it is no longer current), wherever it is: blocked
+        on the socket, or parked while the caller owns the link. Only the reader closes it."""
+        with self._own:
+            link.gone = True
+            self._own.notify_all()
+        try:
+            link.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def interrupt(self) -> None:
         """End a closed_outgoing wait now (the group is going away)."""
@@ -506,6 +759,7 @@ class TcpTransport:
             self._handshake_room.notify_all()  # an accept loop waiting for room ends
             out, self._out = dict(self._out), {}
             inc, self._in = dict(self._in), {}
+            links, self._links = dict(self._links), {}
         for sock in out.values():
             if goodbye:
                 self._say_goodbye(sock)
@@ -516,16 +770,19 @@ class TcpTransport:
         except OSError:
             pass
         self._listener.close()
+        with self._own:
+            self._own.notify_all()  # parked readers see _closing
         for sock in inc.values():
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # its reader closes it (see pump)
             except OSError:
                 pass
-            sock.close()
         me = threading.current_thread()
         for t in list(self._threads):
             if t is not me:
                 t.join(timeout=5.0)
+        for link in links.values():
+            link.sock.close()  # already, unless its reader did not end in time
         wake, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
         for fd in wake:
             os.close(fd)
