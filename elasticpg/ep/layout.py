@@ -199,6 +199,7 @@ class SendPlan:
     sel_row: torch.Tensor  # int64 [T, k]: each selection's row, -1 if not sent
 
     _token_rows: torch.Tensor | None = field(default=None, repr=False)
+    _row_offsets: list[int] | None = field(default=None, repr=False)
 
     @property
     def token_rows(self) -> torch.Tensor:
@@ -215,11 +216,14 @@ class SendPlan:
 
     @property
     def row_offsets(self) -> list[int]:
-        out, acc = [], 0
-        for c in self.rank_rows:
-            out.append(acc)
-            acc += c
-        return out
+        """[R]: each destination's first row (computed once: read several times per call)."""
+        if self._row_offsets is None:
+            out, acc = [], 0
+            for c in self.rank_rows:
+                out.append(acc)
+                acc += c
+            self._row_offsets = out
+        return self._row_offsets
 
 
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
@@ -311,6 +315,10 @@ def header_words(kind: int, n: int, hidden: int, num_experts: int, code: int, to
     return [EP_VERSION | kind << 8, n, hidden, num_experts, code, tokens, nbytes, 0]
 
 
+NBYTES_WORD = 6  # header word: bytes that follow for this destination
+# the header's first words, which must be equal on every rank (header_mismatch)
+AGREED_NAMES = ("call", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "dtype")
+AGREED_WORDS = len(AGREED_NAMES)
 REJECTED = 0xFF  # the call kind in the header of a rank whose own arguments were bad
 CALL_NAMES = {1: "dispatch", 2: "combine", REJECTED: "a call it rejected"}
 
@@ -325,7 +333,7 @@ def header_mismatch(mine: list[int], theirs: list[int], peer: int, me: int) -> s
     """Why a peer's header disagrees with ours ("" if it agrees)."""
     if theirs[0] >> 8 == REJECTED:
         return f"rank {peer} rejected its own arguments (its error says why)"
-    names = ("call", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "dtype")
+    names = AGREED_NAMES
     dtypes = {v: str(k).removeprefix("torch.") for k, v in DTYPE_CODES.items()} | \
         {FP8_CODE: "fp8"}
     for i, name in enumerate(names):
