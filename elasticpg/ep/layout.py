@@ -26,9 +26,10 @@ try:  # combine's one-pass folds and dispatch's fp8 quantisation (optional C hel
     from ._fold import copy_rows as _c_copy_rows
     from ._fold import fold as _c_fold
     from ._fold import fold_tokens as _c_fold_tokens
+    from ._fold import plan as _c_plan
     from ._fold import quantize_fp8 as _c_quantize_fp8
 except ImportError:
-    _c_fold = _c_fold_tokens = _c_quantize_fp8 = _c_copy_rows = None
+    _c_fold = _c_fold_tokens = _c_quantize_fp8 = _c_copy_rows = _c_plan = None
 
 FP8_BLOCK = 128  # channels per fp8 scale
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -236,6 +237,9 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     t, k = topk_idx.shape
     local = num_experts // num_ranks
     idx = topk_idx.numpy()
+    if _c_plan is not None and idx.flags.c_contiguous:
+        # one counting-sort pass in C (the same arrays; measured ~40 -> ~5 us at 32 x top-4)
+        return _plan_c(idx, num_experts, num_ranks, usable)
     valid = idx >= 0
     if not all(usable):
         valid &= np.asarray(usable, dtype=bool)[np.maximum(idx, 0) // local]
@@ -259,6 +263,20 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     sel_row = np.where(valid, inverse.reshape(t, k), -1)
     return SendPlan(torch.from_numpy(row_token), torch.from_numpy(row_expert), counts,
                     [sum(c) for c in counts], torch.from_numpy(sel_row))
+
+
+def _plan_c(idx: np.ndarray, num_experts: int, num_ranks: int, usable: list[bool]) -> SendPlan:
+    """plan_dispatch by the C helper's counting sort: what the numpy code below computes."""
+    t, k = idx.shape
+    local = num_experts // num_ranks
+    rows_at = np.empty((2, t * k), dtype=np.int64)  # row_token, row_expert (first `rows`)
+    sel_row = np.empty((t, k), dtype=np.int64)
+    counts = np.empty(num_experts, dtype=np.int64)
+    rows = _c_plan(idx, np.asarray(usable, dtype=np.uint8), rows_at[0], rows_at[1], sel_row,
+                   counts, t, k, num_experts, local)
+    per = counts.reshape(num_ranks, local)
+    return SendPlan(torch.from_numpy(rows_at[0, :rows]), torch.from_numpy(rows_at[1, :rows]),
+                    per.tolist(), per.sum(axis=1).tolist(), torch.from_numpy(sel_row))
 
 
 def quantize_fp8(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
