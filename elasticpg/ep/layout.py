@@ -272,11 +272,13 @@ def _plan_c(idx: np.ndarray, num_experts: int, num_ranks: int, usable: list[bool
     rows_at = np.empty((2, t * k), dtype=np.int64)  # row_token, row_expert (first `rows`)
     sel_row = np.empty((t, k), dtype=np.int64)
     counts = np.empty(num_experts, dtype=np.int64)
+    token_rows = np.empty((t, k), dtype=np.int64)
     rows = _c_plan(idx, np.asarray(usable, dtype=np.uint8), rows_at[0], rows_at[1], sel_row,
-                   counts, t, k, num_experts, local)
+                   counts, token_rows, t, k, num_experts, local)
     per = counts.reshape(num_ranks, local)
     return SendPlan(torch.from_numpy(rows_at[0, :rows]), torch.from_numpy(rows_at[1, :rows]),
-                    per.tolist(), per.sum(axis=1).tolist(), torch.from_numpy(sel_row))
+                    per.tolist(), per.sum(axis=1).tolist(), torch.from_numpy(sel_row),
+                    torch.from_numpy(token_rows))
 
 
 def quantize_fp8(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -299,7 +299,7 @@ def test_the_c_plan_refuses_an_expert_out_of_range():
     out = [np.empty(2, dtype=np.int64) for _ in range(2)]
     with pytest.raises(ValueError, match="outside"):
         lay._c_plan(idx, np.ones(2, np.uint8), out[0], out[1], np.empty((1, 2), np.int64),
-                    np.empty(4, np.int64), 1, 2, 4, 2)
+                    np.empty(4, np.int64), np.empty((1, 2), np.int64), 1, 2, 4, 2)
 
 
 def test_the_c_fp8_quantisation_leaves_non_finite_rows_to_torch():
