@@ -380,14 +380,16 @@ class Buffer:
                 continue
             blocks = lay.blocks(c, layout.begin[s], stride)
             if s == self.rank:  # our own rows, from x (or its fp8 form): one copy in all
-                dst = lay.block_rows(blocks)  # every row's place
                 data, sc = own
                 a = plan.row_offsets[s]
                 tok = plan.row_token[a:a + rows].numpy()
-                lay.copy_rows(flat_x, dst, data, tok)
-                np_src[dst] = tok
-                if sc is not None:  # np_sc[e, :, b] for each row's (e, b) = divmod(dst)
-                    np_sc[dst // stride, :, dst % stride] = sc.numpy()[tok]
+                lay.copy_rows(flat_x, lay.block_rows(blocks), data, tok)
+                np_sc_own = sc.numpy() if sc is not None else None
+                for at, o, m in blocks:  # slices per block, as for the other sources
+                    np_src[at:at + m] = tok[o:o + m]
+                    if np_sc_own is not None:
+                        e, b = divmod(at, stride)
+                        np_sc[e, :, b:b + m] = np_sc_own[tok[o:o + m]].T
                 continue
             blob = got[s].data[HB:]
             tokens = blob[4 * local:4 * (local + rows)].view(np.int32)
