@@ -450,3 +450,40 @@ def test_the_reference_import_paths_reach_the_buffer():
     import sys
 
     assert "mooncake.ep" not in sys.modules and "mooncake.mooncake_ep_buffer" not in sys.modules
+
+
+def job_spin(rank: int, world: int, port: int) -> dict:
+    """The spins the EP rounds wait with, and the group's own spin (for those participants)
+    before and after them."""
+    from elasticpg.collectives import shm_algorithms
+    from elasticpg.ep import exchange
+
+    buf = _buffer(rank, world, port)
+    seen, ops = [], []
+    real = shm_algorithms.alltoall_direct
+
+    def spy(sx, *args):
+        seen.append(sx.spin)
+        ops.append(sx)
+        return real(sx, *args)
+
+    shm_algorithms.alltoall_direct = spy  # restored below: pool workers may be reused
+    try:
+        active = torch.ones(world, dtype=torch.int32)
+        combined, ref, _x, _ = ep_step(buf, rank, world, 0, torch.float32, False, active)
+        dist.barrier()
+    finally:
+        shm_algorithms.alltoall_direct = real
+    return {"ok": _close(combined, ref, TOL[torch.float32]), "seen": seen,
+            "group": [sx.host.spin_for(sx.ctx.participants) for sx in ops],
+            "after": [sx.spin for sx in ops], "ep_spin": exchange.EP_SPIN_SECONDS}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_rounds_spin_longer_only_where_every_rank_has_a_core(pool, world):
+    """Spinning, not sleeping, where the group spins (ranks <= cores); the group's own
+    yielding poll where ranks outnumber cores; the lane's spin restored for other collectives."""
+    for v in pool.run(job_spin, world=world, timeout=60):
+        assert v["ok"] and len(v["seen"]) == 2 and v["after"] == v["group"], v
+        assert v["seen"] == [max(g, v["ep_spin"]) if g > 0 else g for g in v["group"]], v
+        assert (v["group"][0] > 0) == (world <= len(os.sched_getaffinity(0))), v

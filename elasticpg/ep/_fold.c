@@ -21,7 +21,7 @@
  * (METH_FASTCALL): `args_in` checks the count, reads the integers into `ints` and acquires the
  * buffers with their `flags` (releasing them again on failure); `args_out` releases them and
  * returns `result`, or NULL if a Python error was set meanwhile. */
-#define MAX_ARGS 4
+#define MAX_ARGS 7
 #define BUF_W (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
 #define BUF_R PyBUF_C_CONTIGUOUS
 
@@ -344,6 +344,104 @@ static PyObject *py_copy_rows(PyObject *self, PyObject *const *args, Py_ssize_t 
     return args_out(b, 4, Py_NewRef(Py_None));
 }
 
+/* plan(idx, usable, row_token, row_expert, sel_row, counts, token_rows, tokens, k,
+ * num_experts, local) -> rows: dispatch's send plan (layout.plan_dispatch) by a counting sort instead of ~15 numpy
+ * calls on [T, k], whose fixed cost dominated at small shapes. idx int64 [T, k]; usable uint8
+ * [num_experts / local]; out int64: row_token, row_expert [T * k] (the first `rows` used),
+ * sel_row [T, k], counts [num_experts], token_rows [T, k] (SendPlan.token_rows: each token's
+ * sel_row sorted, an entry equal to the one before it set to -1). A row is one distinct
+ * (token, expert) pair whose expert's rank is usable; rows are sorted by (expert, token) and a
+ * repeated selection maps to its first one's row: the same arrays as the numpy version,
+ * element for element. */
+static PyObject *py_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    Py_buffer b[MAX_ARGS];
+    Py_ssize_t v[4];
+    const int flags[7] = {BUF_R, BUF_R, BUF_W, BUF_W, BUF_W, BUF_W, BUF_W};
+    if (args_in(args, nargs, "plan(idx, usable, row_token, row_expert, sel_row, counts, "
+                "token_rows, tokens, k, num_experts, local)", 7, flags, b, 4, v) < 0)
+        return NULL;
+    Py_ssize_t t = v[0], k = v[1], ne = v[2], local = v[3], n = t * k;
+    if (t < 0 || k < 0 || ne <= 0 || local <= 0 || ne % local || b[0].len != n * 8 ||
+        b[1].len != ne / local || b[2].len < n * 8 || b[3].len < n * 8 || b[4].len != n * 8 ||
+        b[5].len != ne * 8 || b[6].len != n * 8) {
+        PyErr_SetString(PyExc_ValueError, "plan: buffer sizes do not agree");
+        return args_out(b, 7, NULL);
+    }
+    const int64_t *idx = b[0].buf;
+    const uint8_t *ok = b[1].buf;
+    int64_t *row_token = b[2].buf, *row_expert = b[3].buf, *sel = b[4].buf, *counts = b[5].buf;
+    int64_t *trows = b[6].buf;
+    int64_t *pos = PyMem_Malloc((size_t)ne * sizeof(int64_t));
+    if (pos == NULL) {
+        PyErr_NoMemory();
+        return args_out(b, 7, NULL);
+    }
+    memset(counts, 0, (size_t)ne * sizeof(int64_t));
+    /* pass 1: validity and repeats (sel = -1 unsent, -2 - j a repeat of selection j, else 0) */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t e = idx[i];
+        if (e < -1 || e >= ne) {
+            PyMem_Free(pos);
+            PyErr_Format(PyExc_ValueError, "plan: expert %lld outside -1..%zd", (long long)e,
+                         ne - 1);
+            return args_out(b, 7, NULL);
+        }
+        if (e < 0 || !ok[e / local]) {
+            sel[i] = -1;
+            continue;
+        }
+        Py_ssize_t row0 = i - i % k, j = row0;
+        while (j < i && idx[j] != e)
+            j++;
+        if (j < i) {
+            sel[i] = -2 - (int64_t)(j - row0);
+            continue;
+        }
+        sel[i] = 0;
+        counts[e]++;
+    }
+    int64_t acc = 0;
+    for (Py_ssize_t e = 0; e < ne; e++) {
+        pos[e] = acc;
+        acc += counts[e];
+    }
+    /* pass 2: tokens in order, so each expert's rows come out in token order */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t s = sel[i];
+        if (s == -1)
+            continue;
+        if (s <= -2) {
+            sel[i] = sel[i - i % k + (-2 - s)];
+            continue;
+        }
+        int64_t e = idx[i], row = pos[e]++;
+        row_token[row] = (int64_t)(i / k);
+        row_expert[row] = e;
+        sel[i] = row;
+    }
+    /* token_rows: per token, its k entries sorted (insertion sort: k is small), then every
+     * entry equal to the sorted one before it set to -1 (repeats, and unsent after unsent) */
+    for (Py_ssize_t r = 0; r < n; r += k) {
+        int64_t *o = trows + r;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            int64_t x = sel[r + j];
+            Py_ssize_t m = j;
+            while (m > 0 && o[m - 1] > x) {
+                o[m] = o[m - 1];
+                m--;
+            }
+            o[m] = x;
+        }
+        for (Py_ssize_t j = k - 1; j > 0; j--)
+            if (o[j] == o[j - 1])
+                o[j] = -1;
+    }
+    PyMem_Free(pos);
+    return args_out(b, 7, PyLong_FromLongLong((long long)acc));
+}
+
 static PyMethodDef methods[] = {
     {"fold", (PyCFunction)(void (*)(void))py_fold, METH_FASTCALL,
      "fold(acc, rows, tokens, weights, hidden, itemsize): acc[tokens[i]] += weights[i] * "
@@ -356,6 +454,9 @@ static PyMethodDef methods[] = {
      "layout.quantize_fp8's torch ops compute it; False if x is not all finite."},
     {"copy_rows", (PyCFunction)(void (*)(void))py_copy_rows, METH_FASTCALL,
      "copy_rows(dst, dst_rows, src, src_rows, row_bytes): dst[dst_rows[i]] = src[src_rows[i]]."},
+    {"plan", (PyCFunction)(void (*)(void))py_plan, METH_FASTCALL,
+     "plan(idx, usable, row_token, row_expert, sel_row, counts, token_rows, tokens, k, "
+     "num_experts, local) -> rows: dispatch's send plan by a counting sort."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -167,24 +167,32 @@ class Buffer:
         me = self.rank
         nbytes = [0 if p == me else HB + (sizes.get(p, 0) if problem is None else 0)
                   for p in parts]
+        # the header words once per call (only the byte count differs per destination)
+        hdr = np.array(lay.rejected_header() if problem is not None
+                       else lay.header_words(*call, 0), dtype=np.int64)
 
         def write(stream: np.ndarray, offsets: list[int]) -> None:
             for i, p in enumerate(parts):
                 o = offsets[i]
                 if o < 0:
                     continue
-                stream[o:o + HB].view(np.int64)[:] = lay.rejected_header() \
-                    if problem is not None else lay.header_words(*call, nbytes[i] - HB)
-                if problem is None and nbytes[i] > HB:
-                    fill(p, stream[o + HB:o + nbytes[i]])
+                words = stream[o:o + HB].view(np.int64)
+                words[:] = hdr
+                if problem is None:
+                    words[lay.NBYTES_WORD] = nbytes[i] - HB
+                    if nbytes[i] > HB:
+                        fill(p, stream[o + HB:o + nbytes[i]])
 
         got, failed = self._exchange.alltoall_direct(data_code, parts, nbytes, write, bound)
         if problem is not None:
             raise problem
-        mine = lay.header_words(*call, 0)
+        mine = hdr.tolist()
+        agreed = hdr[:lay.AGREED_WORDS].tobytes()  # what every rank's header must repeat
         problems, rejected = [], False
         for p, peek in list(got.items()):
             blob = peek.data
+            if blob.size >= HB and blob[:8 * lay.AGREED_WORDS].tobytes() == agreed:
+                continue  # the common case: the same call (header_mismatch would say "")
             theirs = blob[:HB].view(np.int64).tolist() if blob.size >= HB else None
             why = lay.header_mismatch(mine, theirs, p, me) if theirs else \
                 f"rank {p} sent {blob.size} bytes, not even a header"
@@ -239,7 +247,8 @@ class Buffer:
         got, failed = self._exchange_blocks(DISPATCH_ROUND, parts, call, sizes, fill, bound,
                                             problem)
         stride = r * n
-        recv_x, scales, src_info = self._recv_set(local, stride, hidden, xc.dtype, use_fp8)
+        recv_x, scales, src_info, views = self._recv_set(local, stride, hidden, xc.dtype,
+                                                         use_fp8)
         while True:  # once, unless a source's window was rewritten while we read it
             counts: list[list[int] | None] = [None] * r
             for s, peek in got.items():
@@ -259,7 +268,7 @@ class Buffer:
                 counts[me] = plan.counts[me]  # our own rows never leave: see _own_rows
             layout = lay.recv_layout(counts, local)
             self._place_dispatch(got, counts, layout, local, stride, hidden, use_fp8, plan,
-                                 own, recv_x, scales, src_info)
+                                 own, views)
             torn = [s for s, peek in got.items() if not peek.intact()]
             if not torn:
                 break
@@ -323,9 +332,9 @@ class Buffer:
 
     def _recv_set(self, local: int, stride: int, hidden: int, dtype: torch.dtype,
                   fp8: bool) -> tuple:
-        """(recv_x, scales or None, src_info) for this dispatch: the set not handed out by
-        the previous dispatch, so a dispatch's outputs stay valid until the second dispatch
-        after it."""
+        """(recv_x, scales or None, src_info, their views for _place_dispatch) for this
+        dispatch: the set not handed out by the previous dispatch, so a dispatch's outputs
+        stay valid until the second dispatch after it."""
         key = (local, stride, hidden, dtype, fp8)
         sets = self._recv_sets.get(key)
         if sets is None:
@@ -342,23 +351,24 @@ class Buffer:
             # column-major, as the reference's fast path lays it out: [L, hidden/128, R*N]
             scales = torch.empty(local, hidden // lay.FP8_BLOCK, stride,
                                  dtype=torch.float32).transpose(1, 2)
-        return recv_x, scales, torch.empty(local, stride, dtype=torch.int32)
+        src_info = torch.empty(local, stride, dtype=torch.int32)
+        # the numpy views _place_dispatch writes through, made once per set (a few us each)
+        flat_x = recv_x.view(local * stride, hidden)
+        flat_x = flat_x.view(torch.uint8) if fp8 else flat_x
+        np_x = _np_rows(lay.wide_rows(flat_x)[0])
+        np_sc = scales.transpose(1, 2).numpy() if fp8 else None  # [L, hidden/128, R*N]
+        views = (flat_x, np_x, src_info.view(-1).numpy(), np_sc)
+        return recv_x, scales, src_info, views
 
     def _place_dispatch(self, got: dict[int, Peek], counts: list[list[int] | None],
                         layout: lay.RecvLayout, local: int, stride: int, hidden: int,
-                        fp8: bool, plan: lay.SendPlan, own: tuple, recv_x: torch.Tensor,
-                        scales: torch.Tensor | None, src_info: torch.Tensor) -> None:
+                        fp8: bool, plan: lay.SendPlan, own: tuple, views: tuple) -> None:
         """Every row that arrived, straight from the source's window into recv_x: one copy
         per (source, local expert) block, as 8-byte words where the row allows; our own
         rows gathered from x (or its fp8 form) into their blocks."""
-        flat_x = recv_x.view(local * stride, hidden)
-        flat_x = flat_x.view(torch.uint8) if fp8 else flat_x
-        wide_x = lay.wide_rows(flat_x)[0]
-        np_x = _np_rows(wide_x)
-        words = wide_x.shape[1]
-        np_src = src_info.view(-1).numpy()
-        src_info.fill_(-1)
-        np_sc = scales.transpose(1, 2).numpy() if fp8 else None  # [L, hidden/128, R*N]
+        flat_x, np_x, np_src, np_sc = views
+        words = np_x.shape[1]
+        np_src.fill(-1)
         nb = hidden // lay.FP8_BLOCK
         rb = hidden * flat_x.element_size()
         for s in range(self.group_size):
@@ -369,15 +379,17 @@ class Buffer:
             if not rows:
                 continue
             blocks = lay.blocks(c, layout.begin[s], stride)
-            dst = lay.block_rows(blocks)  # every row's place, for the whole-source copies
             if s == self.rank:  # our own rows, from x (or its fp8 form): one copy in all
                 data, sc = own
                 a = plan.row_offsets[s]
                 tok = plan.row_token[a:a + rows].numpy()
-                lay.copy_rows(flat_x, dst, data, tok)
-                np_src[dst] = tok
-                if sc is not None:  # np_sc[e, :, b] for each row's (e, b) = divmod(dst)
-                    np_sc[dst // stride, :, dst % stride] = sc.numpy()[tok]
+                lay.copy_rows(flat_x, lay.block_rows(blocks), data, tok)
+                np_sc_own = sc.numpy() if sc is not None else None
+                for at, o, m in blocks:  # slices per block, as for the other sources
+                    np_src[at:at + m] = tok[o:o + m]
+                    if np_sc_own is not None:
+                        e, b = divmod(at, stride)
+                        np_sc[e, :, b:b + m] = np_sc_own[tok[o:o + m]].T
                 continue
             blob = got[s].data[HB:]
             tokens = blob[4 * local:4 * (local + rows)].view(np.int32)
@@ -385,11 +397,12 @@ class Buffer:
             rowdata = blob[o0:o0 + rows * rb].view(np_x.dtype).reshape(rows, words)
             sdata = blob[o0 + rows * rb:o0 + rows * rb + rows * nb * 4].view(
                 np.float32).reshape(rows, nb) if fp8 else None
-            for at, o, m in blocks:
+            for at, o, m in blocks:  # slices, not index arrays: a block is contiguous
                 np_x[at:at + m] = rowdata[o:o + m]
-            np_src[dst] = tokens
-            if sdata is not None:
-                np_sc[dst // stride, :, dst % stride] = sdata
+                np_src[at:at + m] = tokens[o:o + m]
+                if sdata is not None:  # at = e * stride + b: column-major scales
+                    e, b = divmod(at, stride)
+                    np_sc[e, :, b:b + m] = sdata[o:o + m].T
 
     def _mark_inactive(self, active_ranks: torch.Tensor, usable: list[bool],
                        failed: set[int]) -> None:

@@ -34,6 +34,15 @@ log = logging.getLogger("elasticpg.ep")
 # (one in dispatch, one in combine) get a mismatch error instead of reading the wrong bytes
 DISPATCH_ROUND, COMBINE_ROUND, MEMBER_ROUND = 0x4551, 0x4552, 0x4553
 _UINT8 = dtype_code(torch.uint8)
+# How long an EP round spins on a peer's post before sleeping in the kernel, where every
+# participant has a core of its own (the group's default, SPIN_SECONDS in group/shm_host.py,
+# is 200 us). EP rounds run in lock-step, and one futex sleep/wake round trip cost more than
+# a whole small dispatch on the 2-core VM: a woken rank starts late by the wake-up latency,
+# its peer then outwaits the short spin and sleeps in turn, and every round pays a wake-up
+# (measured, 2 ranks 32x256x8 top-4 bf16, rank 0's dispatch+combine median: 1.47 ms at 200 us,
+# 0.61 ms at 500 us, 0.43 ms at 1 ms, 0.42 ms at 2 ms; no change at 128x2048x32 top-8). With
+# more ranks than cores the group's yielding poll is kept: polling longer measured slower.
+EP_SPIN_SECONDS = 1e-3
 
 
 Alloc = Callable[[int, int], torch.Tensor]  # (source rank, nbytes) -> uint8 tensor to fill
@@ -113,8 +122,15 @@ class Exchange:
 
         def body(c: OpContext) -> None:
             if c.shm is not None:
-                heard = shm_algorithms.alltoall_direct(
-                    c.shm, sizes, write, lambda i, nb: np.empty(nb, dtype=np.uint8))
+                sx = c.shm
+                spin = sx.spin  # the lane's ShmOp serves other collectives too: restored
+                if spin > 0:
+                    sx.spin = max(spin, EP_SPIN_SECONDS)
+                try:
+                    heard = shm_algorithms.alltoall_direct(
+                        sx, sizes, write, lambda i, nb: np.empty(nb, dtype=np.uint8))
+                finally:
+                    sx.spin = spin
                 got.update((parts[i], v) for i, v in heard.items())
                 return
             offsets, off = [], 0

@@ -26,9 +26,10 @@ try:  # combine's one-pass folds and dispatch's fp8 quantisation (optional C hel
     from ._fold import copy_rows as _c_copy_rows
     from ._fold import fold as _c_fold
     from ._fold import fold_tokens as _c_fold_tokens
+    from ._fold import plan as _c_plan
     from ._fold import quantize_fp8 as _c_quantize_fp8
 except ImportError:
-    _c_fold = _c_fold_tokens = _c_quantize_fp8 = _c_copy_rows = None
+    _c_fold = _c_fold_tokens = _c_quantize_fp8 = _c_copy_rows = _c_plan = None
 
 FP8_BLOCK = 128  # channels per fp8 scale
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -199,6 +200,7 @@ class SendPlan:
     sel_row: torch.Tensor  # int64 [T, k]: each selection's row, -1 if not sent
 
     _token_rows: torch.Tensor | None = field(default=None, repr=False)
+    _row_offsets: list[int] | None = field(default=None, repr=False)
 
     @property
     def token_rows(self) -> torch.Tensor:
@@ -215,11 +217,14 @@ class SendPlan:
 
     @property
     def row_offsets(self) -> list[int]:
-        out, acc = [], 0
-        for c in self.rank_rows:
-            out.append(acc)
-            acc += c
-        return out
+        """[R]: each destination's first row (computed once: read several times per call)."""
+        if self._row_offsets is None:
+            out, acc = [], 0
+            for c in self.rank_rows:
+                out.append(acc)
+                acc += c
+            self._row_offsets = out
+        return self._row_offsets
 
 
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
@@ -232,6 +237,9 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     t, k = topk_idx.shape
     local = num_experts // num_ranks
     idx = topk_idx.numpy()
+    if _c_plan is not None and idx.flags.c_contiguous:
+        # one counting-sort pass in C (the same arrays; measured ~40 -> ~5 us at 32 x top-4)
+        return _plan_c(idx, num_experts, num_ranks, usable)
     valid = idx >= 0
     if not all(usable):
         valid &= np.asarray(usable, dtype=bool)[np.maximum(idx, 0) // local]
@@ -255,6 +263,22 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     sel_row = np.where(valid, inverse.reshape(t, k), -1)
     return SendPlan(torch.from_numpy(row_token), torch.from_numpy(row_expert), counts,
                     [sum(c) for c in counts], torch.from_numpy(sel_row))
+
+
+def _plan_c(idx: np.ndarray, num_experts: int, num_ranks: int, usable: list[bool]) -> SendPlan:
+    """plan_dispatch by the C helper's counting sort: what the numpy code below computes."""
+    t, k = idx.shape
+    local = num_experts // num_ranks
+    rows_at = np.empty((2, t * k), dtype=np.int64)  # row_token, row_expert (first `rows`)
+    sel_row = np.empty((t, k), dtype=np.int64)
+    counts = np.empty(num_experts, dtype=np.int64)
+    token_rows = np.empty((t, k), dtype=np.int64)
+    rows = _c_plan(idx, np.asarray(usable, dtype=np.uint8), rows_at[0], rows_at[1], sel_row,
+                   counts, token_rows, t, k, num_experts, local)
+    per = counts.reshape(num_ranks, local)
+    return SendPlan(torch.from_numpy(rows_at[0, :rows]), torch.from_numpy(rows_at[1, :rows]),
+                    per.tolist(), per.sum(axis=1).tolist(), torch.from_numpy(sel_row),
+                    torch.from_numpy(token_rows))
 
 
 def quantize_fp8(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -311,6 +335,10 @@ def header_words(kind: int, n: int, hidden: int, num_experts: int, code: int, to
     return [EP_VERSION | kind << 8, n, hidden, num_experts, code, tokens, nbytes, 0]
 
 
+NBYTES_WORD = 6  # header word: bytes that follow for this destination
+# the header's first words, which must be equal on every rank (header_mismatch)
+AGREED_NAMES = ("call", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "dtype")
+AGREED_WORDS = len(AGREED_NAMES)
 REJECTED = 0xFF  # the call kind in the header of a rank whose own arguments were bad
 CALL_NAMES = {1: "dispatch", 2: "combine", REJECTED: "a call it rejected"}
 
@@ -325,7 +353,7 @@ def header_mismatch(mine: list[int], theirs: list[int], peer: int, me: int) -> s
     """Why a peer's header disagrees with ours ("" if it agrees)."""
     if theirs[0] >> 8 == REJECTED:
         return f"rank {peer} rejected its own arguments (its error says why)"
-    names = ("call", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "dtype")
+    names = AGREED_NAMES
     dtypes = {v: str(k).removeprefix("torch.") for k, v in DTYPE_CODES.items()} | \
         {FP8_CODE: "fp8"}
     for i, name in enumerate(names):

@@ -77,7 +77,17 @@ def test_dispatch_and_combine_math_equal_the_dense_reference(ranks, local, k, n,
             assert torch.allclose(got[s], ref[s], atol=1e-5), (s, got[s], ref[s])
 
 
-def test_rows_are_sorted_by_expert_then_token_and_a_double_pick_is_one_row():
+@pytest.fixture(params=["c", "numpy"])
+def plan_path(request, monkeypatch):
+    """plan_dispatch by the C helper's counting sort, then by the numpy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(lay, "_c_plan", None)
+    elif lay._c_plan is None:
+        pytest.skip("the C helper is not built")
+    return request.param
+
+
+def test_rows_are_sorted_by_expert_then_token_and_a_double_pick_is_one_row(plan_path):
     idx = torch.tensor([[3, 3], [1, -1], [3, 0]])
     p = lay.plan_dispatch(idx, 4, 2, [True, True])
     assert p.row_expert.tolist() == [0, 1, 3, 3] and p.row_token.tolist() == [2, 1, 0, 2]
@@ -87,7 +97,7 @@ def test_rows_are_sorted_by_expert_then_token_and_a_double_pick_is_one_row():
     assert w.tolist() == [4.0, 1.0, 0.75, 2.0]  # the double pick carries both weights
 
 
-def test_unusable_ranks_get_no_rows():
+def test_unusable_ranks_get_no_rows(plan_path):
     idx = torch.tensor([[0, 2], [3, 1]])
     p = lay.plan_dispatch(idx, 4, 2, [True, False])
     assert p.rank_rows == [2, 0] and p.sel_row.tolist() == [[0, -1], [-1, 1]]
@@ -259,6 +269,37 @@ def test_the_c_fp8_quantisation_is_bit_identical_to_the_torch_ops(dtype, monkeyp
             lay.quantize_fp8(x, (d, s), torch.empty(t * hidden))
             outs.append((d.view(torch.uint8), s.view(torch.int32)))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_the_c_plan_equals_the_numpy_one(monkeypatch):
+    if lay._c_plan is None:
+        pytest.skip("the C helper is not built")
+    rng = np.random.default_rng(5)
+    for trial in range(400):
+        ranks, local = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        experts, t, k = ranks * local, int(rng.integers(0, 40)), int(rng.integers(1, 9))
+        idx = torch.from_numpy(rng.integers(-1, experts, size=(t, k)))  # repeats included
+        usable = [bool(u) for u in rng.integers(0, 2, size=ranks)] if trial % 2 else \
+            [True] * ranks
+        plans = []
+        for c in (lay._c_plan, None):
+            monkeypatch.setattr(lay, "_c_plan", c)
+            plans.append(lay.plan_dispatch(idx, experts, ranks, usable))
+        a, b = plans
+        assert a.counts == b.counts and a.rank_rows == b.rank_rows
+        for name in ("row_token", "row_expert", "sel_row", "token_rows"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), (trial, name)
+
+
+def test_the_c_plan_refuses_an_expert_out_of_range():
+    if lay._c_plan is None:
+        pytest.skip("the C helper is not built")
+    idx = np.array([[0, 4]], dtype=np.int64)
+    out = [np.empty(2, dtype=np.int64) for _ in range(2)]
+    with pytest.raises(ValueError, match="outside"):
+        lay._c_plan(idx, np.ones(2, np.uint8), out[0], out[1], np.empty((1, 2), np.int64),
+                    np.empty(4, np.int64), np.empty((1, 2), np.int64), 1, 2, 4, 2)
 
 
 def test_the_c_fp8_quantisation_leaves_non_finite_rows_to_torch():
