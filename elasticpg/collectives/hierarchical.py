@@ -333,13 +333,12 @@ def _recv(ctx: OpContext, peer: int, step: int, dtype: torch.dtype, numel: int,
           flat: bool = True) -> torch.Tensor | None:
     """ctx.recv for a frame of a hierarchical form, that also ends (as view lag) when `peer`
     runs another form of this collective (another view's plan): its flat step-0 frame is here
-    (`flat`), or it already sent us a frame of a later collective. Frames of one link arrive
-    in order, so then all it sent us for this one is here, and the frame awaited never comes."""
+    (`flat`). (A frame of a later collective from `peer` ends every TCP wait the same way: see
+    Mailbox.take_coll.)"""
     mb = ctx.link.mailbox
-    seq, later = ctx.seq, ctx.seq + 1
+    seq = ctx.seq
     return ctx.recv(peer, step, dtype, numel,
-                    probe=lambda: (flat and mb.has_coll(peer, seq, FLAT_STEP))
-                    or mb.has_coll_from(peer, later))
+                    probe=lambda: flat and mb.has_coll(peer, seq, FLAT_STEP))
 
 
 def _answer_flat_peers(ctx: OpContext, plan: HierPlan) -> None:
